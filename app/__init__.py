@@ -1,0 +1,1 @@
+"""Corral: a fleet of Ollama servers behind Celery."""

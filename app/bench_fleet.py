@@ -1,0 +1,255 @@
+"""Fleet scenarios for ``corral bench``: Corral against a plain proxy, side by side.
+
+* ``mixed``: 500 jobs on a mixed fleet (2 fast instances, 2 four times slower, 1 fast but with
+  the model cold), once per routing strategy, and once through a plain round-robin proxy and
+  a least-connections proxy. Reports makespan against the ideal (total work / total capacity)
+  and cold loads.
+* ``backlog``: interactive jobs arriving behind 500 queued batch jobs, through Corral and
+  through a least-connections proxy (which can only leave the backlog queued inside Ollama).
+
+The proxies are in-process stand-ins for nginx-style balancers: every request goes straight
+to an instance (round-robin, or the one with the fewest requests outstanding), with no cap.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import requests
+import typer
+
+from app.harness import LocalFleet, free_port, instances_env
+
+MIX = "mix:latest"
+FAST_S, SLOW_S = 0.2, 0.8
+
+
+def _model(tokens_per_second: float, load_seconds: float = 3.0) -> dict[str, Any]:
+    return {
+        "name": MIX,
+        "kind": "chat",
+        "tokens_per_second": tokens_per_second,
+        "prompt_tokens_per_second": 0.0,
+        "default_num_predict": 10,
+        "load_seconds": load_seconds,
+    }
+
+
+def mixed_fleet() -> list[dict[str, Any]]:
+    fast = _model(10 / FAST_S)
+    spec = [
+        ("fast-1", 1.0, True),
+        ("fast-2", 1.0, True),
+        ("slow-1", FAST_S / SLOW_S, True),
+        ("slow-2", FAST_S / SLOW_S, True),
+        ("cold-1", 1.0, False),
+    ]
+    return [
+        {
+            "name": n,
+            "port": free_port(),
+            "num_parallel": 2,
+            "speed": speed,
+            "parallel_slowdown": 0.0,
+            "preloaded": [MIX] if warm else [],
+            "models": [fast],
+        }
+        for n, speed, warm in spec
+    ]
+
+
+def backlog_fleet(service_s: float = 0.25) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": f"b-{c}",
+            "port": free_port(),
+            "num_parallel": 2,
+            "parallel_slowdown": 0.0,
+            "preloaded": [MIX],
+            "models": [_model(10 / service_s)],
+        }
+        for c in "abc"
+    ]
+
+
+@contextmanager
+def _stack(sims: list[dict[str, Any]], tag: str):
+    os.environ.update(
+        {
+            "CORRAL_NAMESPACE": f"bench{tag}{os.getpid()}",
+            "CORRAL_INSTANCES": instances_env(sims),
+            "CORRAL_CACHE_ENABLED": "false",
+        }
+    )
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    fleet = LocalFleet(Path(tempfile.mkdtemp(prefix=f"corral-{tag}-")), dict(os.environ), sims)
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.stop()
+        fleet.purge()
+
+
+def _unload(url: str) -> None:
+    requests.post(f"{url}/api/generate", json={"model": MIX, "keep_alive": 0}, timeout=10)
+
+
+class Proxy:
+    """A push balancer without caps: what Corral replaces."""
+
+    def __init__(self, urls: list[str], policy: str) -> None:
+        self.urls, self.policy = urls, policy
+        self.outstanding = Counter({u: 0 for u in urls})
+        self._rr = itertools.cycle(urls)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def call(self, prompt: str) -> str:
+        with self._lock:
+            if self.policy == "round_robin":
+                url = next(self._rr)
+            else:
+                url = min(self.urls, key=lambda u: self.outstanding[u])
+            self.outstanding[url] += 1
+        session = getattr(self._local, "s", None) or requests.Session()
+        self._local.s = session
+        try:
+            session.post(
+                f"{url}/api/generate",
+                json={"model": MIX, "prompt": prompt, "stream": False},
+                timeout=600,
+            )
+        finally:
+            with self._lock:
+                self.outstanding[url] -= 1
+        return url
+
+
+def _ideal(sims: list[dict[str, Any]], jobs: int) -> float:
+    capacity = sum(s["num_parallel"] * s.get("speed", 1.0) / FAST_S for s in sims)
+    return jobs / capacity
+
+
+def run_mixed(jobs: int = 500) -> dict[str, Any]:
+    from app.fleet_state import fleet_state
+    from routing import STRATEGIES
+    from tasks import infer
+
+    sims = mixed_fleet()
+    ideal = _ideal(sims, jobs)
+    out: dict[str, Any] = {"jobs": jobs, "ideal_s": round(ideal, 2), "runs": {}}
+    with _stack(sims, "mix") as fleet:
+        urls = fleet.sim_urls
+
+        def record(name: str, elapsed: float, served: Counter) -> None:
+            loads = sum(fleet.sim_stats(n)["loads_total"] for n in urls)
+            out["runs"][name] = {
+                "makespan_s": round(elapsed, 2),
+                "vs_ideal": round(elapsed / ideal, 3),
+                "cold_loads": loads,
+                "jobs_per_instance": dict(served),
+            }
+            typer.echo(
+                f"  {name:22} makespan {elapsed:6.2f}s = {elapsed / ideal:5.3f} x ideal, "
+                f"cold loads {loads}, {dict(sorted(served.items()))}"
+            )
+
+        for strategy in STRATEGIES:
+            _unload(urls["cold-1"])
+            fleet.reset_sims()
+            fleet_state().set_strategy(strategy)
+            t = time.perf_counter()
+            pending = [
+                infer.delay(model=MIX, prompt=f"{strategy} {i}", tier="batch") for i in range(jobs)
+            ]
+            served = Counter(r.get(timeout=600).routing.instance for r in pending)
+            record(f"corral {strategy}", time.perf_counter() - t, served)
+        for policy in ("round_robin", "least_connections"):
+            _unload(urls["cold-1"])
+            fleet.reset_sims()
+            proxy = Proxy(list(urls.values()), policy)
+            by_url = {u: n for n, u in urls.items()}
+            t = time.perf_counter()
+            with ThreadPoolExecutor(64) as pool:
+                hits = list(pool.map(proxy.call, (f"proxy {i}" for i in range(jobs))))
+            record(f"proxy {policy}", time.perf_counter() - t, Counter(by_url[h] for h in hits))
+    return out
+
+
+def run_backlog(batch: int = 500, interactive: int = 20, service_s: float = 0.25) -> dict:
+    from tasks import infer
+
+    sims = backlog_fleet(service_s)
+    out: dict[str, Any] = {
+        "batch_jobs": batch,
+        "interactive_jobs": interactive,
+        "service_s": service_s,
+    }
+    with _stack(sims, "backlog") as fleet:
+        # Corral: the backlog waits in RabbitMQ; interactive jobs take the next free slot.
+        backlog = [infer.delay(model=MIX, prompt=f"batch {i}", tier="batch") for i in range(batch)]
+        waits = []
+        for i in range(interactive):
+            time.sleep(0.5)
+            r = infer.delay(model=MIX, prompt=f"urgent {i}", tier="interactive").get(timeout=120)
+            waits.append(r.routing.wait_s + r.routing.service_s)
+        queued_after = sum(not b.ready() for b in backlog)
+        for b in backlog:
+            b.get(timeout=600)
+        peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
+        out["corral"] = _latency(waits, service_s) | {
+            "batch_still_queued": queued_after,
+            "peak_in_flight": peaks,
+        }
+
+        # The proxy: everything is sent at once and queues inside Ollama, first come first
+        # served; the "interactive" requests are just more requests.
+        fleet.reset_sims()
+        proxy = Proxy(list(fleet.sim_urls.values()), "least_connections")
+        pool = ThreadPoolExecutor(batch + interactive)
+        for i in range(batch):
+            pool.submit(proxy.call, f"pbatch {i}")
+        proxy_waits = []
+        for i in range(interactive):
+            time.sleep(0.5)
+            t = time.perf_counter()
+            pool.submit(proxy.call, f"purgent {i}").result(timeout=600)
+            proxy_waits.append(time.perf_counter() - t)
+            if time.perf_counter() - t > 30 * service_s:
+                break  # the point is made; don't sit through the whole backlog again
+        pool.shutdown(wait=True)
+        peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
+        out["proxy_least_connections"] = _latency(proxy_waits, service_s) | {
+            "peak_in_flight": peaks
+        }
+    for name in ("corral", "proxy_least_connections"):
+        r = out[name]
+        typer.echo(
+            f"  {name:24} interactive total time p50 {r['p50_s']:6.2f}s "
+            f"p95 {r['p95_s']:6.2f}s ({r['p95_x_service']:.1f} x service), "
+            f"peak in flight {r['peak_in_flight']}"
+        )
+    return out
+
+
+def _latency(values: list[float], service_s: float) -> dict[str, float]:
+    q = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+    return {
+        "n": len(values),
+        "p50_s": round(q[49], 3),
+        "p95_s": round(q[94], 3),
+        "p95_x_service": round(q[94] / service_s, 2),
+    }

@@ -1,0 +1,439 @@
+"""``corral``: run the pieces of a Corral stack, or the whole stack at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.settings import TIERS, InstanceConfig, get_settings
+
+cli = typer.Typer(
+    help="Corral: a fleet of Ollama servers behind Celery.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+def _celery_worker(*, queues: list[str], threads: int, node: str, loglevel: str) -> None:
+    """``celery worker`` as every Corral worker runs it: threads pool, prefetch 1, events."""
+    from app.celery_app import celery_app
+
+    celery_app.worker_main(
+        [
+            "worker",
+            "-Q",
+            ",".join(queues),
+            "-P",
+            "threads",
+            "-c",
+            str(threads),
+            "--prefetch-multiplier",
+            "1",
+            "-n",
+            node,
+            "-E",
+            "--loglevel",
+            loglevel,
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
+
+
+@cli.command()
+def worker(
+    instance: Annotated[str | None, typer.Option(help="instance name from the fleet file")] = None,
+    ollama: Annotated[str | None, typer.Option(help="register this Ollama URL itself")] = None,
+    name: Annotated[str | None, typer.Option(help="name for --ollama (default: host:port)")] = None,
+    parallelism: Annotated[int, typer.Option(help="OLLAMA_NUM_PARALLEL, with --ollama")] = 2,
+    model: Annotated[
+        list[str] | None, typer.Option(help="with --ollama: serve only these (default: /api/tags)")
+    ] = None,
+    loglevel: str = "INFO",
+) -> None:
+    """Run the worker of one Ollama instance (-c = its parallelism, prefetch 1)."""
+    from app import instance_worker
+    from app.queues import instance_queue
+
+    if instance:
+        config = get_settings().instance(instance)
+    elif ollama:
+        default = ollama.split("://")[-1].replace(":", "-").replace("/", "")
+        config = InstanceConfig(
+            name=name or default, url=ollama, parallelism=parallelism, models=model or None
+        )
+    else:
+        raise typer.BadParameter("give --instance NAME or --ollama URL")
+    instance_worker.configure(config)
+    ns = get_settings().namespace
+    # One worker per instance: a second one for the same instance fails to start (its
+    # node name, and so its control queue, is taken).
+    _celery_worker(
+        queues=[instance_queue(config.name)],
+        threads=config.parallelism,
+        node=f"{ns}.{config.name}@%h",
+        loglevel=loglevel,
+    )
+
+
+@cli.command()
+def router(
+    tier: Annotated[str, typer.Option(help="interactive, normal or batch")],
+    concurrency: Annotated[int | None, typer.Option(help="router threads")] = None,
+    loglevel: str = "INFO",
+    wait: Annotated[float, typer.Option(help="seconds to wait for a first model")] = 120.0,
+) -> None:
+    """Run the router of one tier: it moves jobs from model/tier queues to instances."""
+    from app import router_worker
+
+    if tier not in TIERS:
+        raise typer.BadParameter(f"tier must be one of {', '.join(TIERS)}")
+    deadline = time.time() + wait
+    while not (queues := router_worker.configure(tier)):  # type: ignore[arg-type]
+        if time.time() > deadline:
+            typer.echo("no instance has registered a model; start an instance worker", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.5)
+    threads = concurrency or get_settings().router_concurrency
+    ns = get_settings().namespace
+    _celery_worker(
+        queues=queues,
+        threads=threads,
+        node=f"{ns}.router-{tier}.{os.getpid()}@%h",
+        loglevel=loglevel,
+    )
+
+
+@cli.command()
+def sim(
+    fleet: Annotated[Path | None, typer.Option(help="simulator fleet TOML")] = None,
+    base_port: Annotated[int, typer.Option(help="first port of the demo fleet")] = 11501,
+) -> None:
+    """Run simulated Ollama servers (the demo fleet of 3 unless --fleet is given)."""
+    from app.simulator import run_fleet
+    from app.simulator.fleet import default_demo_fleet, load_fleet_file
+
+    instances = load_fleet_file(fleet) if fleet else default_demo_fleet(base_port)
+    for inst in instances:
+        typer.echo(f"simulated Ollama {inst.name} on http://{inst.host}:{inst.port}")
+    run_fleet(instances)
+
+
+@cli.command()
+def submit(
+    model: Annotated[str, typer.Option(help="e.g. llama3.2:3b")],
+    prompt: Annotated[str | None, typer.Option(help="for generate")] = None,
+    message: Annotated[str | None, typer.Option(help="for chat: one user message")] = None,
+    embed: Annotated[list[str] | None, typer.Option(help="for embed; repeatable")] = None,
+    tier: str = "interactive",
+    priority: int = 5,
+    agent: str | None = None,
+    timeout: float = 120.0,
+    no_wait: bool = False,
+) -> None:
+    """Submit one job and print its result as JSON."""
+    from tasks import infer
+
+    fields: dict = {"model": model, "tier": tier, "priority": priority, "agent": agent}
+    if embed:
+        fields |= {"kind": "embed", "input": embed}
+    elif message:
+        fields |= {"kind": "chat", "messages": [{"role": "user", "content": message}]}
+    else:
+        fields |= {"kind": "generate", "prompt": prompt}
+    result = infer.delay(**{k: v for k, v in fields.items() if v is not None})
+    if no_wait:
+        typer.echo(result.id)
+        return
+    typer.echo(result.get(timeout=timeout).model_dump_json(indent=2))
+
+
+fleet_cli = typer.Typer(help="Look at and steer the fleet; changes apply live.")
+cli.add_typer(fleet_cli, name="fleet")
+
+
+@fleet_cli.command("list")
+def fleet_list() -> None:
+    """Every instance as the routers see it."""
+    from app.fleet_state import fleet_state
+
+    snap = fleet_state().snapshot()
+    typer.echo(
+        f"strategy: {snap.strategy_for('*', get_settings().strategy)} "
+        f"(overrides: {snap.strategies or 'none'})"
+    )
+    for i in snap.instances:
+        state = ("up" if i.up(snap.now) else "DOWN") if i.enabled else "draining"
+        typer.echo(
+            f"{i.name:12} {state:8} {i.in_flight}/{i.capacity} in flight  "
+            f"ewma {i.ewma_ms:7.1f} ms  breaker {i.breaker}  loaded {sorted(i.loaded)}  "
+            f"serves {sorted(i.models)}"
+        )
+
+
+@fleet_cli.command("show")
+def fleet_show(name: str) -> None:
+    """One instance's raw state, as JSON."""
+    from app.fleet_state import fleet_state
+
+    fleet = fleet_state()
+    row = fleet.redis.hgetall(f"{fleet.ns}:inst:{name}")
+    if not row:
+        raise typer.BadParameter(f"no instance {name!r}; see `corral fleet list`")
+    typer.echo(json.dumps(row, indent=2, sort_keys=True))
+
+
+@fleet_cli.command("drain")
+def fleet_drain(name: str) -> None:
+    """Send the instance no new jobs; running ones finish."""
+    from app.fleet_state import fleet_state
+
+    fleet_state().set_enabled(name, False)
+    typer.echo(f"{name} draining")
+
+
+@fleet_cli.command("undrain")
+def fleet_undrain(name: str) -> None:
+    """Send the instance jobs again."""
+    from app.fleet_state import fleet_state
+
+    fleet_state().set_enabled(name, True)
+    typer.echo(f"{name} taking jobs")
+
+
+@fleet_cli.command("strategy")
+def fleet_strategy(
+    strategy: Annotated[str | None, typer.Argument(help="omit to reset to the setting")] = None,
+    model: Annotated[str, typer.Option(help="only for this model")] = "*",
+) -> None:
+    """Change the routing strategy live, for every model or one."""
+    from app.fleet_state import fleet_state
+    from app.settings import normalize_model
+    from routing import STRATEGIES
+
+    if strategy is not None and strategy not in STRATEGIES:
+        raise typer.BadParameter(f"strategy must be one of {', '.join(STRATEGIES)}")
+    fleet_state().set_strategy(strategy, model if model == "*" else normalize_model(model))
+    typer.echo(f"strategy for {model}: {strategy or 'the configured default'}")
+
+
+dlq_cli = typer.Typer(help="Jobs that gave up, with their error history.")
+cli.add_typer(dlq_cli, name="dlq")
+
+
+@dlq_cli.command("list")
+def dlq_list() -> None:
+    """One line per dead job: id, error, attempts, model."""
+    from app.dead_letters import read_all
+
+    records = read_all()
+    for r in records:
+        typer.echo(
+            f"{r['job_id']}  {r['error']:16} attempts {r['attempts']}  "
+            f"{r['request'].get('model')}  {r['message'][:80]}"
+        )
+    typer.echo(f"{len(records)} dead job(s)")
+
+
+@dlq_cli.command("show")
+def dlq_show(job_id: str) -> None:
+    """A dead job's record: request, error and every attempt, as JSON."""
+    from app.dead_letters import read_all
+
+    for r in read_all():
+        if r["job_id"] == job_id:
+            typer.echo(json.dumps(r, indent=2))
+            return
+    raise typer.BadParameter(f"no dead job {job_id!r}; see `corral dlq list`")
+
+
+@dlq_cli.command("replay")
+def dlq_replay(
+    job_ids: Annotated[list[str] | None, typer.Argument(help="omit with --all")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every dead job")] = False,
+) -> None:
+    """Submit dead jobs again as new jobs; their records leave the queue."""
+    from app.dead_letters import replay
+
+    for old, new in replay(_selected(job_ids, all_)):
+        typer.echo(f"{old} -> {new}")
+
+
+@dlq_cli.command("purge")
+def dlq_purge(
+    job_ids: Annotated[list[str] | None, typer.Argument(help="omit with --all")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every dead job")] = False,
+) -> None:
+    """Delete dead-job records."""
+    from app.dead_letters import purge
+
+    typer.echo(f"purged {len(purge(_selected(job_ids, all_)))} record(s)")
+
+
+def _selected(job_ids: list[str] | None, all_: bool) -> set[str] | None:
+    """The job ids a dlq command acts on; None means every dead job."""
+    if not job_ids and not all_:
+        raise typer.BadParameter("name job ids, or pass --all")
+    return None if all_ else set(job_ids or [])
+
+
+@cli.command()
+def status() -> None:
+    """Print the fleet as the routers see it (same as `corral fleet list`)."""
+    fleet_list()
+
+
+@cli.command()
+def up(
+    demo_jobs: Annotated[int, typer.Option(help="jobs in the demo run (0 = no demo)")] = 120,
+    flower: Annotated[bool, typer.Option(help="start Flower")] = True,
+    exit_after_demo: Annotated[bool, typer.Option(help="stop after the demo")] = False,
+) -> None:
+    """Start the whole stack (simulated fleet unless one is configured), run a demo, serve."""
+    from app.stack import run_stack
+
+    raise typer.Exit(run_stack(demo_jobs=demo_jobs, flower=flower, stay=not exit_after_demo))
+
+
+@cli.command()
+def bench(
+    scenario: Annotated[str, typer.Option(help="overhead, mixed, backlog or all")] = "all",
+    jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
+    out: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path(
+        "bench-results/bench.json"
+    ),
+) -> None:
+    """Measure Corral against calling Ollama directly and against plain proxies."""
+    from app import bench_fleet
+    from app.bench import run_benchmark
+
+    report = {}
+    if scenario in ("overhead", "all"):
+        report["overhead"] = run_benchmark(jobs=jobs)
+    if scenario in ("mixed", "all"):
+        typer.echo(f"\nmixed fleet, {jobs} jobs per run")
+        report["mixed"] = bench_fleet.run_mixed(jobs)
+    if scenario in ("backlog", "all"):
+        typer.echo("\ninteractive jobs behind a batch backlog")
+        report["backlog"] = bench_fleet.run_backlog()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    typer.echo(f"report written to {out}")
+
+
+@cli.command()
+def metrics(
+    port: Annotated[int | None, typer.Option(help="port (default: metrics_port, 9808)")] = None,
+    host: Annotated[str | None, typer.Option(help="address (default: metrics_host)")] = None,
+) -> None:
+    """Serve Prometheus metrics of the whole fleet: queues, instances, jobs, cache."""
+    from app.metrics_exporter import serve
+
+    s = get_settings()
+    host, port = host or s.metrics_host, port or s.metrics_port
+    typer.echo(f"serving fleet metrics on http://{host}:{port}/metrics")
+    serve(host, port)
+
+
+@cli.command()
+def gateway(
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Ollama's port, so clients need no change")] = 11434,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning...")] = "info",
+    access_log: Annotated[bool, typer.Option(help="log every request")] = True,
+) -> None:
+    """Serve Ollama's and OpenAI's APIs (and /jobs) in front of the fleet."""
+    from app.gateway.db import shown_url
+    from app.gateway.server import serve
+
+    s = get_settings()
+    auth = "API keys required" if s.gateway_auth else "auth OFF (CORRAL_GATEWAY_AUTH=false)"
+    typer.echo(f"gateway on http://{host}:{port} ({auth}; keys in {shown_url(s.database_url)})")
+    serve(host, port, log_level=log_level, access_log=access_log)
+
+
+keys_cli = typer.Typer(help="API keys of the gateway (stored hashed in CORRAL_DATABASE_URL).")
+cli.add_typer(keys_cli, name="keys")
+
+
+@keys_cli.command("add")
+def keys_add(
+    agent: Annotated[str, typer.Option(help="agent name the key's jobs carry")],
+    agent_class: Annotated[str, typer.Option(help="kind of agent, e.g. planner, batch-etl")],
+    tiers: Annotated[str, typer.Option(help="tiers it may use, e.g. interactive,normal")],
+    default_tier: Annotated[str | None, typer.Option(help="tier when none is asked for")] = None,
+) -> None:
+    """Create a key and print it: it is shown this once, only its hash is stored."""
+    from app.gateway.keys import KeyStore
+
+    try:
+        key, info = KeyStore.ready().add(agent, agent_class, tiers, default_tier)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(key)
+    typer.echo(
+        f"id {info.id}, agent {info.agent} ({info.agent_class}), tiers {','.join(info.tiers)},"
+        f" default {info.default_tier}. Store it now: it cannot be shown again.",
+        err=True,
+    )
+
+
+@keys_cli.command("list")
+def keys_list(
+    revoked: Annotated[bool, typer.Option("--revoked", help="include revoked keys")] = False,
+) -> None:
+    """One line per key: id, prefix, agent, class, tiers, default tier, created."""
+    from app.gateway.keys import KeyStore
+
+    infos = KeyStore.ready().all(include_revoked=revoked)
+    for k in infos:
+        gone = f"  REVOKED {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else ""
+        typer.echo(
+            f"{k.id:4}  {k.prefix}...  {k.agent:20} {k.agent_class:12} {','.join(k.tiers):26}"
+            f" default {k.default_tier:12} created {k.created_at:%Y-%m-%d %H:%M}{gone}"
+        )
+    typer.echo(f"{len(infos)} key(s)")
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    ref: Annotated[str, typer.Argument(help="the key's id, its prefix (crl_...) or the key")],
+) -> None:
+    """Revoke a key; gateways refuse it within gateway_key_cache_ttl seconds."""
+    from app.gateway.keys import KeyStore
+
+    info = KeyStore.ready().revoke(ref)
+    if info is None:
+        raise typer.BadParameter(f"no live key matches {ref!r}; see `corral keys list`")
+    typer.echo(f"revoked key {info.id} ({info.prefix}..., agent {info.agent})")
+
+
+db_cli = typer.Typer(help="Corral's database schema (Alembic migrations in app/migrations).")
+cli.add_typer(db_cli, name="db")
+
+
+@db_cli.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="target revision")] = "head",
+) -> None:
+    """Migrate CORRAL_DATABASE_URL to the latest schema (the gateway does it at start too)."""
+    from app.gateway.db import shown_url
+    from app.migrations import upgrade
+
+    url = get_settings().database_url
+    upgrade(url, revision)
+    typer.echo(f"database at {shown_url(url)} is at {revision}")
+
+
+def main() -> None:
+    cli(prog_name="corral")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Typed errors: each says what happened and what to do.
+
+Errors raised by a job travel through the Redis result backend as (module, class, args) and
+are rebuilt in the caller's process, so their constructors take only JSON-able positional
+arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CorralError(Exception):
+    """Base of every error Corral raises."""
+
+
+# Raised at the call, before anything is queued.
+
+
+class InvalidRequest(CorralError, ValueError):
+    """The request does not validate; nothing was queued."""
+
+
+class ModelNotServed(InvalidRequest):
+    """No instance in the fleet serves this model; nothing was queued."""
+
+
+# Raised by one call to an Ollama instance (inside a worker).
+
+
+class OllamaError(CorralError):
+    """One attempt on one instance failed."""
+
+    transient = True
+
+    def __init__(self, message: str, instance: str = "", status: int | None = None) -> None:
+        super().__init__(message, instance, status)
+        self.message, self.instance, self.status = message, instance, status
+
+    def __str__(self) -> str:
+        where = f" on {self.instance}" if self.instance else ""
+        code = f" (HTTP {self.status})" if self.status else ""
+        return f"{self.message}{where}{code}"
+
+
+class InstanceUnavailable(OllamaError):
+    """Connection refused or reset: the server is down or restarting."""
+
+
+class InstanceTimeout(OllamaError):
+    """The server accepted the request but said nothing for ``request_timeout`` seconds."""
+
+
+class InstanceBusy(OllamaError):
+    """HTTP 503: the server's own queue is full."""
+
+
+class InstanceFailed(OllamaError):
+    """HTTP 5xx, an error line in the stream, or a broken or malformed answer."""
+
+
+class RequestRejected(OllamaError):
+    """HTTP 4xx: retrying elsewhere will not help (bad request, unknown model)."""
+
+    transient = False
+
+
+# Raised by ``.get()`` when a job gave up.
+
+
+class JobFailed(CorralError):
+    """The job ended without a result. ``history`` lists every attempt's error."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message, details or {})
+        self.message = message
+        self.details = details or {}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.details.get("history", [])
+
+    @property
+    def job_id(self) -> str | None:
+        return self.details.get("job_id")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class RetriesExhausted(JobFailed):
+    """Every attempt failed with a transient error; the job is in the dead-letter queue."""
+
+
+class JobRejected(JobFailed):
+    """Ollama refused the request (4xx) or the model is no longer served; not retried."""

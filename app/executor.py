@@ -1,0 +1,217 @@
+"""The execution stage of a job: run it on the instance whose slot it holds.
+
+Before calling Ollama the worker confirms, in Redis, that this job holds a slot on this
+instance and that no other copy of it is running: a redelivered or duplicated message can
+then never put more requests on the server than it has slots. A transient failure frees the
+slot, excludes the instance, and sends the job back through the router after a backoff
+(``Task.retry`` to the model/tier queue, never to this instance's queue). A permanent failure,
+or the last allowed attempt, writes a dead letter and fails with a typed error.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from celery.exceptions import Ignore
+from kombu import Queue
+
+from app import metrics
+from app.celery_app import MAX_PRIORITY
+from app.errors import (
+    InstanceUnavailable,
+    JobFailed,
+    JobRejected,
+    OllamaError,
+    RetriesExhausted,
+)
+from app.fleet_state import fleet_state
+from app.instance_worker import InstanceAgent, current_agent
+from app.queues import dead_letter_queue, route_queue
+from app.relay import token_relay
+from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
+from app.settings import get_settings
+
+if TYPE_CHECKING:
+    from celery import Task
+
+
+def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any]:
+    job = task.request.id
+    instance = state.instance
+    assert instance is not None
+    agent = current_agent()
+    if agent is None or agent.name != instance:
+        # Delivered to a worker that does not serve this instance: route it again.
+        return _reroute(task, state, countdown=0)
+
+    verdict = fleet_state().confirm(job, instance, agent.token)
+    if verdict in ("done", "dup"):
+        raise Ignore(f"job {job} is {'finished' if verdict == 'done' else 'already running'}")
+    if verdict == "nogrant":
+        # Its slot lease ran out while the message waited (e.g. the worker was down).
+        return _reroute(task, state, countdown=0)
+
+    started = time.time()
+    agent.job_started(job)
+    relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
+    try:
+        reply = agent.client.infer(request, on_chunk=relay)
+    except OllamaError as exc:
+        _on_failure(task, request, state, agent, exc)
+    finally:
+        agent.job_ended(job)
+    finished = time.time()
+    result = InferResult(
+        **reply.model_dump(),
+        id=job,
+        kind=request.kind,
+        model=request.model,
+        routing=RoutingInfo(
+            instance=instance,
+            queue=task.request.delivery_info.get("routing_key"),
+            attempts=state.attempts + 1,
+            wait_s=round(started - state.submitted_at, 6),
+            service_s=round(finished - started, 6),
+            finished_at=finished,
+            strategy=state.strategy,
+            score=state.score,
+            excluded=state.excluded,
+        ),
+    )
+    # The slot is freed in InferTask.on_success, after the result is stored.
+    cacheable = request.cache and request.deterministic and get_settings().cache_enabled
+    task.request.corral_ran = Ran(
+        instance,
+        request.model,
+        result.routing.service_s * 1000,
+        request.cache_key() if cacheable else None,
+    )
+    return result.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What ``InferTask.on_success`` needs of a job that ran, kept on its request context."""
+
+    instance: str
+    model: str
+    service_ms: float
+    cache_key: str | None
+
+
+def _on_failure(
+    task: Task, request: InferRequest, state: RouteState, agent: InstanceAgent, exc: OllamaError
+) -> NoReturn:
+    settings = get_settings()
+    job = task.request.id
+    fleet_state().finish(
+        job,
+        agent.name,
+        ok=False,
+        model=request.model,
+        open_breaker=isinstance(exc, InstanceUnavailable),
+    )
+    history = [
+        *state.history,
+        {
+            "instance": agent.name,
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "status": exc.status,
+            "at": time.time(),
+        },
+    ]
+    attempts = state.attempts + 1
+    failed = state.model_copy(update={"attempts": attempts, "history": history, "instance": None})
+    if not exc.transient:
+        _give_up(task, request, failed, JobRejected, f"{request.model}: {exc}")
+    if attempts >= settings.max_attempts:
+        _give_up(
+            task,
+            request,
+            failed,
+            RetriesExhausted,
+            f"gave up after {attempts} attempts; last: {exc}",
+        )
+    failed.excluded = sorted({*state.excluded, agent.name})
+    # Exponential backoff with full jitter (Celery's own helper takes whole seconds only).
+    countdown = random.uniform(
+        0, min(settings.retry_backoff_max, settings.retry_backoff * 2 ** (attempts - 1))
+    )
+    raise task.retry(
+        exc=exc,
+        countdown=countdown,
+        queue=route_queue(request.model, request.tier),
+        kwargs={**task.request.kwargs, "_route": failed.model_dump()},
+        max_retries=None,
+        ignore_result=True,
+    )
+
+
+def _reroute(task: Task, state: RouteState, *, countdown: float) -> NoReturn:
+    request = InferRequest.model_validate(
+        {k: v for k, v in task.request.kwargs.items() if k != "_route"}
+    )
+    back = state.model_copy(update={"instance": None})
+    sig = task.signature(
+        kwargs={**task.request.kwargs, "_route": back.model_dump()},
+        queue=route_queue(request.model, request.tier),
+        priority=request.priority,
+        countdown=countdown,
+        ignore_result=True,
+    )
+    raise task.replace(sig)
+
+
+def _give_up(
+    task: Task,
+    request: InferRequest,
+    state: RouteState,
+    error: type[JobFailed],
+    message: str,
+) -> NoReturn:
+    job = task.request.id
+    details = {
+        "job_id": job,
+        "model": request.model,
+        "attempts": state.attempts,
+        "history": state.history,
+    }
+    dead_letter(job, request, state, error.__name__, message)
+    raise error(message, details)
+
+
+def dead_letter(
+    job: str, request: InferRequest, state: RouteState, error: str, message: str
+) -> None:
+    """Publish the job, its error and its history to the dead-letter queue."""
+    from app.celery_app import celery_app
+
+    record = {
+        "job_id": job,
+        "error": error,
+        "message": message,
+        "request": request.model_dump(mode="json", exclude_none=True),
+        "attempts": state.attempts,
+        "history": state.history,
+        "submitted_at": state.submitted_at,
+        "dead_at": time.time(),
+    }
+    name = dead_letter_queue()
+    queue = Queue(name, routing_key=name, queue_arguments={"x-max-priority": MAX_PRIORITY})
+    with celery_app.producer_pool.acquire(block=True) as producer:
+        producer.publish(
+            json.dumps(record),
+            exchange="",
+            routing_key=name,
+            declare=[queue],
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            retry=True,
+        )
+    metrics.dead_lettered(request.model, request.tier, error)

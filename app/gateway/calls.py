@@ -1,0 +1,69 @@
+"""One inference call as every API makes it: submit the job, then wait for it or stream it.
+
+Errors leave as :class:`GatewayError` with the status the client should see; a client that
+disconnects while its job waits gets the job revoked if it is still queued (ClientGone ends
+the request quietly).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+
+from app.errors import InvalidRequest, ModelNotServed
+from app.gateway.disconnect import ClientGone, unless_gone
+from app.gateway.errors import GatewayError, job_error
+from app.gateway.services import Services, services
+from app.gateway.streaming import follow, open_stream
+from app.schemas import InferResult
+
+log = logging.getLogger(__name__)
+
+
+async def submit(
+    request: Request, fields: dict[str, Any], *, not_found: str, wait: bool = True
+) -> str:
+    """Publish the job; 400 with InvalidRequest's text, 404 ``not_found`` for an unknown model.
+
+    With ``wait`` (the default), :func:`wait` or :func:`stream` must follow.
+    """
+    try:
+        return await services(request).jobs.submit(fields, wait=wait)
+    except ModelNotServed:
+        raise GatewayError(404, not_found, code="model_not_found", param="model") from None
+    except InvalidRequest as exc:
+        raise GatewayError(400, str(exc)) from None
+
+
+def _left(svc: Services, job_id: str, model: str) -> None:
+    log.info("client left while job %s waited", job_id)
+    svc.later(svc.jobs.cancel_if_queued(job_id, model))
+
+
+async def wait(request: Request, job_id: str, model: str) -> InferResult:
+    """The job's result; its failure as a GatewayError (see ``errors.job_error``)."""
+    svc = services(request)
+    try:
+        return await unless_gone(request, svc.jobs.result(job_id))
+    except ClientGone:
+        _left(svc, job_id, model)
+        raise
+    except GatewayError:
+        raise
+    except Exception as exc:
+        raise job_error(exc) from exc
+
+
+async def stream(
+    request: Request, job_id: str, kind: str, model: str
+) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+    """The job's first chunk (errors before it as a GatewayError) and the rest."""
+    svc = services(request)
+    try:
+        return await open_stream(request, follow(svc.jobs, svc.relay, job_id, kind))
+    except ClientGone:
+        _left(svc, job_id, model)
+        raise

@@ -1,0 +1,115 @@
+"""Publishing ``infer`` jobs and getting their outcome, from the event loop without blocking it.
+
+Publishing (validation, a Redis look-up of the served models, an AMQP publish) and revoking
+run in the gateway's thread pool; waiting is a future resolved by the result watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Literal
+
+from celery import states
+from celery.exceptions import TaskRevokedError
+
+from app.celery_app import celery_app
+from app.fleet_state import fleet_state
+from app.gateway.errors import GatewayError
+from app.gateway.results import ResultWatcher
+from app.schemas import InferResult
+from tasks import infer
+
+log = logging.getLogger(__name__)
+
+#: Where a job is that has no result yet.
+Place = Literal["queued", "waiting_for_slot", "running"]
+
+
+def place(job_id: str, model: str) -> Place:
+    """Where an unfinished job is, from the slot bookkeeping of ``app.fleet_state``.
+
+    A job holding a grant is running (or about to); one in its model's waiter set is held by
+    a router thread until a slot frees; anything else is a message in RabbitMQ (a route
+    queue, or a retry's countdown).
+    """
+    fleet = fleet_state()
+    if fleet.redis.hexists(f"{fleet.ns}:grants", job_id):
+        return "running"
+    if fleet.redis.zscore(f"{fleet.ns}:wait:{model}", job_id) is not None:
+        return "waiting_for_slot"
+    return "queued"
+
+
+def outcome(meta: dict[str, Any]) -> InferResult:
+    """The result of a finished job, or its error raised (JobFailed, TaskRevokedError)."""
+    if meta["status"] == states.SUCCESS:
+        return InferResult.model_validate(meta["result"])
+    if meta["status"] == states.REVOKED:
+        raise TaskRevokedError(meta.get("result"))
+    error = meta["result"]
+    raise error if isinstance(error, BaseException) else RuntimeError(str(error))
+
+
+class JobClient:
+    def __init__(self, threads: ThreadPoolExecutor, results: ResultWatcher, timeout: float):
+        self.threads = threads
+        self.results = results
+        self.timeout = timeout
+
+    async def blocking(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking call in the gateway's thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.threads, partial(fn, *args, **kwargs))
+
+    async def submit(self, fields: dict[str, Any], *, wait: bool) -> str:
+        """Publish a job; InvalidRequest or ModelNotServed raise here, before anything is queued.
+
+        With ``wait``, the result is listened for from before the job exists: call
+        :meth:`result` next.
+        """
+        job_id = str(uuid.uuid4())
+        if wait:
+            await self.results.expect(job_id)
+        try:
+            await self.blocking(infer.apply_async, kwargs=fields, task_id=job_id)
+        except BaseException:
+            self.results.forget(job_id)
+            raise
+        return job_id
+
+    async def result(self, job_id: str) -> InferResult:
+        """Wait for the job's outcome, up to ``gateway_job_timeout`` (then 504)."""
+        try:
+            meta = await self.results.wait(job_id, self.timeout)
+        except TimeoutError:
+            raise GatewayError(
+                504,
+                f"job {job_id} has no result after {self.timeout:.0f}s; it is still queued or"
+                f" running: poll GET /jobs/{job_id}, or raise CORRAL_GATEWAY_JOB_TIMEOUT",
+                code="timeout",
+            ) from None
+        return outcome(meta)
+
+    async def cancel_if_queued(self, job_id: str, model: str) -> Place:
+        """Revoke the job if it is still a message in RabbitMQ; returns where it was.
+
+        A job already held by a router thread or running is left alone: Corral cannot stop
+        a running call to Ollama, and revoking a router-held job would only make its
+        instance worker drop it after a slot was granted, idling that slot until its lease
+        expires. Revoking a queued job costs nothing: the worker that receives it acks it
+        without running it, and it never holds a slot.
+        """
+
+        def revoke() -> Place:
+            where = place(job_id, model)
+            if where == "queued":
+                celery_app.control.revoke(job_id)
+            return where
+
+        where = await self.blocking(revoke)
+        log.info("job %s: %s", job_id, "revoked" if where == "queued" else f"left {where}")
+        return where

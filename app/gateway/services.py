@@ -1,0 +1,91 @@
+"""Everything a gateway process holds for its lifetime, started and closed with it.
+
+The asyncio clients (Redis, HTTP) belong to the event loop, so they are created in the app's
+lifespan, not at import. Blocking work (publishing, revoking, key look-ups) goes to one
+thread pool sized by ``gateway_threads``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import redis.asyncio
+from starlette.requests import Request
+
+from app.celery_app import celery_app
+from app.gateway.auth import KeyCache
+from app.gateway.fleet_info import FleetInfo
+from app.gateway.jobs import JobClient
+from app.gateway.keys import KeyStore
+from app.gateway.results import ResultWatcher, blocking_pool
+from app.relay import AsyncTokenRelay
+from app.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    threads: ThreadPoolExecutor
+    redis: redis.asyncio.Redis
+    http: httpx.AsyncClient
+    results: ResultWatcher
+    jobs: JobClient
+    relay: AsyncTokenRelay
+    fleet: FleetInfo
+    #: None when auth is off (CORRAL_GATEWAY_AUTH=false).
+    keys: KeyCache | None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Services:
+        threads = ThreadPoolExecutor(settings.gateway_threads, thread_name_prefix="gateway")
+        connections = settings.gateway_redis_connections
+        results = ResultWatcher(
+            settings.result_backend,
+            celery_app.backend,
+            f"{settings.namespace}:gateway:anchor",
+            connections,
+        )
+        jobs = JobClient(threads, results, settings.gateway_job_timeout)
+        store = KeyStore(settings.database_url)
+        await jobs.blocking(store.migrate)
+        await results.start()
+        # Each streaming request holds a connection while it waits on its relay.
+        pool = blocking_pool(settings.redis_url, connections, decode_responses=True)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        http = httpx.AsyncClient(timeout=10.0)
+        return cls(
+            settings=settings,
+            threads=threads,
+            redis=client,
+            http=http,
+            results=results,
+            jobs=jobs,
+            relay=AsyncTokenRelay(client, settings.namespace),
+            fleet=FleetInfo(http, jobs.blocking),
+            keys=KeyCache(store, settings.gateway_key_cache_ttl, jobs.blocking)
+            if settings.gateway_auth
+            else None,
+        )
+
+    def later(self, work: Any) -> None:
+        """Run a coroutine after the request is over (e.g. revoking for a client that left)."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        await self.results.close()
+        await self.http.aclose()
+        await self.redis.aclose()
+        self.threads.shutdown(wait=False, cancel_futures=True)
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services

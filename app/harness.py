@@ -1,0 +1,215 @@
+"""A throwaway local Corral stack, for the test suite and the benchmark.
+
+Simulated Ollama servers, one instance worker each, and the three routers: each a subprocess
+started with the production CLI, on the machine's RabbitMQ and Redis, under the namespace in
+``env``. Every process is stopped by PID; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from app.settings import TIERS, normalize_model
+from app.stack import Child
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def sim_fleet_toml(instances: list[dict[str, Any]]) -> str:
+    """The simulator's fleet file (see ``app.simulator``) for plain dict specs."""
+    lines = []
+    for inst in instances:
+        lines.append("[[instance]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in inst.items() if k != "models"]
+        for model in inst.get("models", []):
+            lines.append("[[instance.model]]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in model.items()]
+    return "\n".join(lines) + "\n"
+
+
+def instances_env(sims: list[dict[str, Any]]) -> str:
+    """``CORRAL_INSTANCES`` for a simulated fleet."""
+    return json.dumps(
+        [
+            {
+                "name": s["name"],
+                "url": f"http://127.0.0.1:{s['port']}",
+                "parallelism": s.get("num_parallel", 2),
+            }
+            for s in sims
+        ]
+    )
+
+
+@dataclass
+class LocalFleet:
+    workdir: Path
+    env: dict[str, str]
+    sims: list[dict[str, Any]]
+    routers: bool = True
+    procs: dict[str, Child] = field(default_factory=dict)
+
+    @property
+    def sim_urls(self) -> dict[str, str]:
+        return {s["name"]: f"http://127.0.0.1:{s['port']}" for s in self.sims}
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        child = Child(name, argv, self.env, log_dir=self.workdir)
+        child.start()
+        self.procs[name] = child
+
+    def start(self, timeout: float = 90.0) -> None:
+        fleet_file = self.workdir / "sim.toml"
+        fleet_file.write_text(sim_fleet_toml(self.sims))
+        self._start("sim", [sys.executable, "-m", "app.simulator", "--fleet", str(fleet_file)])
+        for name, url in self.sim_urls.items():
+            wait_until(lambda url=url: _answers(url + "/api/version"), 30, f"simulator {name}")
+        for s in self.sims:
+            self.start_worker(s["name"])
+        if self.routers:
+            for tier in TIERS:
+                self._start(
+                    f"router-{tier}",
+                    [
+                        sys.executable,
+                        "-m",
+                        "app.cli",
+                        "router",
+                        "--tier",
+                        tier,
+                        "--loglevel",
+                        "WARNING",
+                    ],
+                )
+        wait_until(self.ready, timeout, "workers and routers to come up", every=0.25)
+
+    def start_worker(self, name: str) -> None:
+        self._start(
+            f"worker-{name}",
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "worker",
+                "--instance",
+                name,
+                "--loglevel",
+                "WARNING",
+            ],
+        )
+
+    def ready(self) -> bool:
+        from app.fleet_state import fleet_state
+        from app.queues import route_queue
+
+        snap = fleet_state().snapshot()
+        up = {i.name for i in snap.instances if i.up(snap.now) and i.models}
+        if not up >= set(self.sim_urls):
+            return False
+        models = {normalize_model(m["name"]) for s in self.sims for m in s["models"]}
+        return not self.routers or all(
+            queue_counts(route_queue(m, t))[1] > 0 for m in models for t in TIERS
+        )
+
+    def stop(self) -> None:
+        for child in reversed(list(self.procs.values())):
+            child.stop()
+
+    def sim_stats(self, name: str) -> dict[str, Any]:
+        return requests.get(self.sim_urls[name] + "/sim/stats", timeout=5).json()
+
+    def reset_sims(self) -> None:
+        for url in self.sim_urls.values():
+            requests.post(url + "/sim/reset", timeout=5).raise_for_status()
+
+    def clear_faults(self) -> None:
+        """Every simulator back to normal: no injected errors, hangs or slowness."""
+        for name in self.sim_urls:
+            self.faults(
+                name,
+                error_rate=0,
+                busy_rate=0,
+                hang=False,
+                mid_stream_error_rate=0,
+                cut_stream_rate=0,
+                slow_factor=1.0,
+            )
+
+    def faults(self, name: str, **knobs: Any) -> None:
+        requests.post(self.sim_urls[name] + "/sim/faults", json=knobs, timeout=5).raise_for_status()
+
+    def purge(self) -> None:
+        """Delete the namespace's Redis keys and queues."""
+        from app.celery_app import celery_app
+        from app.fleet_state import fleet_state
+        from app.queues import dead_letter_queue, instance_queue, route_queue
+
+        redis = fleet_state().redis
+        for key in redis.scan_iter(f"{self.env['CORRAL_NAMESPACE']}:*"):
+            redis.delete(key)
+        models = {normalize_model(m["name"]) for s in self.sims for m in s["models"]}
+        queues = [instance_queue(n) for n in self.sim_urls] + [dead_letter_queue()]
+        queues += [route_queue(m, t) for m in models for t in TIERS]
+        with celery_app.connection_for_write() as conn:
+            for q in queues:
+                conn.default_channel.queue_delete(q)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+def queue_counts(queue: str) -> tuple[int, int]:
+    """(ready messages, consumers) of a queue by a passive declare; (0, 0) if it is absent."""
+    from amqp.exceptions import NotFound
+
+    from app.celery_app import celery_app
+
+    with celery_app.connection_for_write() as conn:
+        try:
+            _, messages, consumers = conn.default_channel.queue_declare(queue, passive=True)
+        except NotFound:
+            return 0, 0
+    return messages, consumers
+
+
+def depth(queue: str) -> int:
+    return queue_counts(queue)[0]

@@ -1,0 +1,26 @@
+"""Alembic environment: run migrations on the connection ``app.migrations.upgrade`` passes."""
+
+from __future__ import annotations
+
+from alembic import context
+
+import app.gateway.keys  # noqa: F401  (registers its tables on Base.metadata)
+from app.gateway.db import Base, engine
+from app.settings import get_settings
+
+connection = context.config.attributes.get("connection")
+
+
+def run(conn: object) -> None:
+    context.configure(connection=conn, target_metadata=Base.metadata, compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline (--sql) migrations are not supported; run `corral db upgrade`")
+if connection is not None:
+    run(connection)
+else:  # command.revision(alembic_config(), autogenerate=True): compare with the configured DB
+    with engine(get_settings().database_url).begin() as conn:
+        run(conn)

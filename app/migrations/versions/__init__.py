@@ -1,0 +1,1 @@
+"""Alembic revisions (a package, so an installed wheel carries them)."""

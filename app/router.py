@@ -1,0 +1,166 @@
+"""The router stage of a job: answer from cache, or wait for a slot and move the job there.
+
+A router thread holds one job at a time. It ranks the instances (``routing.rank``), reserves
+a slot on the best one with room, and if none has room it waits for a finishing job to hand
+it a slot. Waiting jobs are ordered by tier, then priority, then arrival, so the next free
+slot goes to the most urgent job however many batch jobs are queued. The job then moves to
+that instance's queue with ``Task.replace``: the caller's task id and ``.get()`` stay valid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery import states
+from celery.exceptions import Ignore, Reject
+from kombu.exceptions import OperationalError
+
+from app import metrics
+from app.cache import response_cache
+from app.errors import JobRejected
+from app.fleet_state import DONE, fleet_state
+from app.queues import instance_queue
+from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
+from app.settings import get_settings
+from routing import rank
+
+if TYPE_CHECKING:
+    from celery import Task
+
+#: How long a waiting job sleeps on its hand-off before it looks at the fleet again.
+WAIT_POLL_SECONDS = 1.0
+
+#: Heartbeats a model may go unserved before its waiting jobs are rejected.
+UNSERVED_GRACE_BEATS = 10
+
+#: Set when the worker is shutting down: waiting jobs go back to the broker.
+shutting_down = threading.Event()
+_ticks = itertools.count()
+
+
+def waiter_score(request: InferRequest, state: RouteState) -> float:
+    """A virtual deadline: the free slot goes to the waiting job with the earliest.
+
+    A job's deadline is its arrival plus its tier's head start (``tier_delay_seconds``) plus
+    a second per priority step below 9. So a fresh interactive job goes before any batch job
+    that arrived less than the batch head start ago, and a batch job that has waited longer
+    than that competes as if it were interactive: batch work ages, it never starves.
+    """
+    s = get_settings()
+    return (
+        state.submitted_at
+        + s.tier_delay_seconds[request.tier]
+        + (9 - request.priority) * s.priority_step_seconds
+    )
+
+
+def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any]:
+    job = task.request.id
+    if request.cache and request.deterministic and get_settings().cache_enabled:
+        cached = _from_cache(job, request, state)
+        metrics.cache_lookup(request.model, hit=cached is not None)
+        if cached is not None:
+            # This stage stores no result of its own (ignore_result), so store the answer.
+            task.backend.store_result(job, cached, states.SUCCESS)
+            return cached
+
+    instance, choice_score, strategy = _reserve_slot(job, request, state)
+    metrics.routed(strategy, instance)
+    routed = state.model_copy(
+        update={
+            "instance": instance,
+            "routed_at": time.time(),
+            "strategy": strategy,
+            "score": choice_score,
+        }
+    )
+    sig = task.signature(
+        kwargs={**task.request.kwargs, "_route": routed.model_dump()},
+        queue=instance_queue(instance),
+        priority=request.priority,
+        ignore_result=False,
+    )
+    try:
+        return task.replace(sig)
+    except OperationalError as exc:
+        # The broker stayed away through every publish retry: this job keeps its slot
+        # (a redelivered router finds the grant) and goes back to its queue, not to FAILURE.
+        raise Reject(exc, requeue=True) from exc
+
+
+def _reserve_slot(
+    job: str, request: InferRequest, state: RouteState
+) -> tuple[str, dict[str, float], str]:
+    fleet = fleet_state()
+    score = waiter_score(request, state)
+    unserved_since: float | None = None
+    while True:
+        snapshot = fleet.snapshot()
+        if not snapshot.serving(request.model):
+            # Either the model is gone, or the registry is (Redis restarted and the
+            # instance workers have not re-registered yet): wait a few heartbeats first.
+            unserved_since = unserved_since or snapshot.now
+            if (
+                snapshot.now - unserved_since
+                > UNSERVED_GRACE_BEATS * get_settings().heartbeat_interval
+            ):
+                raise JobRejected(
+                    f"model {request.model!r} is no longer served by any instance",
+                    {"job_id": job, "history": state.history},
+                )
+            time.sleep(WAIT_POLL_SECONDS)
+            continue
+        unserved_since = None
+        strategy = snapshot.strategy_for(request.model, get_settings().strategy)
+        if not snapshot.serving(request.model):
+            raise JobRejected(
+                f"model {request.model!r} is no longer served by any instance",
+                {"job_id": job, "history": state.history},
+            )
+        choices = rank(
+            snapshot, request.model, strategy=strategy, exclude=state.excluded, tick=next(_ticks)
+        )
+        got = fleet.acquire(
+            job,
+            request.model,
+            score=score,
+            candidates=[c.instance for c in choices],
+            exclude=state.excluded,
+            now=snapshot.now,
+        )
+        if got is None:
+            got = fleet.wait_handoff(job, WAIT_POLL_SECONDS)
+            if got is None:
+                if shutting_down.is_set():
+                    # Back to the broker; the job keeps its place among the waiters.
+                    raise Reject("router shutting down", requeue=True)
+                continue
+        if got == DONE:
+            raise Ignore("job already finished")
+        chosen = next((c.score for c in choices if c.instance == got), {})
+        return got, chosen, strategy
+
+
+def _from_cache(job: str, request: InferRequest, state: RouteState) -> dict[str, Any] | None:
+    cache = response_cache()
+    digest = request.cache_key()
+    hit = cache.get(digest)
+    if hit is None:
+        s = get_settings()
+        budget = s.request_timeout * s.max_attempts
+        leader = cache.claim(digest, job, budget)
+        if leader == job:
+            return None
+        hit = cache.wait_for_leader(digest, time.time() + budget)
+        if hit is None:
+            return None
+    result = InferResult.model_validate(hit)
+    result.id = job
+    now = time.time()
+    result.routing = RoutingInfo(
+        cache_hit=True, attempts=state.attempts, wait_s=now - state.submitted_at, finished_at=now
+    )
+    return result.model_dump(mode="json")

@@ -1,0 +1,77 @@
+"""The router worker: consumes the model/tier queues of one tier.
+
+One router process per tier, because a worker consuming several queues takes them in turn,
+without priority between them, and a router thread waiting for a slot for a batch job is a
+thread an interactive job cannot use. The queues of models that appear later (a model pulled
+onto an instance, a new instance) are added while the worker runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import worker_ready, worker_shutting_down
+
+from app.fleet_state import fleet_state
+from app.queues import route_queue
+from app.router import shutting_down
+from app.settings import Tier, get_settings
+
+log = logging.getLogger(__name__)
+
+#: Seconds between looks for newly served models.
+WATCH_SECONDS = 2.0
+
+_tier: Tier | None = None
+
+
+def configure(tier: Tier) -> list[str]:
+    """Make this process the router of ``tier``; returns the queues to consume at start."""
+    global _tier
+    _tier = tier
+    # The router stage is not the job's outcome: only the instance worker reports the job's
+    # states (received, started, retried, succeeded, failed) to Flower, so a job routed but
+    # not yet run never looks finished.
+    from app.celery_app import celery_app, use_worker_publish_policy
+    from tasks import infer
+
+    infer.send_events = False
+    celery_app.conf.task_send_sent_event = False  # the job was reported sent by its caller
+    use_worker_publish_policy(celery_app)
+    return [route_queue(m, tier) for m in sorted(_served_models())]
+
+
+def _served_models() -> set[str]:
+    configured = {m for i in get_settings().instances for m in (i.models or ())}
+    return fleet_state().served_models() | configured
+
+
+def _watch_models(tier: Tier, hostname: str, stop: threading.Event) -> None:
+    from app.celery_app import celery_app
+
+    known = set(configure(tier))
+    while not stop.wait(WATCH_SECONDS):
+        try:
+            for model in _served_models():
+                queue = route_queue(model, tier)
+                if queue not in known:
+                    celery_app.control.add_consumer(queue, destination=[hostname], reply=False)
+                    known.add(queue)
+                    log.info("router %s now consumes %s", tier, queue)
+        except Exception:
+            log.exception("watching for new models failed")
+
+
+@worker_ready.connect
+def _start_watch(sender: object = None, **_: object) -> None:
+    if _tier is not None:
+        hostname = getattr(sender, "hostname", "")
+        threading.Thread(
+            target=_watch_models, args=(_tier, hostname, shutting_down), daemon=True
+        ).start()
+
+
+@worker_shutting_down.connect
+def _stop_waiting(**_: object) -> None:
+    shutting_down.set()

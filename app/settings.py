@@ -1,0 +1,154 @@
+"""Corral's one settings object.
+
+Read, highest precedence first, from: keyword arguments, environment variables
+(``CORRAL_*``, nested with ``__``), a TOML file (``CORRAL_CONFIG``, default ``./corral.toml``),
+then the defaults below. Every process (client, router, instance worker, gateway) reads the
+same object, so queue names, priorities and Redis keys agree everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+Tier = Literal["interactive", "normal", "batch"]
+TIERS: tuple[Tier, ...] = ("interactive", "normal", "batch")
+Strategy = Literal[
+    "least_connections", "round_robin", "weighted", "response_time", "random", "smart"
+]
+
+
+def normalize_model(name: str) -> str:
+    """Ollama's own rule: a model name without a tag means ``:latest``."""
+    name = name.strip()
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+class InstanceConfig(BaseModel):
+    """One Ollama server in the fleet."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    url: str = Field(description="Base URL, e.g. http://gpu-1:11434")
+    parallelism: int = Field(2, ge=1, le=64, description="OLLAMA_NUM_PARALLEL of that server")
+    weight: float = Field(1.0, gt=0)
+    models: list[str] | None = Field(None, description="Served models; None = discover /api/tags")
+
+    @field_validator("url")
+    @classmethod
+    def _strip_slash(cls, url: str) -> str:
+        return url.rstrip("/")
+
+    @field_validator("models")
+    @classmethod
+    def _normalize(cls, models: list[str] | None) -> list[str] | None:
+        return None if models is None else [normalize_model(m) for m in models]
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("CORRAL_CONFIG", "corral.toml"))
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CORRAL_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    # Where things live.
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
+    result_backend: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field("redis://127.0.0.1:6379/1", description="fleet state and cache")
+    namespace: str = Field(
+        "corral",
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="prefix of every queue name and Redis key; lets stacks share a broker",
+    )
+
+    # The fleet.
+    instances: list[InstanceConfig] = Field(default_factory=list)
+    strategy: Strategy = "least_connections"
+
+    # Jobs.
+    max_attempts: int = Field(3, ge=1, description="tries on distinct instances before dead-letter")
+    retry_backoff: float = Field(0.5, ge=0, description="first retry waits up to this, doubling")
+    retry_backoff_max: float = Field(10.0, ge=0)
+    connect_timeout: float = Field(3.0, gt=0)
+    request_timeout: float = Field(300.0, gt=0, description="longest silence from Ollama, seconds")
+    result_expires: int = Field(6 * 3600, ge=60)
+    default_tier: Tier = "normal"
+    down_cooldown: float = Field(
+        5.0, ge=0, description="seconds an open circuit breaker stays open"
+    )
+    breaker_threshold: int = Field(3, ge=1, description="failures in a row that open the breaker")
+    tier_delay_seconds: dict[Tier, float] = Field(
+        default_factory=lambda: {"interactive": 0.0, "normal": 60.0, "batch": 600.0},
+        description="head start of more urgent tiers; a job waiting longer is served as urgent",
+    )
+    priority_step_seconds: float = Field(1.0, ge=0, description="head start per priority step")
+
+    # Response cache.
+    cache_enabled: bool = True
+    cache_ttl: int = Field(24 * 3600, ge=1)
+
+    # Processes.
+    router_concurrency: int = Field(32, ge=1, description="router threads per tier")
+    heartbeat_interval: float = Field(2.0, gt=0)
+    grant_lease: float = Field(60.0, gt=0, description="a granted slot is reclaimed if unused")
+
+    # Metrics
+    metrics_enabled: bool = Field(True, description="workers record job metrics in Redis")
+    metrics_host: str = Field("127.0.0.1", description="address `corral metrics` listens on")
+    metrics_port: int = Field(9808, ge=1, le=65535, description="port of `corral metrics`")
+
+    # Gateway
+    database_url: str = Field(
+        "sqlite:///.corral/corral.db",
+        description="API keys (Alembic-managed); e.g. postgresql+psycopg://user@host/db",
+    )
+    gateway_auth: bool = Field(True, description="require an API key (Authorization: Bearer)")
+    gateway_max_body_bytes: int = Field(32 * 2**20, ge=1024, description="larger bodies get 413")
+    gateway_job_timeout: float = Field(
+        3600.0, gt=0, description="longest a request waits for its job before a 504, seconds"
+    )
+    gateway_threads: int = Field(
+        64, ge=4, description="gateway threads for publishing, revoking and database calls"
+    )
+    gateway_key_cache_ttl: float = Field(
+        5.0, ge=0, description="seconds a key lookup is reused: a revoked key works this long"
+    )
+    gateway_redis_connections: int = Field(
+        1000, ge=10, description="Redis connections per gateway; each stream holds one"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file())
+        return init_settings, env_settings, toml
+
+    def instance(self, name: str) -> InstanceConfig:
+        for inst in self.instances:
+            if inst.name == name:
+                return inst
+        known = ", ".join(i.name for i in self.instances) or "none"
+        raise KeyError(f"no instance named {name!r} in the fleet (configured: {known})")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,85 @@
+"""Counters that let tests prove a router never oversubscribes a server.
+
+``in_flight`` counts inference requests anywhere inside the server (scheduler queue, load,
+slot queue, generation); ``active`` counts those holding a slot.  A router that respects
+``num_parallel`` keeps ``peak_in_flight`` at or below the slot count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class ModelStats:
+    requests: int = 0
+    errors: int = 0
+    in_flight: int = 0
+    active: int = 0
+    peak_active: int = 0
+    loads: int = 0
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.active = 0
+        self.peak_active = 0
+        self.requests_total = 0
+        self.errors_total = 0
+        self.rejected_total = 0
+        self.cancelled_total = 0
+        self.loads_total = 0
+        self.evictions_total = 0
+        self.models: dict[str, ModelStats] = {}
+
+    def model(self, name: str) -> ModelStats:
+        stats = self.models.get(name)
+        if stats is None:
+            stats = self.models[name] = ModelStats()
+        return stats
+
+    def enter(self) -> None:
+        self.requests_total += 1
+        self.in_flight += 1
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    def slot_taken(self, model: ModelStats) -> None:
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+        model.active += 1
+        model.peak_active = max(model.peak_active, model.active)
+
+    def slot_freed(self, model: ModelStats) -> None:
+        self.active -= 1
+        model.active -= 1
+
+    def reset(self) -> None:
+        """Zero the counters; peaks restart from what is running now (0 when idle)."""
+        self.peak_in_flight = self.in_flight
+        self.peak_active = self.active
+        self.requests_total = self.errors_total = self.rejected_total = 0
+        self.cancelled_total = self.loads_total = self.evictions_total = 0
+        for model in self.models.values():
+            model.requests = model.errors = model.loads = 0
+            model.peak_active = model.active
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
+            "active": self.active,
+            "peak_active": self.peak_active,
+            "requests_total": self.requests_total,
+            "errors_total": self.errors_total,
+            "rejected_total": self.rejected_total,
+            "cancelled_total": self.cancelled_total,
+            "loads_total": self.loads_total,
+            "evictions_total": self.evictions_total,
+            "models": {name: asdict(m) for name, m in sorted(self.models.items())},
+        }

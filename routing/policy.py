@@ -1,0 +1,131 @@
+"""The strategies. Each orders the eligible instances, best first.
+
+Eligibility is shared: the instance serves the model, is enabled, is up (not in its
+down-cooldown), and was not already tried by this job. If that leaves nothing, instances the
+job already tried are allowed again (a one-instance fleet must still retry), and if that
+leaves nothing either the job waits: an empty ranking means "no instance can take it now".
+"""
+
+from __future__ import annotations
+
+import random as _random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from routing.snapshot import FleetSnapshot, InstanceStats
+
+#: A cold load is estimated at this many ms when the instance never reported one.
+DEFAULT_LOAD_MS = 5_000.0
+#: Service time assumed for an instance that has not served the model yet.
+UNKNOWN_SERVICE_MS = 1_000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    instance: str
+    score: dict[str, float] = field(default_factory=dict)
+
+
+Ranker = Callable[[list[InstanceStats], str, int], list[Choice]]
+
+
+def eligible(
+    snapshot: FleetSnapshot, model: str, exclude: Sequence[str] = ()
+) -> list[InstanceStats]:
+    up = [i for i in snapshot.serving(model) if i.up(snapshot.now)]
+    fresh = [i for i in up if i.name not in exclude]
+    return fresh or up
+
+
+def _rotate(instances: list[InstanceStats], tick: int) -> list[InstanceStats]:
+    """Start the scan at a rotating offset, so ties do not always favour the first name."""
+    if not instances:
+        return instances
+    k = tick % len(instances)
+    return instances[k:] + instances[:k]
+
+
+def least_connections(instances: list[InstanceStats], model: str, tick: int) -> list[Choice]:
+    ordered = sorted(_rotate(instances, tick), key=lambda i: i.in_flight / i.capacity)
+    return [Choice(i.name, {"load": i.in_flight / i.capacity}) for i in ordered]
+
+
+def round_robin(instances: list[InstanceStats], model: str, tick: int) -> list[Choice]:
+    return [Choice(i.name) for i in _rotate(sorted(instances, key=lambda i: i.name), tick)]
+
+
+def weighted(instances: list[InstanceStats], model: str, tick: int) -> list[Choice]:
+    """Free capacity scaled by weight: a weight-2 instance takes twice the share."""
+    ordered = sorted(
+        _rotate(instances, tick), key=lambda i: (i.in_flight + 1) / (i.capacity * i.weight)
+    )
+    return [
+        Choice(i.name, {"weighted_load": (i.in_flight + 1) / (i.capacity * i.weight)})
+        for i in ordered
+    ]
+
+
+def response_time(instances: list[InstanceStats], model: str, tick: int) -> list[Choice]:
+    ordered = sorted(
+        _rotate(instances, tick), key=lambda i: i.service_ms(model) or UNKNOWN_SERVICE_MS
+    )
+    return [Choice(i.name, {"ewma_ms": i.service_ms(model)}) for i in ordered]
+
+
+def random(instances: list[InstanceStats], model: str, tick: int) -> list[Choice]:
+    shuffled = list(instances)
+    _random.Random(tick).shuffle(shuffled)
+    return [Choice(i.name) for i in shuffled]
+
+
+def smart(instances: list[InstanceStats], model: str, tick: int) -> list[Choice]:
+    """Estimated time for this job to finish on each instance, lowest first.
+
+    The estimate is the instance's service time for this model (EWMA), plus a cold-load
+    estimate when the model is not loaded there, scaled up by recent errors and host pressure
+    and down by weight. Instances without a free slot go last: the router only ever starts a
+    job on a free slot, so a busy fast box is worth less than a free slower one right now.
+    """
+    choices = []
+    for inst in _rotate(instances, tick):
+        service = inst.service_ms(model) or UNKNOWN_SERVICE_MS
+        cold = 0.0 if model in inst.loaded else inst.load_ms.get(model, DEFAULT_LOAD_MS)
+        penalty = (1 + 0.5 * inst.recent_errors) * (1 + inst.host_pressure)
+        cost = (service + cold) * penalty / inst.weight
+        busy = 0.0 if inst.free else 1.0
+        choices.append(
+            Choice(
+                inst.name,
+                {
+                    "cost_ms": round(cost, 3),
+                    "service_ms": round(service, 3),
+                    "cold_ms": cold,
+                    "penalty": round(penalty, 3),
+                    "busy": busy,
+                },
+            )
+        )
+    choices.sort(key=lambda c: (c.score["busy"], c.score["cost_ms"]))
+    return choices
+
+
+STRATEGIES: dict[str, Ranker] = {
+    "least_connections": least_connections,
+    "round_robin": round_robin,
+    "weighted": weighted,
+    "response_time": response_time,
+    "random": random,
+    "smart": smart,
+}
+
+
+def rank(
+    snapshot: FleetSnapshot,
+    model: str,
+    *,
+    strategy: str = "least_connections",
+    exclude: Sequence[str] = (),
+    tick: int = 0,
+) -> list[Choice]:
+    """Instances that may run a job for ``model``, best first; empty means wait."""
+    return STRATEGIES[strategy](eligible(snapshot, model, exclude), model, tick)

@@ -1,0 +1,52 @@
+"""What the router knows about the fleet at one instant."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStats:
+    name: str
+    capacity: int
+    in_flight: int = 0
+    models: frozenset[str] = frozenset()
+    loaded: frozenset[str] = frozenset()
+    enabled: bool = True
+    healthy: bool = True
+    down_until: float = 0.0
+    weight: float = 1.0
+    ewma_ms: float = 0.0
+    model_ewma_ms: dict[str, float] = field(default_factory=dict)
+    load_ms: dict[str, float] = field(default_factory=dict)
+    recent_errors: int = 0
+    host_pressure: float = 0.0
+    #: When the instance's worker stops heartbeating, it counts as down from this time.
+    expires_at: float = math.inf
+    #: Circuit breaker: "closed", "open" (no jobs until down_until), "half_open" (one probe).
+    breaker: str = "closed"
+
+    @property
+    def free(self) -> int:
+        return max(self.capacity - self.in_flight, 0)
+
+    def up(self, now: float) -> bool:
+        return self.healthy and self.down_until <= now < self.expires_at
+
+    def service_ms(self, model: str) -> float:
+        return self.model_ewma_ms.get(model) or self.ewma_ms
+
+
+@dataclass(frozen=True, slots=True)
+class FleetSnapshot:
+    instances: tuple[InstanceStats, ...]
+    now: float
+    #: Strategy overrides set live: per model name, and "*" for every model.
+    strategies: dict[str, str] = field(default_factory=dict)
+
+    def strategy_for(self, model: str, default: str) -> str:
+        return self.strategies.get(model) or self.strategies.get("*") or default
+
+    def serving(self, model: str) -> list[InstanceStats]:
+        return [i for i in self.instances if model in i.models and i.enabled]

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up everything and run the test suite (the same command CI runs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+bash scripts/real-backend.sh   # a real model server for tests/real_backend
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,133 @@
+"""Shared fixtures. Settings come from the environment, so it is set before anything imports
+them: every test session gets a namespace of its own (its own queues and Redis keys)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.harness import LocalFleet, free_port, instances_env
+
+NAMESPACE = f"ct{os.getpid()}"
+SIM_MODELS = [
+    {
+        "name": "llama3.2:3b",
+        "kind": "chat",
+        "tokens_per_second": 400.0,
+        "default_num_predict": 8,
+        "load_seconds": 0.2,
+    },
+    {"name": "nomic-embed-text", "kind": "embed", "load_seconds": 0.1},
+]
+SIMS = [
+    {
+        "name": name,
+        "port": free_port(),
+        "num_parallel": 2,
+        "preloaded": ["llama3.2:3b", "nomic-embed-text"],
+        "models": SIM_MODELS,
+    }
+    for name in ("sim-a", "sim-b", "sim-c")
+]
+
+os.environ.update(
+    {
+        "CORRAL_NAMESPACE": NAMESPACE,
+        "CORRAL_CONFIG": "/nonexistent/corral.toml",
+        "CORRAL_INSTANCES": instances_env(SIMS),
+        "CORRAL_HEARTBEAT_INTERVAL": "0.5",
+        "CORRAL_RETRY_BACKOFF": "0.1",
+        "CORRAL_RETRY_BACKOFF_MAX": "0.5",
+        "CORRAL_DOWN_COOLDOWN": "3",
+        "CORRAL_REQUEST_TIMEOUT": "10",
+        "CORRAL_GRANT_LEASE": "20",
+        "CORRAL_ROUTER_CONCURRENCY": "16",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart shared services run last, so nothing else runs in their wake."""
+    items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
+
+
+@pytest.fixture(scope="session")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    """Three simulated instances of parallelism 2, their workers, and the three routers."""
+    from app.services import ensure_services
+
+    problems = ensure_services()
+    assert not problems, problems
+    workdir: Path = tmp_path_factory.mktemp("fleet")
+    stack = LocalFleet(workdir, dict(os.environ), SIMS)
+    try:
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        stack.purge()
+
+
+@pytest.fixture
+def healthy_fleet(fleet: LocalFleet) -> Iterator[LocalFleet]:
+    """The shared fleet with every fault cleared and counters reset, before and after."""
+    fleet.clear_faults()
+    fleet.reset_sims()
+    _close_breakers(fleet)
+    _expect_no_slots_held(fleet)
+    yield fleet
+    fleet.clear_faults()
+
+
+def _expect_no_slots_held(fleet: LocalFleet, timeout: float = 20.0) -> None:
+    """An earlier test's jobs may still be finishing; a slot held past that is a leak, and
+    would make this test wait for a slot that never comes, so say so here instead."""
+    from app.fleet_state import fleet_state
+
+    state = fleet_state()
+
+    def held() -> dict[str, int]:
+        rows = {n: state.redis.hget(f"{state.ns}:inst:{n}", "in_flight") for n in fleet.sim_urls}
+        return {n: int(v) for n, v in rows.items() if v and int(v) != 0}
+
+    deadline = time.monotonic() + timeout
+    while held() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if held():
+        grants = state.redis.hgetall(f"{state.ns}:grants")
+        pytest.fail(f"slots still held after {timeout:.0f} s: {held()}; grants: {grants}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator:
+    """A failing test that used the fleet shows the end of each fleet process's log."""
+    report = yield
+    fleet = getattr(item, "funcargs", {}).get("fleet") or getattr(item, "funcargs", {}).get(
+        "healthy_fleet"
+    )
+    if report.failed and isinstance(fleet, LocalFleet):
+        for log in sorted(fleet.workdir.glob("*.log")):
+            tail = log.read_text(errors="replace").splitlines()[-40:]
+            report.sections.append((f"fleet log {log.name} (last 40 lines)", "\n".join(tail)))
+    return report
+
+
+def _close_breakers(fleet: LocalFleet) -> None:
+    """Forget earlier tests' failures: every breaker closed, no error counts."""
+    from app.fleet_state import fleet_state
+
+    state = fleet_state()
+    for name in fleet.sim_urls:
+        state.redis.hset(
+            f"{state.ns}:inst:{name}",
+            mapping={
+                "breaker": "closed",
+                "consecutive": 0,
+                "errors": 0,
+                "down_until": 0,
+            },
+        )

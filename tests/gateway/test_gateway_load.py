@@ -1,0 +1,107 @@
+"""Many waiting requests at once, and clients that leave while their job waits."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+import pytest
+
+from app.harness import LocalFleet, wait_until
+from tasks import infer
+from tests.gateway.conftest import Gateway
+
+MODEL = "llama3.2:3b"
+
+
+def test_120_concurrent_waiting_requests_and_a_free_event_loop(
+    gateway: Gateway, healthy_fleet: LocalFleet
+) -> None:
+    # Slower instances: 6 slots, ~0.2 s a job, so 120 jobs keep requests waiting ~4 s.
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=10.0)
+
+    done, waiting = [0], []
+
+    async def run() -> tuple[list[httpx.Response], list[float]]:
+        limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+        async with httpx.AsyncClient(
+            base_url=gateway.url, headers=gateway.auth(), timeout=60, limits=limits
+        ) as client:
+
+            async def generate(i: int) -> httpx.Response:
+                body = {"model": MODEL, "prompt": f"load {i}", "stream": False}
+                reply = await client.post("/api/generate", json=body)
+                done[0] += 1
+                return reply
+
+            async def chat(i: int) -> httpx.Response:
+                body = {"model": MODEL, "messages": [{"role": "user", "content": f"c{i}"}]}
+                async with client.stream("POST", "/api/chat", json=body) as reply:
+                    await reply.aread()
+                done[0] += 1
+                return reply
+
+            async def probe() -> list[float]:
+                # Once the burst is in, every request waits on its job: the event loop must
+                # stay free, so the health check answers at once.
+                await asyncio.sleep(1.0)
+                delays = []
+                for _ in range(10):
+                    started = time.monotonic()
+                    assert (await client.get("/")).status_code == 200
+                    delays.append(time.monotonic() - started)
+                    waiting.append(120 - done[0])
+                    await asyncio.sleep(0.2)
+                return delays
+
+            waits = [generate(i) for i in range(80)] + [chat(i) for i in range(40)]
+            *replies, delays = await asyncio.gather(*waits, probe())
+            return replies, delays
+
+    replies, delays = asyncio.run(run())
+    failed = [r.text for r in replies if r.status_code != 200]
+    assert not failed, failed[:3]
+    assert all(b'"done":true' in r.content for r in replies)
+    assert waiting[0] >= 100, waiting  # the probes ran while 100+ requests waited
+    assert max(delays) < 0.25, delays
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_a_queued_job_revokes_it(
+    gateway: Gateway, healthy_fleet: LocalFleet, stream: bool
+) -> None:
+    """Slots full, router threads full: the job is a message in RabbitMQ when its client
+    leaves, so the gateway revokes it and it never runs."""
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=40.0)
+    headers = gateway.auth()
+    with httpx.Client(base_url=gateway.url, headers=headers, timeout=30) as http:
+        body = {"model": MODEL, "prompt": "slow", "tier": "batch"}
+        # 6 running, 16 held by the batch router's threads, 30 queued: ~4 s of backlog.
+        blockers = [http.post("/jobs", json=body).json()["id"] for _ in range(6 + 16 + 30)]
+        before = len(gateway.log_text())
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                gateway.url + "/api/generate",
+                json={"model": MODEL, "prompt": "leaving", "stream": stream},
+                headers=headers | {"X-Corral-Tier": "batch"},
+                timeout=httpx.Timeout(30, read=1.0),
+            )
+        left = wait_until(
+            lambda: re.findall(r"client left while job (\S+) waited", gateway.log_text(before)),
+            10,
+            "the gateway to notice the client left",
+        )[0]
+        wait_until(lambda: f"job {left}: revoked" in gateway.log_text(), 10, "the revoke")
+        for name in healthy_fleet.sim_urls:
+            healthy_fleet.faults(name, slow_factor=1.0)
+        for job in blockers:
+            wait_until(
+                lambda j=job: http.get(f"/jobs/{j}").json()["state"] == "succeeded",
+                60,
+                "the backlog to drain",
+            )
+    assert infer.AsyncResult(left).state in ("REVOKED", "PENDING")  # never SUCCESS: never ran

@@ -1,0 +1,109 @@
+"""Flower, started for real with Corral's config, watching real jobs of the shared fleet."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import requests
+
+from app.errors import RetriesExhausted
+from app.harness import LocalFleet, wait_until
+from app.queues import instance_queue, route_queue
+from tasks import infer
+
+pytestmark = pytest.mark.fleet
+
+CHAT = "llama3.2:3b"
+LONG_PROMPT = "Tell me everything about the sky. " * 40
+
+
+def task_info(flower: Any, job_id: str) -> dict[str, Any] | None:
+    response = flower.api(f"/api/task/info/{job_id}")
+    return response.json() if response.ok else None
+
+
+def finished(flower: Any, job_id: str, state: str) -> dict[str, Any] | None:
+    info = task_info(flower, job_id)
+    return info if info and info.get("state") == state else None
+
+
+@pytest.fixture(scope="module")
+def watching(flower: Any, fleet: LocalFleet) -> Any:
+    """Flower once its event consumer is live: it has seen a job that ran after it started.
+
+    Its HTTP server answers before its event consumer is connected, and events sent before
+    that are gone, so a job is submitted until one shows up (bounded).
+    """
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        job = infer.delay(model=CHAT, prompt="warm up")
+        job.get(timeout=30)
+        seen = time.time() + 3
+        while time.time() < seen:
+            if task_info(flower, job.id):
+                return flower
+            time.sleep(0.2)
+    raise TimeoutError("Flower showed none of the jobs run in 60 s")
+
+
+def test_api_refuses_requests_without_the_right_credentials(flower: Any) -> None:
+    for path in ("/api/tasks", "/api/workers", "/api/queues/length", "/api/task/info/x"):
+        assert requests.get(flower.url + path, timeout=10).status_code == 401, path
+        wrong = requests.get(flower.url + path, auth=("ops", "wrong"), timeout=10)
+        assert wrong.status_code == 401, path
+    assert flower.api("/api/tasks", limit=1).status_code == 200
+
+
+def test_metrics_and_healthcheck_are_open_as_documented(flower: Any) -> None:
+    # Flower exempts these from auth; the README says to keep Flower on a private network.
+    assert requests.get(flower.url + "/healthcheck", timeout=10).status_code == 200
+    assert requests.get(flower.url + "/metrics", timeout=10).status_code == 200
+
+
+def test_jobs_appear_with_their_states_and_shortened_kwargs(
+    watching: Any, healthy_fleet: LocalFleet
+) -> None:
+    ok = infer.delay(model=CHAT, prompt=LONG_PROMPT, agent="flower-test")
+    result = ok.get(timeout=30)
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, error_rate=1.0)
+    failed = infer.delay(model=CHAT, prompt="fails everywhere")
+    with pytest.raises(RetriesExhausted):
+        failed.get(timeout=60)
+
+    info = wait_until(lambda: finished(watching, ok.id, "SUCCESS"), 15, "the job's success")
+    assert info["name"] == "corral.infer"
+    # The instance worker ran it and reported it; the router stage sends no events.
+    assert info["worker"].split("@")[0].endswith(result.routing.instance)
+    kwargs = info["kwargs"]
+    assert "flower-test" in kwargs and CHAT in kwargs
+    assert LONG_PROMPT not in kwargs and "..." in kwargs and len(kwargs) < len(LONG_PROMPT)
+    assert "_route" not in kwargs
+
+    bad = wait_until(lambda: finished(watching, failed.id, "FAILURE"), 15, "the job's failure")
+    assert "RetriesExhausted" in bad["exception"]
+
+    listed = watching.api("/api/tasks", taskname="corral.infer", limit=5000).json()
+    assert listed[ok.id]["state"] == "SUCCESS"
+    assert listed[failed.id]["state"] == "FAILURE"
+    assert watching.api("/api/tasks", state="FAILURE", limit=5000).json().get(failed.id)
+
+
+def test_queues_are_visible_through_the_broker_api(flower: Any, healthy_fleet: LocalFleet) -> None:
+    # Flower lists the queues its workers consume (from inspect): refresh that first.
+    assert flower.api("/api/workers", refresh=1).status_code == 200
+    ours = {instance_queue(n) for n in healthy_fleet.sim_urls} | {
+        route_queue(CHAT, t) for t in ("interactive", "normal", "batch")
+    }
+
+    def lengths() -> dict[str, int | None] | None:
+        response = flower.api("/api/queues/length")
+        if not response.ok:
+            return None
+        # A new queue has no message counts until RabbitMQ's next stats sample (5 s).
+        queues = {q["name"]: q.get("messages") for q in response.json()["active_queues"]}
+        return queues if all(isinstance(queues.get(q), int) for q in ours) else None
+
+    wait_until(lengths, 30, "Flower to list the fleet's queues with lengths", every=1.0)

@@ -1,0 +1,175 @@
+"""The simulated scheduler: slot queue, bounded load queue, loads, eviction, keep-alive."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import ollama
+import pytest
+
+from app.simulator import SimModel
+
+BUSY = "server busy, please try again.  maximum pending requests exceeded"
+
+
+def test_slots_queue_without_limit_and_peaks_reset(start_sim, concurrently):
+    sim = start_sim(
+        num_parallel=2,
+        models=[SimModel(name="slow", tokens_per_second=50)],
+        preloaded=["slow"],
+    )
+    client = sim.client()
+
+    def ask():
+        return client.generate(model="slow", prompt="hi", options={"num_predict": 8})
+
+    replies = concurrently([ask] * 6)
+    assert all(isinstance(r, ollama.GenerateResponse) and r.done for r in replies)
+    stats = sim.stats()
+    assert (stats["peak_active"], stats["peak_in_flight"]) == (2, 6)
+    assert stats["models"]["slow:latest"]["peak_active"] == 2
+    assert (stats["requests_total"], stats["errors_total"], stats["in_flight"]) == (6, 0, 0)
+    # Waiting for a slot shows in total_duration, not in load_duration.
+    slowest = max(replies, key=lambda r: r.total_duration)
+    assert slowest.total_duration > 2 * slowest.eval_duration
+    assert slowest.load_duration < slowest.eval_duration
+
+    reset = sim.post("/sim/reset").json()
+    assert (reset["peak_active"], reset["peak_in_flight"], reset["requests_total"]) == (0, 0, 0)
+
+
+def test_full_scheduler_queue_answers_503(start_sim, concurrently):
+    sim = start_sim(max_queue=1, models=[SimModel(name="cold", load_seconds=0.5)])
+    client = sim.client()
+
+    def ask():
+        return client.generate(model="cold", prompt="hi", options={"num_predict": 1})
+
+    outcomes = concurrently([ask] * 5)
+    rejected = [o for o in outcomes if isinstance(o, ollama.ResponseError)]
+    # One request is being loaded for, one waits in the queue, the rest are turned away.
+    assert len(rejected) == 3
+    assert {(e.status_code, e.error) for e in rejected} == {(503, BUSY)}
+    stats = sim.stats()
+    assert (stats["rejected_total"], stats["loads_total"]) == (3, 1)
+
+
+def test_cold_load_then_listed_in_ps(start_sim):
+    sim = start_sim(models=[SimModel(name="cold", load_seconds=0.3)])
+    assert sim.loaded() == []
+    reply = sim.client().generate(model="cold", prompt="hi", options={"num_predict": 1})
+    assert reply.load_duration >= 290_000_000  # timers may fire a little early
+    assert sim.loaded() == ["cold:latest"]
+    assert sim.stats()["loads_total"] == 1
+    sim.client().generate(model="cold:latest", prompt="again", options={"num_predict": 1})
+    assert sim.stats()["loads_total"] == 1
+
+
+def test_fourth_model_evicts_an_idle_one(start_sim):
+    names = ["m1", "m2", "m3", "m4"]
+    sim = start_sim(
+        max_loaded_models=3, models=[SimModel(name=n, load_seconds=0.01) for n in names]
+    )
+    client = sim.client()
+    for name in names:
+        client.generate(model=name, prompt="hi", options={"num_predict": 1})
+    # All have the same keep-alive, so the first by name goes, as in Ollama.
+    assert sorted(sim.loaded()) == ["m2:latest", "m3:latest", "m4:latest"]
+    stats = sim.stats()
+    assert (stats["loads_total"], stats["evictions_total"]) == (4, 1)
+
+
+def test_eviction_waits_for_a_busy_model(start_sim, concurrently):
+    sim = start_sim(
+        max_loaded_models=1,
+        models=[
+            SimModel(name="busy", load_seconds=0, tokens_per_second=20),
+            SimModel(name="next", load_seconds=0),
+        ],
+        preloaded=["busy"],
+    )
+    client = sim.client()
+    started = time.monotonic()
+    long, short = concurrently(
+        [
+            lambda: client.generate(model="busy", prompt="x", options={"num_predict": 6}),
+            lambda: (
+                time.sleep(0.05),
+                client.generate(model="next", prompt="x", options={"num_predict": 1}),
+            )[1],
+        ]
+    )
+    assert long.done and short.done
+    assert time.monotonic() - started >= 0.25  # "next" had to wait for "busy" to finish
+    assert sim.loaded() == ["next:latest"]
+
+
+def test_keep_alive_expiry_and_override(start_sim):
+    sim = start_sim(models=[SimModel(name="brief", load_seconds=0)])
+    client = sim.client()
+    client.generate(model="brief", prompt="x", keep_alive="300ms", options={"num_predict": 1})
+    assert sim.loaded() == ["brief:latest"]
+    sim.wait_for(lambda: sim.loaded() == [], timeout=3)
+
+    client.generate(model="brief", prompt="x", keep_alive=-1, options={"num_predict": 1})
+    assert client.ps().models[0].expires_at.year > 2300
+    client.generate(model="brief", prompt="x", keep_alive=0, options={"num_predict": 1})
+    assert sim.loaded() == []
+
+
+def test_changing_num_ctx_reloads(start_sim):
+    sim = start_sim(models=[SimModel(name="ctx", load_seconds=0.01)])
+    client = sim.client()
+    client.generate(model="ctx", prompt="x", options={"num_predict": 1})
+    client.generate(model="ctx", prompt="x", options={"num_predict": 1, "num_ctx": 8192})
+    assert sim.stats()["loads_total"] == 2
+    assert client.ps().models[0].context_length == 8192
+
+
+def test_embedding_models_have_one_slot(start_sim, concurrently):
+    sim = start_sim(
+        num_parallel=4,
+        models=[
+            SimModel(name="embedder", kind="embed", load_seconds=0, prompt_tokens_per_second=200)
+        ],
+        preloaded=["embedder"],
+    )
+    client = sim.client()
+    texts = ["one two three four five six seven"] * 3
+    replies = concurrently([lambda: client.embed(model="embedder", input=texts)] * 3)
+    assert all(len(r.embeddings) == 3 for r in replies)
+    stats = sim.stats()
+    assert (stats["peak_active"], stats["peak_in_flight"]) == (1, 3)
+
+
+def test_client_leaving_aborts_its_load(start_sim):
+    sim = start_sim(models=[SimModel(name="cold", load_seconds=1.0)])
+    with pytest.raises(httpx.ReadTimeout):
+        sim.client(timeout=0.2).generate(model="cold", prompt="x")
+    sim.wait_for(lambda: sim.stats()["in_flight"] == 0 and sim.stats()["loading"] is None)
+    stats = sim.stats()
+    assert (stats["loads_total"], stats["cancelled_total"]) == (0, 1)
+    assert sim.loaded() == []
+
+
+def test_busy_slots_and_slow_factor_stretch_generation(start_sim, concurrently):
+    sim = start_sim(
+        num_parallel=2,
+        parallel_slowdown=1.0,  # two busy slots halve each one's speed
+        models=[SimModel(name="m", load_seconds=0, tokens_per_second=200)],
+        preloaded=["m"],
+    )
+    client = sim.client()
+
+    def eval_seconds(num_predict):
+        reply = client.generate(model="m", prompt="x", options={"num_predict": num_predict})
+        return reply.eval_duration / 1e9
+
+    alone = eval_seconds(30)
+    assert alone == pytest.approx(0.15, rel=0.3)
+    # The two requests start a few ms apart, so compare their mean with a margin.
+    pair = concurrently([lambda: eval_seconds(30)] * 2)
+    assert sum(pair) / 2 > 1.5 * alone
+    sim.post("/sim/faults", json={"slow_factor": 3})
+    assert eval_seconds(10) > 2.5 * alone / 3

@@ -1,0 +1,54 @@
+"""Things break while jobs are queued and running; every job still gets exactly one result.
+
+These restart shared services of the machine (RabbitMQ), so they run last and only when asked
+for (`pytest -m chaos`). Known problem: run on its own the broker restart test passes (about a
+minute); run after the rest of the suite, some router and worker consumers notice the dead
+connection only tens of seconds late and a few jobs take longer than the test waits. That is
+what issue 6's chaos suite has to settle before this runs in CI.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from app.harness import LocalFleet, wait_until
+from app.services import _reachable
+from app.settings import get_settings
+from tasks import infer
+
+pytestmark = [pytest.mark.fleet, pytest.mark.chaos]
+
+CHAT = "llama3.2:3b"
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl")
+def test_broker_restart_with_jobs_queued_and_running_loses_nothing(
+    healthy_fleet: LocalFleet,
+) -> None:
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=20.0)  # ~0.4 s a job: a backlog of seconds
+    jobs = [
+        infer.delay(model=CHAT, prompt=f"chaos {i}", tier=("batch", "interactive")[i % 2])
+        for i in range(40)
+    ]
+    wait_until(lambda: healthy_fleet.sim_stats("sim-a")["in_flight"] > 0, 20, "jobs running")
+    _rabbitmqctl("stop_app")
+    time.sleep(3)
+    _rabbitmqctl("start_app")
+    wait_until(lambda: _reachable(get_settings().broker_url, 5672), 60, "RabbitMQ back")
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=1.0)
+    results = [j.get(timeout=180) for j in jobs]
+    assert [r.id for r in results] == [j.id for j in jobs]
+    assert all(r.text for r in results)
+    for name in healthy_fleet.sim_urls:
+        assert healthy_fleet.sim_stats(name)["peak_in_flight"] <= 2, name
+    wait_until(healthy_fleet.ready, 60, "workers and routers reconnected")

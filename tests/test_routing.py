@@ -1,0 +1,107 @@
+"""The routing policy, as pure functions: no broker, no Redis."""
+
+from __future__ import annotations
+
+from routing import STRATEGIES, FleetSnapshot, InstanceStats, rank
+
+M = "llama3.2:3b"
+
+
+def inst(name: str, **kw) -> InstanceStats:
+    base = {"capacity": 2, "models": frozenset({M}), "loaded": frozenset({M})}
+    return InstanceStats(name=name, **{**base, **kw})
+
+
+def snap(*instances: InstanceStats, now: float = 100.0) -> FleetSnapshot:
+    return FleetSnapshot(tuple(instances), now)
+
+
+def names(choices) -> list[str]:
+    return [c.instance for c in choices]
+
+
+def test_only_instances_serving_the_model_that_are_up_and_enabled() -> None:
+    s = snap(
+        inst("a"),
+        inst("b", models=frozenset({"other:latest"})),
+        inst("c", enabled=False),
+        inst("d", healthy=False),
+        inst("e", down_until=150.0),
+        inst("f", expires_at=99.0),
+    )
+    for strategy in STRATEGIES:
+        assert names(rank(s, M, strategy=strategy)) == ["a"], strategy
+
+
+def test_excluded_instances_are_used_only_when_nothing_else_is_left() -> None:
+    s = snap(inst("a"), inst("b"))
+    assert names(rank(s, M, exclude=["a"])) == ["b"]
+    assert names(rank(s, M, exclude=["a", "b"])) in (["a", "b"], ["b", "a"])
+
+
+def test_no_eligible_instance_means_wait() -> None:
+    assert rank(snap(inst("a", healthy=False)), M) == []
+    assert rank(snap(inst("a")), "unknown:latest") == []
+
+
+def test_least_connections_prefers_free_slots_and_rotates_ties() -> None:
+    s = snap(inst("a", in_flight=2), inst("b", in_flight=1), inst("c", in_flight=1))
+    firsts = {names(rank(s, M, tick=t))[0] for t in range(6)}
+    assert firsts == {"b", "c"}
+    assert names(rank(s, M, tick=0))[-1] == "a"
+
+
+def test_least_connections_uses_the_fraction_of_capacity_in_use() -> None:
+    s = snap(inst("small", capacity=1, in_flight=1), inst("big", capacity=8, in_flight=3))
+    assert names(rank(s, M))[0] == "big"
+
+
+def test_round_robin_cycles_through_every_instance() -> None:
+    s = snap(inst("a"), inst("b"), inst("c"))
+    assert [names(rank(s, M, strategy="round_robin", tick=t))[0] for t in range(3)] == [
+        "a",
+        "b",
+        "c",
+    ]
+
+
+def test_weighted_gives_heavier_instances_more() -> None:
+    s = snap(inst("light", weight=1.0, in_flight=1), inst("heavy", weight=3.0, in_flight=1))
+    assert names(rank(s, M, strategy="weighted"))[0] == "heavy"
+
+
+def test_response_time_prefers_the_faster_instance_for_this_model() -> None:
+    s = snap(inst("slow", model_ewma_ms={M: 900.0}), inst("fast", model_ewma_ms={M: 100.0}))
+    assert names(rank(s, M, strategy="response_time")) == ["fast", "slow"]
+
+
+def test_smart_avoids_a_cold_load_and_records_its_reasons() -> None:
+    s = snap(inst("cold", loaded=frozenset(), ewma_ms=100.0), inst("hot", ewma_ms=150.0))
+    choices = rank(s, M, strategy="smart")
+    assert names(choices) == ["hot", "cold"]
+    assert choices[1].score["cold_ms"] > 0 and choices[0].score["cold_ms"] == 0
+
+
+def test_smart_prefers_a_free_slow_box_to_a_busy_fast_one() -> None:
+    s = snap(inst("fast", ewma_ms=100.0, in_flight=2), inst("slow", ewma_ms=400.0))
+    assert names(rank(s, M, strategy="smart")) == ["slow", "fast"]
+
+
+def test_smart_penalises_recent_errors() -> None:
+    s = snap(inst("flaky", ewma_ms=100.0, recent_errors=4), inst("steady", ewma_ms=150.0))
+    assert names(rank(s, M, strategy="smart"))[0] == "steady"
+
+
+def test_waiters_are_ordered_by_tier_then_priority_then_arrival_and_batch_ages() -> None:
+    from app.router import waiter_score
+    from app.schemas import InferRequest, RouteState
+
+    def score(tier: str, priority: int = 5, waited: float = 0.0) -> float:
+        req = InferRequest(model="m", prompt="x", tier=tier, priority=priority)
+        return waiter_score(req, RouteState(submitted_at=10_000.0 - waited))
+
+    assert score("interactive") < score("normal") < score("batch")
+    assert score("batch", priority=9) < score("batch", priority=0)
+    assert score("batch", waited=5) < score("batch")
+    assert score("batch", waited=100) > score("interactive")
+    assert score("batch", waited=601) < score("interactive")  # aged: it cannot starve

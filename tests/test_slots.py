@@ -1,0 +1,158 @@
+"""The slot protocol in Redis (real Redis, no broker): capacity, hand-off order, leases."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from app.fleet_state import DONE, FleetState, redis_client
+from app.settings import get_settings
+
+M = "m:latest"
+
+
+@pytest.fixture
+def fleet() -> Iterator[FleetState]:
+    state = FleetState(redis_client(get_settings().redis_url), f"slots-{uuid.uuid4().hex[:8]}")
+    for name in ("a", "b"):
+        state.register(name, url=f"http://{name}", capacity=2, weight=1.0, models=[M])
+    yield state
+    for key in state.redis.scan_iter(f"{state.ns}:*"):
+        state.redis.delete(key)
+
+
+def acquire(fleet: FleetState, job: str, score: float = 0.0, cands=("a",), exclude=()) -> str:
+    return fleet.acquire(job, M, score=score, candidates=list(cands), exclude=list(exclude))
+
+
+def in_flight(fleet: FleetState, name: str) -> int:
+    return int(fleet.redis.hget(f"{fleet.ns}:inst:{name}", "in_flight"))
+
+
+def test_never_more_grants_than_capacity(fleet: FleetState) -> None:
+    assert acquire(fleet, "j1") == "a"
+    assert acquire(fleet, "j2") == "a"
+    assert acquire(fleet, "j3") is None
+    assert in_flight(fleet, "a") == 2 and fleet.waiting(M) == 1
+
+
+def test_acquire_is_idempotent_per_job(fleet: FleetState) -> None:
+    assert acquire(fleet, "j1") == "a"
+    assert acquire(fleet, "j1", cands=("b",)) == "a"
+    assert in_flight(fleet, "a") == 1 and in_flight(fleet, "b") == 0
+
+
+def test_finishing_hands_the_slot_to_the_most_urgent_waiter(fleet: FleetState) -> None:
+    acquire(fleet, "j1")
+    acquire(fleet, "j2")
+    assert acquire(fleet, "batch", score=2e11) is None
+    assert acquire(fleet, "urgent", score=1e9) is None
+    assert fleet.finish("j1", "a", ok=True, model=M, service_ms=10) == "urgent"
+    assert fleet.wait_handoff("urgent", 1) == "a"
+    assert in_flight(fleet, "a") == 2
+    assert acquire(fleet, "urgent") == "a"  # the router's retry sees the grant it holds
+
+
+def test_hand_off_skips_waiters_that_excluded_the_instance(fleet: FleetState) -> None:
+    acquire(fleet, "j1")
+    acquire(fleet, "j2")
+    acquire(fleet, "picky", score=1.0, exclude=["a"])
+    acquire(fleet, "easy", score=2.0)
+    assert fleet.finish("j1", "a", ok=True, model=M) == "easy"
+
+
+def test_finish_is_idempotent_and_frees_the_slot(fleet: FleetState) -> None:
+    acquire(fleet, "j1")
+    assert fleet.finish("j1", "a", ok=True, model=M) is None
+    fleet.finish("j1", "a", ok=True, model=M)
+    assert in_flight(fleet, "a") == 0
+    assert acquire(fleet, "j1") == DONE
+
+
+def test_confirm_guards_against_duplicates_and_stale_grants(fleet: FleetState) -> None:
+    acquire(fleet, "j1")
+    assert fleet.confirm("j1", "b", "w1") == "nogrant"
+    assert fleet.confirm("j1", "a", "w1") == "ok"
+    assert fleet.confirm("j1", "a", "w1") == "dup"
+    assert fleet.confirm("j1", "a", "w2-after-restart") == "ok"
+    fleet.finish("j1", "a", ok=True, model=M)
+    assert fleet.confirm("j1", "a", "w2-after-restart") == "done"
+
+
+def breaker(fleet: FleetState, name: str) -> str:
+    return fleet.redis.hget(f"{fleet.ns}:inst:{name}", "breaker") or "closed"
+
+
+def test_refused_connection_opens_the_breaker_at_once(fleet: FleetState) -> None:
+    acquire(fleet, "j1")
+    fleet.finish("j1", "a", ok=False, model=M, open_breaker=True)
+    stats = {i.name: i for i in fleet.snapshot().instances}
+    assert breaker(fleet, "a") == "open" and stats["a"].recent_errors == 1
+    assert not stats["a"].up(time.time())
+    assert acquire(fleet, "j2") is None  # no job while open
+
+
+def test_breaker_opens_after_failures_in_a_row_then_probes_then_closes(
+    fleet: FleetState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CORRAL_DOWN_COOLDOWN", "0")
+    get_settings.cache_clear()
+    try:
+        for i in range(3):
+            assert breaker(fleet, "a") == "closed"
+            acquire(fleet, f"f{i}")
+            fleet.finish(f"f{i}", "a", ok=False, model=M)
+        assert breaker(fleet, "a") == "open"
+        # Cooldown over: one probe at a time (half-open), never the full parallelism.
+        assert acquire(fleet, "probe") == "a"
+        assert breaker(fleet, "a") == "half_open"
+        assert acquire(fleet, "second") is None
+        fleet.finish("probe", "a", ok=False, model=M)  # the probe failed: open again
+        assert breaker(fleet, "a") == "open"
+        assert acquire(fleet, "probe2") == "a"
+        # The probe's success closes it, and the freed slot goes to the waiting job.
+        assert fleet.finish("probe2", "a", ok=True, model=M) == "second"
+        assert breaker(fleet, "a") == "closed"
+        assert acquire(fleet, "second") == "a" and acquire(fleet, "third") == "a"
+    finally:
+        get_settings.cache_clear()
+
+
+def test_expired_leases_are_reclaimed(fleet: FleetState) -> None:
+    fleet.acquire("ghost", M, score=0, candidates=["a"], exclude=[], now=time.time() - 3600)
+    assert in_flight(fleet, "a") == 1
+    assert fleet.reclaim_expired() == 1
+    assert in_flight(fleet, "a") == 0
+
+
+def test_ewma_service_time_is_recorded_per_model(fleet: FleetState) -> None:
+    for ms in (100.0, 200.0):
+        acquire(fleet, f"j{ms}")
+        fleet.finish(f"j{ms}", "a", ok=True, model=M, service_ms=ms)
+    a = next(i for i in fleet.snapshot().instances if i.name == "a")
+    assert a.model_ewma_ms[M] == pytest.approx(120.0)
+
+
+def test_running_jobs_reclaim_grants_that_redis_lost(fleet: FleetState) -> None:
+    acquire(fleet, "j1")
+    fleet.redis.delete(f"{fleet.ns}:grants")  # as after a Redis restart without persistence
+    fleet.redis.hset(f"{fleet.ns}:inst:a", "in_flight", 0)
+    fleet.hold("a", "worker-token", ["j1"])
+    assert in_flight(fleet, "a") == 1
+    fleet.hold("a", "worker-token", ["j1"])  # idempotent
+    assert in_flight(fleet, "a") == 1
+    assert fleet.finish("j1", "a", ok=True, model=M) is None
+    assert in_flight(fleet, "a") == 0
+
+
+def test_a_revoked_job_stops_waiting_and_frees_its_slot(fleet: FleetState) -> None:
+    acquire(fleet, "j1")
+    acquire(fleet, "j2")
+    assert acquire(fleet, "waiting") is None
+    fleet.forget("waiting", M)
+    assert fleet.waiting(M) == 0
+    fleet.forget("j1", M)
+    assert in_flight(fleet, "a") == 1
