@@ -153,8 +153,14 @@ def _from_cache(job: str, request: InferRequest, state: RouteState) -> dict[str,
         budget = s.request_timeout * s.max_attempts
         leader = cache.claim(digest, job, budget)
         if leader == job:
-            return None
-        hit = cache.wait_for_leader(digest, time.time() + budget)
+            # The previous leader may have stored its answer (and dropped its claim) between
+            # the look-up above and this claim.
+            hit = cache.get(digest)
+            if hit is None:
+                return None
+            cache.release(digest, job)
+        else:
+            hit = cache.wait_for_leader(digest, time.time() + budget)
         if hit is None:
             return None
     result = InferResult.model_validate(hit)

@@ -18,6 +18,8 @@ from app.settings import TIERS, InstanceConfig, get_settings
 
 LOG_DIR = Path(".corral/logs")
 #: Absolute, so `corral up` works from any directory of a source checkout.
+#: Ollama's own port: clients reach the gateway with no change but OLLAMA_HOST.
+GATEWAY_PORT = 11434
 FLOWER_CONFIG = Path(__file__).resolve().parents[1] / "flower" / "flowerconfig.py"
 #: The demo's simulated Ollama servers listen here and on the next two ports.
 DEMO_SIM_PORT = 11501
@@ -80,6 +82,11 @@ def plan(instances: list[InstanceConfig], env: dict[str, str], flower: bool) -> 
     ]
     children += [Child(f"router-{t}", _corral("router", "--tier", t), env) for t in TIERS]
     children.append(Child("metrics", _corral("metrics"), env))
+    if get_settings().schedules:
+        children.append(Child("beat", _corral("beat"), env))
+    children.append(
+        Child("gateway", _corral("gateway", "--port", str(GATEWAY_PORT), "--no-access-log"), env)
+    )
     if flower:
         children.append(
             Child(
@@ -141,6 +148,9 @@ def run_stack(*, demo_jobs: int, flower: bool, stay: bool) -> int:
         )
         get_settings.cache_clear()
         children.append(Child("sim", _corral("sim", "--base-port", str(DEMO_SIM_PORT)), env))
+    if sim_urls and "CORRAL_GATEWAY_AUTH" not in env:
+        # The simulated demo is local and throwaway: no key to create before the first call.
+        env["CORRAL_GATEWAY_AUTH"] = "false"
     if flower and "FLOWER_BASIC_AUTH" not in env:
         env["FLOWER_BASIC_AUTH"] = f"corral:{secrets.token_urlsafe(9)}"
     children += plan(instances, env, flower)
@@ -160,7 +170,7 @@ def run_stack(*, demo_jobs: int, flower: bool, stay: bool) -> int:
         if not _wait_ready(instances):
             typer.echo(f"error: instance workers did not come up; see {LOG_DIR}/", err=True)
             return 1
-        _print_howto(flower, env.get("FLOWER_BASIC_AUTH", ""))
+        _print_howto(flower, env.get("FLOWER_BASIC_AUTH", ""), env.get("CORRAL_GATEWAY_AUTH"))
         if demo_jobs:
             from app.demo import run_demo
 
@@ -179,7 +189,7 @@ def run_stack(*, demo_jobs: int, flower: bool, stay: bool) -> int:
     return 0
 
 
-def _print_howto(flower: bool, flower_auth: str) -> None:
+def _print_howto(flower: bool, flower_auth: str, gateway_auth: str | None) -> None:
     typer.echo("\nCorral is up. Submit a job from Python:")
     typer.echo("    from tasks import infer")
     typer.echo(
@@ -187,6 +197,11 @@ def _print_howto(flower: bool, flower_auth: str) -> None:
         ' tier="interactive").get(timeout=60)'
     )
     typer.echo("or from the shell:  .venv/bin/corral submit --model llama3.2:3b --prompt hi")
+    keys = "no key needed" if gateway_auth == "false" else "create a key: corral keys add"
+    typer.echo(
+        f"Ollama/OpenAI gateway: http://127.0.0.1:{GATEWAY_PORT}  ({keys}); e.g.\n"
+        f"    OLLAMA_HOST=http://127.0.0.1:{GATEWAY_PORT} .venv/bin/python examples/chat.py"
+    )
     if flower:
         typer.echo(f"Flower: http://127.0.0.1:5555  (basic auth {flower_auth})")
     s = get_settings()

@@ -4,6 +4,7 @@ them: every test session gets a namespace of its own (its own queues and Redis k
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,6 +51,12 @@ os.environ.update(
 )
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """A test run stopped with SIGTERM (a CI timeout, ``kill``) still runs its finalizers, so
+    the fleet processes it started are stopped by PID instead of being orphaned."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that restart shared services run last, so nothing else runs in their wake."""
     items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
@@ -84,8 +91,9 @@ def healthy_fleet(fleet: LocalFleet) -> Iterator[LocalFleet]:
 
 
 def _expect_no_slots_held(fleet: LocalFleet, timeout: float = 20.0) -> None:
-    """An earlier test's jobs may still be finishing; a slot held past that is a leak, and
-    would make this test wait for a slot that never comes, so say so here instead."""
+    """An earlier test's jobs may still be finishing; a slot held or a waiter left past that
+    is a leak (a waiter nobody serves would be handed this test's freed slots), so say so
+    here instead of letting this test wait for a slot that never comes."""
     from app.fleet_state import fleet_state
 
     state = fleet_state()
@@ -94,12 +102,19 @@ def _expect_no_slots_held(fleet: LocalFleet, timeout: float = 20.0) -> None:
         rows = {n: state.redis.hget(f"{state.ns}:inst:{n}", "in_flight") for n in fleet.sim_urls}
         return {n: int(v) for n, v in rows.items() if v and int(v) != 0}
 
+    def waiting() -> dict[str, list[str]]:
+        keys = state.redis.keys(f"{state.ns}:wait:*")
+        return {k: w for k in keys if (w := state.redis.zrange(k, 0, -1))}
+
     deadline = time.monotonic() + timeout
-    while held() and time.monotonic() < deadline:
+    while (held() or waiting()) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if held():
+    if held() or waiting():
         grants = state.redis.hgetall(f"{state.ns}:grants")
-        pytest.fail(f"slots still held after {timeout:.0f} s: {held()}; grants: {grants}")
+        pytest.fail(
+            f"after {timeout:.0f} s, slots still held: {held()} (grants: {grants}); "
+            f"jobs still waiting for a slot: {waiting()}"
+        )
 
 
 @pytest.hookimpl(wrapper=True)

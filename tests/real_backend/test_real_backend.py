@@ -1,12 +1,17 @@
 """Corral in front of a real model server (llama.cpp + SmolLM2-135M behind an Ollama-API
-proxy), as a user would run it against real Ollama servers."""
+proxy), as a user would run it against real Ollama servers: through ``infer`` and through
+the gateway with the official ``ollama`` client."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import ollama
 import pytest
 
 from app.relay import token_relay
 from tasks import infer
+from tests.gateway.conftest import start_gateway
 
 pytestmark = [pytest.mark.fleet, pytest.mark.real_backend]
 
@@ -53,3 +58,39 @@ def test_embeddings_from_a_real_model(real_backend: str) -> None:
         timeout=120
     )
     assert again.embeddings[0] == pytest.approx(cat, abs=1e-4)  # a real, deterministic model
+
+
+@pytest.fixture(scope="module")
+def open_gateway(real_backend: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The gateway with auth off (the local-demo setting), as a newcomer would start it."""
+    child, url = start_gateway(
+        tmp_path_factory.mktemp("real-gateway"), "gateway-real", CORRAL_GATEWAY_AUTH="false"
+    )
+    try:
+        yield url
+    finally:
+        child.stop()
+
+
+def test_official_ollama_client_through_the_gateway(open_gateway: str) -> None:
+    client = ollama.Client(host=open_gateway)
+    assert CHAT_MODEL in {m.model for m in client.list().models}
+
+    generated = client.generate(
+        model=CHAT_MODEL, prompt="Name a colour.", options={"num_predict": 8, "temperature": 0}
+    )
+    assert generated.response.strip() and generated.done
+
+    parts = list(
+        client.chat(
+            model=CHAT_MODEL,
+            messages=[{"role": "user", "content": "Count to five."}],
+            options={"num_predict": 24},
+            stream=True,
+        )
+    )
+    assert len(parts) > 2 and parts[-1].done
+    assert "".join(p.message.content or "" for p in parts).strip()
+
+    embedded = client.embed(model=EMBED_MODEL, input=["cat", "kitten"])
+    assert len(embedded.embeddings) == 2 and len(embedded.embeddings[0]) == 576
