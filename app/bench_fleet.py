@@ -6,6 +6,8 @@
   and cold loads.
 * ``backlog``: interactive jobs arriving behind 500 queued batch jobs, through Corral and
   through a least-connections proxy (which can only leave the backlog queued inside Ollama).
+  Records every job's wait by tier and each instance's requests in flight over time, for
+  the plot (``app.bench_report``).
 
 The proxies are in-process stand-ins for nginx-style balancers: every request goes straight
 to an instance (round-robin, or the one with the fewest requests outstanding), with no cap.
@@ -23,15 +25,17 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import requests
 import typer
 
+from app.bench_sampler import InFlightSampler
 from app.harness import LocalFleet, free_port, instances_env
 
 MIX = "mix:latest"
 FAST_S, SLOW_S = 0.2, 0.8
+ARRIVAL_S = 0.5  # between interactive jobs in the backlog scenario
 
 
 def _model(tokens_per_second: float, load_seconds: float = 3.0) -> dict[str, Any]:
@@ -107,6 +111,12 @@ def _unload(url: str) -> None:
     requests.post(f"{url}/api/generate", json={"model": MIX, "keep_alive": 0}, timeout=10)
 
 
+class ProxyCall(NamedTuple):
+    url: str
+    total_s: float
+    wait_s: float
+
+
 class Proxy:
     """A push balancer without caps: what Corral replaces."""
 
@@ -117,7 +127,8 @@ class Proxy:
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def call(self, prompt: str) -> str:
+    def call(self, prompt: str) -> ProxyCall:
+        t = time.perf_counter()
         with self._lock:
             if self.policy == "round_robin":
                 url = next(self._rr)
@@ -127,15 +138,21 @@ class Proxy:
         session = getattr(self._local, "s", None) or requests.Session()
         self._local.s = session
         try:
-            session.post(
+            resp = session.post(
                 f"{url}/api/generate",
                 json={"model": MIX, "prompt": prompt, "stream": False},
                 timeout=600,
             )
+            resp.raise_for_status()
         finally:
             with self._lock:
                 self.outstanding[url] -= 1
-        return url
+        total = time.perf_counter() - t
+        # Ollama's own timings cover the computation only; the rest of the round trip is the
+        # time the request sat in the server's queue, which Corral counts as its wait.
+        body = resp.json()
+        service = (body.get("prompt_eval_duration", 0) + body.get("eval_duration", 0)) / 1e9
+        return ProxyCall(url, total, max(0.0, total - service))
 
 
 def _ideal(sims: list[dict[str, Any]], jobs: int) -> float:
@@ -150,7 +167,12 @@ def run_mixed(jobs: int = 500) -> dict[str, Any]:
 
     sims = mixed_fleet()
     ideal = _ideal(sims, jobs)
-    out: dict[str, Any] = {"jobs": jobs, "ideal_s": round(ideal, 2), "runs": {}}
+    out: dict[str, Any] = {
+        "jobs": jobs,
+        "fleet": "2 fast, 2 four times slower, 1 fast with the model cold; parallelism 2",
+        "ideal_s": round(ideal, 2),
+        "runs": {},
+    }
     with _stack(sims, "mix") as fleet:
         urls = fleet.sim_urls
 
@@ -185,55 +207,35 @@ def run_mixed(jobs: int = 500) -> dict[str, Any]:
             t = time.perf_counter()
             with ThreadPoolExecutor(64) as pool:
                 hits = list(pool.map(proxy.call, (f"proxy {i}" for i in range(jobs))))
-            record(f"proxy {policy}", time.perf_counter() - t, Counter(by_url[h] for h in hits))
+            record(f"proxy {policy}", time.perf_counter() - t, Counter(by_url[h.url] for h in hits))
     return out
 
 
 def run_backlog(batch: int = 500, interactive: int = 20, service_s: float = 0.25) -> dict:
-    from tasks import infer
-
+    """Interactive jobs arriving every ``ARRIVAL_S`` behind ``batch`` jobs submitted at once."""
     sims = backlog_fleet(service_s)
+    parallelism = {s["name"]: s["num_parallel"] for s in sims}
     out: dict[str, Any] = {
         "batch_jobs": batch,
         "interactive_jobs": interactive,
+        "arrival_s": ARRIVAL_S,
         "service_s": service_s,
+        "parallelism": parallelism,
     }
     with _stack(sims, "backlog") as fleet:
-        # Corral: the backlog waits in RabbitMQ; interactive jobs take the next free slot.
-        backlog = [infer.delay(model=MIX, prompt=f"batch {i}", tier="batch") for i in range(batch)]
-        waits = []
-        for i in range(interactive):
-            time.sleep(0.5)
-            r = infer.delay(model=MIX, prompt=f"urgent {i}", tier="interactive").get(timeout=120)
-            waits.append(r.routing.wait_s + r.routing.service_s)
-        queued_after = sum(not b.ready() for b in backlog)
-        for b in backlog:
-            b.get(timeout=600)
+        with InFlightSampler(fleet.sim_urls, parallelism) as sampler:
+            corral = _backlog_corral(batch, interactive, service_s)
         peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
-        out["corral"] = _latency(waits, service_s) | {
-            "batch_still_queued": queued_after,
-            "peak_in_flight": peaks,
-        }
+        out["corral"] = corral | {"peak_in_flight": peaks, "in_flight": sampler.series()}
 
-        # The proxy: everything is sent at once and queues inside Ollama, first come first
-        # served; the "interactive" requests are just more requests.
         fleet.reset_sims()
         proxy = Proxy(list(fleet.sim_urls.values()), "least_connections")
-        pool = ThreadPoolExecutor(batch + interactive)
-        for i in range(batch):
-            pool.submit(proxy.call, f"pbatch {i}")
-        proxy_waits = []
-        for i in range(interactive):
-            time.sleep(0.5)
-            t = time.perf_counter()
-            pool.submit(proxy.call, f"purgent {i}").result(timeout=600)
-            proxy_waits.append(time.perf_counter() - t)
-            if time.perf_counter() - t > 30 * service_s:
-                break  # the point is made; don't sit through the whole backlog again
-        pool.shutdown(wait=True)
+        with InFlightSampler(fleet.sim_urls, parallelism) as sampler:
+            baseline = _backlog_proxy(proxy, batch, interactive, service_s)
         peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
-        out["proxy_least_connections"] = _latency(proxy_waits, service_s) | {
-            "peak_in_flight": peaks
+        out["proxy_least_connections"] = baseline | {
+            "peak_in_flight": peaks,
+            "in_flight": sampler.series(),
         }
     for name in ("corral", "proxy_least_connections"):
         r = out[name]
@@ -243,6 +245,47 @@ def run_backlog(batch: int = 500, interactive: int = 20, service_s: float = 0.25
             f"peak in flight {r['peak_in_flight']}"
         )
     return out
+
+
+def _backlog_corral(batch: int, interactive: int, service_s: float) -> dict[str, Any]:
+    """The backlog waits in RabbitMQ; interactive jobs take the next free slot."""
+    from tasks import infer
+
+    backlog = [infer.delay(model=MIX, prompt=f"batch {i}", tier="batch") for i in range(batch)]
+    urgent = []
+    for i in range(interactive):
+        time.sleep(ARRIVAL_S)
+        urgent.append(infer.delay(model=MIX, prompt=f"urgent {i}", tier="interactive"))
+    urgent_results = [r.get(timeout=120) for r in urgent]
+    queued_after = sum(not b.ready() for b in backlog)
+    batch_results = [b.get(timeout=600) for b in backlog]
+    totals = [r.routing.wait_s + r.routing.service_s for r in urgent_results]
+    return _latency(totals, service_s) | {
+        "batch_still_queued": queued_after,
+        "wait_s": {
+            "interactive": [round(r.routing.wait_s, 4) for r in urgent_results],
+            "batch": [round(r.routing.wait_s, 4) for r in batch_results],
+        },
+    }
+
+
+def _backlog_proxy(proxy: Proxy, batch: int, interactive: int, service_s: float) -> dict[str, Any]:
+    """Everything is sent at once and queues inside Ollama, first come first served; the
+    "interactive" requests are just more requests."""
+    with ThreadPoolExecutor(batch + interactive) as pool:
+        backlog = [pool.submit(proxy.call, f"pbatch {i}") for i in range(batch)]
+        urgent = []
+        for i in range(interactive):
+            time.sleep(ARRIVAL_S)
+            urgent.append(pool.submit(proxy.call, f"purgent {i}"))
+        urgent_calls = [f.result(timeout=600) for f in urgent]
+        batch_calls = [f.result(timeout=600) for f in backlog]
+    return _latency([c.total_s for c in urgent_calls], service_s) | {
+        "wait_s": {
+            "interactive": [round(c.wait_s, 4) for c in urgent_calls],
+            "batch": [round(c.wait_s, 4) for c in batch_calls],
+        }
+    }
 
 
 def _latency(values: list[float], service_s: float) -> dict[str, float]:

@@ -1,16 +1,23 @@
 """The one Celery app, configured from Corral's settings (the cookiecutter-django shape).
 
 Every process imports this module, so queue arguments (``x-max-priority``) are declared
-identically everywhere: RabbitMQ refuses a redeclaration with different arguments.
+identically everywhere: RabbitMQ refuses a redeclaration with different arguments. A Django
+or Flask project configures this same app from its own settings with :func:`configure_from`.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
+from celery.utils.collections import ConfigurationView
 
+from app.queues import batch_queue
+from app.schedules import EmbedFolder, PromptFile
 from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 #: Priority levels inside one tier queue (RabbitMQ recommends few levels; 0-9 matches Celery's).
 MAX_PRIORITY = 9
@@ -28,6 +35,24 @@ WORKER_PUBLISH_RETRY_POLICY = {
 
 def use_worker_publish_policy(app: Celery) -> None:
     app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY_POLICY
+
+
+def beat_schedule(schedules: list[EmbedFolder | PromptFile]) -> dict[str, dict[str, Any]]:
+    """Celery's ``beat_schedule`` for Corral's ``schedules`` setting: one entry each."""
+    entries = {}
+    for s in schedules:
+        options: dict[str, Any] = {"queue": batch_queue()}
+        if s.every is not None:
+            # A run not started before the next one is due is dropped, so runs do not pile
+            # up while the batch router is down.
+            options["expires"] = s.every
+        entries[s.name] = {
+            "task": f"corral.batch.{s.job}",
+            "schedule": s.when(),
+            "kwargs": {"spec": s.model_dump(mode="json")},
+            "options": options,
+        }
+    return entries
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -72,13 +97,106 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_disable_rate_limits": True,
         "worker_hijack_root_logger": False,
+        "beat_schedule": beat_schedule(settings.schedules),
     }
 
 
+#: Settings that every Corral process must share, and that a job's safety rests on: a web
+#: framework's settings cannot change them (see :func:`configure_from`).
+REQUIRED_SETTINGS = frozenset(
+    {
+        # Where the routers, the instance workers and the results are.
+        "broker_url",
+        "result_backend",
+        # Workers accept JSON only, and typed errors travel as JSON.
+        "task_serializer",
+        "result_serializer",
+        "accept_content",
+        "result_accept_content",
+        # RabbitMQ refuses a queue redeclared with other arguments; route and instance
+        # queues are declared on first use.
+        "task_queue_max_priority",
+        "task_create_missing_queues",
+        # A job is neither lost with its worker nor held back by one.
+        "task_acks_late",
+        "task_reject_on_worker_lost",
+        "worker_prefetch_multiplier",
+        # The caller hears of a router stage that failed.
+        "task_store_errors_even_if_ignored",
+        # Publisher confirms (merged into the framework's other transport options).
+        "broker_transport_options",
+    }
+)
+
+
 def create_app(settings: Settings | None = None) -> Celery:
-    app = Celery("corral", include=["tasks"])
+    app = Celery("corral", include=["tasks", "tasks.batch"])
     app.config_from_object(celery_config(settings or get_settings()))
     return app
 
 
 celery_app = create_app()
+
+
+#: Identifies configure_from's receiver, so that configuring again replaces it.
+_KEEP_CORRAL = "corral.configure_from"
+
+
+def configure_from(obj: Any, namespace: str | None = None, *, app: Celery | None = None) -> Celery:
+    """Configure Corral's Celery app from a web framework's settings, keeping Corral's own.
+
+    ``obj`` and ``namespace`` are what ``config_from_object`` takes: ``"django.conf:settings"``
+    with ``namespace="CELERY"``, or a Flask app's ``app.config["CELERY"]``. Celery's
+    ``config_from_object`` replaces the app's configuration source, which alone would drop
+    everything Corral set. Here the framework's settings override Corral's other settings
+    (events, heartbeats, result expiry...), Corral's :data:`REQUIRED_SETTINGS` always apply, and
+    a framework value that contradicts one is logged as a warning and ignored. As with
+    ``config_from_object``, the framework's settings are read when the configuration is first
+    used (at once if it already was), so a Django project may call this while its settings
+    are still loading.
+    """
+    app = app or celery_app
+    corral = celery_config(get_settings())
+
+    def keep_corral(source: ConfigurationView, **_: Any) -> None:
+        framework = ConfigurationView({}, [app.loader.conf], prefix=app.namespace)
+        source.update(_over_framework(corral, framework))
+
+    # Connected first: config_from_object loads at once if the app is already configured.
+    app.on_after_configure.disconnect(dispatch_uid=_KEEP_CORRAL)
+    app.on_after_configure.connect(keep_corral, weak=False, dispatch_uid=_KEEP_CORRAL)
+    app.config_from_object(obj, namespace=namespace)
+    return app
+
+
+def _over_framework(corral: dict[str, Any], framework: ConfigurationView) -> dict[str, Any]:
+    """What goes over the framework's settings: Corral's required settings, and its other
+    settings where the framework has none."""
+    over: dict[str, Any] = {}
+    for key, ours in corral.items():
+        theirs = framework.get(key)
+        name = f"{framework.prefix}{key.upper()}" if framework.prefix else key
+        if key == "broker_transport_options":
+            theirs = theirs or {}
+            for option, value in ours.items():
+                _warn_if_differs(f"{name}[{option!r}]", theirs.get(option), value)
+            over[key] = {**theirs, **ours}
+        elif key in REQUIRED_SETTINGS:
+            _warn_if_differs(name, theirs, ours)
+            over[key] = ours
+        elif theirs is None:
+            over[key] = ours
+    return over
+
+
+def _warn_if_differs(name: str, theirs: Any, ours: Any) -> None:
+    if isinstance(theirs, tuple | list) and isinstance(ours, tuple | list):
+        theirs, ours = list(theirs), list(ours)
+    if theirs is not None and theirs != ours:
+        log.warning(
+            "%s=%r is ignored: every Corral process needs %r (see REQUIRED_SETTINGS in"
+            " app.celery_app; the broker and backend are CORRAL_BROKER_URL, CORRAL_RESULT_BACKEND)",
+            name,
+            theirs,
+            ours,
+        )

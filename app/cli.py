@@ -11,7 +11,8 @@ from typing import Annotated
 
 import typer
 
-from app.settings import TIERS, InstanceConfig, get_settings
+from app.fleet_cli import fleet_cli, fleet_list, no_registry
+from app.settings import TIERS, get_settings
 
 cli = typer.Typer(
     help="Corral: a fleet of Ollama servers behind Celery.",
@@ -20,9 +21,13 @@ cli = typer.Typer(
 )
 
 
-def _celery_worker(*, queues: list[str], threads: int, node: str, loglevel: str) -> None:
+def _celery_worker(*, queues: list[str], threads: int, node: str, loglevel: str, role: str) -> None:
     """``celery worker`` as every Corral worker runs it: threads pool, prefetch 1, events."""
+    from app import logs, tracing
     from app.celery_app import celery_app
+
+    logs.set_role(role)
+    tracing.setup(role)
 
     celery_app.worker_main(
         [
@@ -48,29 +53,49 @@ def _celery_worker(*, queues: list[str], threads: int, node: str, loglevel: str)
 
 @cli.command()
 def worker(
-    instance: Annotated[str | None, typer.Option(help="instance name from the fleet file")] = None,
+    instance: Annotated[str | None, typer.Option(help="instance name in the registry")] = None,
     ollama: Annotated[str | None, typer.Option(help="register this Ollama URL itself")] = None,
     name: Annotated[str | None, typer.Option(help="name for --ollama (default: host:port)")] = None,
-    parallelism: Annotated[int, typer.Option(help="OLLAMA_NUM_PARALLEL, with --ollama")] = 2,
+    parallelism: Annotated[
+        int | None, typer.Option(help="OLLAMA_NUM_PARALLEL, with --ollama (default 2)")
+    ] = None,
     model: Annotated[
         list[str] | None, typer.Option(help="with --ollama: serve only these (default: /api/tags)")
     ] = None,
     loglevel: str = "INFO",
 ) -> None:
-    """Run the worker of one Ollama instance (-c = its parallelism, prefetch 1)."""
+    """Run the worker of one Ollama instance (-c = its parallelism, prefetch 1).
+
+    With --ollama, the instance is added to the registry (or its row updated) first.
+    """
+    from pydantic import ValidationError
+    from sqlalchemy.exc import SQLAlchemyError
+
     from app import instance_worker
     from app.queues import instance_queue
+    from app.registry import Registry
 
-    if instance:
-        config = get_settings().instance(instance)
-    elif ollama:
-        default = ollama.split("://")[-1].replace(":", "-").replace("/", "")
-        config = InstanceConfig(
-            name=name or default, url=ollama, parallelism=parallelism, models=model or None
-        )
-    else:
+    if not (instance or ollama):
         raise typer.BadParameter("give --instance NAME or --ollama URL")
-    instance_worker.configure(config)
+    try:
+        registry = Registry.ready()
+        if instance:
+            config = registry.get(instance)
+        else:
+            assert ollama is not None
+            name = name or ollama.split("://")[-1].replace(":", "-").replace("/", "")
+            given = {"url": ollama, "parallelism": parallelism, "models": model or None}
+            config = registry.upsert(name, **{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except SQLAlchemyError as exc:
+        raise no_registry(exc) from None
+    if config is None:
+        raise typer.BadParameter(
+            f"no instance {instance!r} in the registry or the fleet file; add it with"
+            f" `corral fleet add {instance} --url URL`, or use --ollama URL"
+        )
+    instance_worker.configure(config, registry)
     ns = get_settings().namespace
     # One worker per instance: a second one for the same instance fails to start (its
     # node name, and so its control queue, is taken).
@@ -79,6 +104,7 @@ def worker(
         threads=config.parallelism,
         node=f"{ns}.{config.name}@%h",
         loglevel=loglevel,
+        role=f"worker-{config.name}",
     )
 
 
@@ -107,7 +133,28 @@ def router(
         threads=threads,
         node=f"{ns}.router-{tier}.{os.getpid()}@%h",
         loglevel=loglevel,
+        role=f"router-{tier}",
     )
+
+
+@cli.command()
+def beat(
+    schedule_file: Annotated[
+        Path, typer.Option(help="where beat keeps each schedule's last run")
+    ] = Path(".corral/celerybeat-schedule"),
+    loglevel: str = "INFO",
+) -> None:
+    """Run celery beat, one per fleet: it submits the `schedules` batch jobs when due."""
+    from app.celery_app import celery_app
+
+    schedules = get_settings().schedules
+    if not schedules:
+        typer.echo("no schedules configured: add [[schedules]] to corral.toml", err=True)
+        raise typer.Exit(1)
+    for s in schedules:
+        typer.echo(f"{s.name}: {s.job} {f'every {s.every:g} s' if s.every else f'cron {s.cron}'}")
+    schedule_file.parent.mkdir(parents=True, exist_ok=True)
+    celery_app.start(["beat", "--schedule", str(schedule_file), "--loglevel", loglevel])
 
 
 @cli.command()
@@ -154,73 +201,7 @@ def submit(
     typer.echo(result.get(timeout=timeout).model_dump_json(indent=2))
 
 
-fleet_cli = typer.Typer(help="Look at and steer the fleet; changes apply live.")
 cli.add_typer(fleet_cli, name="fleet")
-
-
-@fleet_cli.command("list")
-def fleet_list() -> None:
-    """Every instance as the routers see it."""
-    from app.fleet_state import fleet_state
-
-    snap = fleet_state().snapshot()
-    typer.echo(
-        f"strategy: {snap.strategy_for('*', get_settings().strategy)} "
-        f"(overrides: {snap.strategies or 'none'})"
-    )
-    for i in snap.instances:
-        state = ("up" if i.up(snap.now) else "DOWN") if i.enabled else "draining"
-        typer.echo(
-            f"{i.name:12} {state:8} {i.in_flight}/{i.capacity} in flight  "
-            f"ewma {i.ewma_ms:7.1f} ms  breaker {i.breaker}  loaded {sorted(i.loaded)}  "
-            f"serves {sorted(i.models)}"
-        )
-
-
-@fleet_cli.command("show")
-def fleet_show(name: str) -> None:
-    """One instance's raw state, as JSON."""
-    from app.fleet_state import fleet_state
-
-    fleet = fleet_state()
-    row = fleet.redis.hgetall(f"{fleet.ns}:inst:{name}")
-    if not row:
-        raise typer.BadParameter(f"no instance {name!r}; see `corral fleet list`")
-    typer.echo(json.dumps(row, indent=2, sort_keys=True))
-
-
-@fleet_cli.command("drain")
-def fleet_drain(name: str) -> None:
-    """Send the instance no new jobs; running ones finish."""
-    from app.fleet_state import fleet_state
-
-    fleet_state().set_enabled(name, False)
-    typer.echo(f"{name} draining")
-
-
-@fleet_cli.command("undrain")
-def fleet_undrain(name: str) -> None:
-    """Send the instance jobs again."""
-    from app.fleet_state import fleet_state
-
-    fleet_state().set_enabled(name, True)
-    typer.echo(f"{name} taking jobs")
-
-
-@fleet_cli.command("strategy")
-def fleet_strategy(
-    strategy: Annotated[str | None, typer.Argument(help="omit to reset to the setting")] = None,
-    model: Annotated[str, typer.Option(help="only for this model")] = "*",
-) -> None:
-    """Change the routing strategy live, for every model or one."""
-    from app.fleet_state import fleet_state
-    from app.settings import normalize_model
-    from routing import STRATEGIES
-
-    if strategy is not None and strategy not in STRATEGIES:
-        raise typer.BadParameter(f"strategy must be one of {', '.join(STRATEGIES)}")
-    fleet_state().set_strategy(strategy, model if model == "*" else normalize_model(model))
-    typer.echo(f"strategy for {model}: {strategy or 'the configured default'}")
 
 
 dlq_cli = typer.Typer(help="Jobs that gave up, with their error history.")
@@ -305,26 +286,39 @@ def up(
 def bench(
     scenario: Annotated[str, typer.Option(help="overhead, mixed, backlog or all")] = "all",
     jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
-    out: Annotated[Path, typer.Option(help="where to write the JSON report")] = Path(
-        "bench-results/bench.json"
-    ),
+    backlog: Annotated[int, typer.Option(help="batch jobs queued in the backlog scenario")] = 500,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="the JSON report (default: bench-results/<time>.json); plot beside it"),
+    ] = None,
+    plot_only: Annotated[
+        Path | None, typer.Option(help="measure nothing: draw the plot of this saved report")
+    ] = None,
+    docs_plot: Annotated[
+        bool, typer.Option(help="also copy the plot to docs/bench.png, which the README shows")
+    ] = True,
 ) -> None:
-    """Measure Corral against calling Ollama directly and against plain proxies."""
+    """Measure Corral against calling Ollama directly and against plain proxies; plot it."""
     from app import bench_fleet
     from app.bench import run_benchmark
+    from app.bench_report import meta, publish  # imports matplotlib: fail before measuring
 
-    report = {}
-    if scenario in ("overhead", "all"):
-        report["overhead"] = run_benchmark(jobs=jobs)
-    if scenario in ("mixed", "all"):
-        typer.echo(f"\nmixed fleet, {jobs} jobs per run")
-        report["mixed"] = bench_fleet.run_mixed(jobs)
-    if scenario in ("backlog", "all"):
-        typer.echo("\ninteractive jobs behind a batch backlog")
-        report["backlog"] = bench_fleet.run_backlog()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    typer.echo(f"report written to {out}")
+    if plot_only is None:
+        report = {"meta": meta(sys.argv[1:])}
+        if scenario in ("overhead", "all"):
+            report["overhead"] = run_benchmark(jobs=jobs)
+        if scenario in ("mixed", "all"):
+            typer.echo(f"\nmixed fleet, {jobs} jobs per run")
+            report["mixed"] = bench_fleet.run_mixed(jobs)
+        if scenario in ("backlog", "all"):
+            typer.echo("\ninteractive jobs behind a batch backlog")
+            report["backlog"] = bench_fleet.run_backlog(batch=backlog)
+        out = out or Path(f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        typer.echo(f"report written to {out}")
+    png = publish(plot_only or out, Path("docs/bench.png") if docs_plot else None)
+    typer.echo(f"plot written to {png}" + (" and docs/bench.png" if docs_plot else ""))
 
 
 @cli.command()
@@ -349,7 +343,7 @@ def gateway(
     access_log: Annotated[bool, typer.Option(help="log every request")] = True,
 ) -> None:
     """Serve Ollama's and OpenAI's APIs (and /jobs) in front of the fleet."""
-    from app.gateway.db import shown_url
+    from app.db import shown_url
     from app.gateway.server import serve
 
     s = get_settings()
@@ -368,18 +362,20 @@ def keys_add(
     agent_class: Annotated[str, typer.Option(help="kind of agent, e.g. planner, batch-etl")],
     tiers: Annotated[str, typer.Option(help="tiers it may use, e.g. interactive,normal")],
     default_tier: Annotated[str | None, typer.Option(help="tier when none is asked for")] = None,
+    admin: Annotated[bool, typer.Option(help="may also change the fleet (/admin API)")] = False,
 ) -> None:
     """Create a key and print it: it is shown this once, only its hash is stored."""
     from app.gateway.keys import KeyStore
 
     try:
-        key, info = KeyStore.ready().add(agent, agent_class, tiers, default_tier)
+        key, info = KeyStore.ready().add(agent, agent_class, tiers, default_tier, admin=admin)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(key)
     typer.echo(
         f"id {info.id}, agent {info.agent} ({info.agent_class}), tiers {','.join(info.tiers)},"
-        f" default {info.default_tier}. Store it now: it cannot be shown again.",
+        f" default {info.default_tier}{', ADMIN' if info.admin else ''}."
+        " Store it now: it cannot be shown again.",
         err=True,
     )
 
@@ -388,12 +384,13 @@ def keys_add(
 def keys_list(
     revoked: Annotated[bool, typer.Option("--revoked", help="include revoked keys")] = False,
 ) -> None:
-    """One line per key: id, prefix, agent, class, tiers, default tier, created."""
+    """One line per key: id, prefix, agent, class, tiers, default tier, created, admin."""
     from app.gateway.keys import KeyStore
 
     infos = KeyStore.ready().all(include_revoked=revoked)
     for k in infos:
         gone = f"  REVOKED {k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else ""
+        gone = ("  ADMIN" if k.admin else "") + gone
         typer.echo(
             f"{k.id:4}  {k.prefix}...  {k.agent:20} {k.agent_class:12} {','.join(k.tiers):26}"
             f" default {k.default_tier:12} created {k.created_at:%Y-%m-%d %H:%M}{gone}"
@@ -423,7 +420,7 @@ def db_upgrade(
     revision: Annotated[str, typer.Argument(help="target revision")] = "head",
 ) -> None:
     """Migrate CORRAL_DATABASE_URL to the latest schema (the gateway does it at start too)."""
-    from app.gateway.db import shown_url
+    from app.db import shown_url
     from app.migrations import upgrade
 
     url = get_settings().database_url

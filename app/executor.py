@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from celery.exceptions import Ignore
 from kombu import Queue
 
-from app import metrics
+from app import metrics, recent_failures
 from app.celery_app import MAX_PRIORITY
 from app.errors import (
     InstanceUnavailable,
@@ -31,9 +31,11 @@ from app.errors import (
 from app.fleet_state import fleet_state
 from app.instance_worker import InstanceAgent, current_agent
 from app.queues import dead_letter_queue, route_queue
+from app.recent_failures import Failure
 from app.relay import token_relay
 from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import get_settings
+from app.tracing import record_queue_wait, tracer
 
 if TYPE_CHECKING:
     from celery import Task
@@ -56,10 +58,16 @@ def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, A
         return _reroute(task, state, countdown=0)
 
     started = time.time()
+    attempt = state.attempts + 1
+    record_queue_wait(state.submitted_at, model=request.model, tier=request.tier)
     agent.job_started(job)
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
     try:
-        reply = agent.client.infer(request, on_chunk=relay)
+        with tracer.start_as_current_span(
+            f"ollama.{request.kind}",
+            attributes={"instance": instance, "model": request.model, "attempt": attempt},
+        ):
+            reply = agent.client.infer(request, on_chunk=relay)
     except OllamaError as exc:
         _on_failure(task, request, state, agent, exc)
     finally:
@@ -108,6 +116,10 @@ def _on_failure(
 ) -> NoReturn:
     settings = get_settings()
     job = task.request.id
+    # Before the slot goes: the agent's heartbeat re-grants the slot of every job it still
+    # counts as running (that is how a grant lost in a Redis restart comes back), and a
+    # re-grant here would leave the retry pinned to this instance, and dropped as a duplicate.
+    agent.job_ended(job)
     fleet_state().finish(
         job,
         agent.name,
@@ -126,6 +138,19 @@ def _on_failure(
         },
     ]
     attempts = state.attempts + 1
+    recent_failures.record(
+        Failure(
+            at=history[-1]["at"],
+            job_id=job,
+            instance=agent.name,
+            error=type(exc).__name__,
+            message=str(exc),
+            model=request.model,
+            tier=request.tier,
+            attempt=attempts,
+            gave_up=not exc.transient or attempts >= settings.max_attempts,
+        )
+    )
     failed = state.model_copy(update={"attempts": attempts, "history": history, "instance": None})
     if not exc.transient:
         _give_up(task, request, failed, JobRejected, f"{request.model}: {exc}")

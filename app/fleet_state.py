@@ -24,7 +24,7 @@ from typing import Literal
 
 import redis
 
-from app.settings import get_settings
+from app.settings import InstanceConfig, get_settings
 from routing import FleetSnapshot, InstanceStats
 
 #: Weight of the newest sample in the service-time moving average.
@@ -34,6 +34,8 @@ DONE = "!done"
 
 _HANDOFF = """
 local function handoff(ns, inst, now, lease)
+  -- A removed instance (corral fleet remove --force) keeps no counters.
+  if redis.call('SISMEMBER', ns .. ':instances', inst) == 0 then return false end
   local key = ns .. ':inst:' .. inst
   local v = redis.call('HMGET', key, 'enabled', 'down_until', 'in_flight', 'capacity', 'breaker')
   if v[1] == '1' and tonumber(v[2] or '0') <= now and (v[5] or 'closed') == 'closed'
@@ -123,6 +125,8 @@ if redis.call('HGET', ns .. ':grants', job) ~= inst then return false end
 redis.call('HDEL', ns .. ':grants', job)
 redis.call('HDEL', ns .. ':running', job)
 redis.call('ZREM', ns .. ':leases', job)
+if ARGV[6] == '1' then redis.call('SET', ns .. ':done:' .. job, '1', 'EX', tonumber(ARGV[10])) end
+if redis.call('SISMEMBER', ns .. ':instances', inst) == 0 then return false end
 local key = ns .. ':inst:' .. inst
 if ARGV[6] == '1' then
   local ms, alpha = tonumber(ARGV[7]), tonumber(ARGV[11])
@@ -135,7 +139,6 @@ if ARGV[6] == '1' then
   end
   redis.call('HINCRBY', key, 'completed', 1)
   redis.call('HSET', key, 'consecutive', 0, 'breaker', 'closed')
-  redis.call('SET', ns .. ':done:' .. job, '1', 'EX', tonumber(ARGV[10]))
 else
   redis.call('HINCRBY', key, 'errors', 1)
   redis.call('HINCRBY', key, 'failed', 1)
@@ -155,6 +158,7 @@ return handoff(ns, inst, now, lease)
 _HOLD = """
 local ns, inst, token = ARGV[1], ARGV[2], ARGV[3]
 local expiry = tonumber(ARGV[4]) + tonumber(ARGV[5])
+if redis.call('SISMEMBER', ns .. ':instances', inst) == 0 then return 0 end
 for i = 6, #ARGV do
   local job = ARGV[i]
   if redis.call('HGET', ns .. ':grants', job) ~= inst then
@@ -218,18 +222,51 @@ class FleetState:
     # Registry -------------------------------------------------------------------------
 
     def register(
-        self, name: str, *, url: str, capacity: int, weight: float, models: list[str]
-    ) -> None:
-        """Add or update an instance; keeps its slot count and stats if it already existed."""
-        key = self._inst(name)
+        self,
+        config: InstanceConfig,
+        *,
+        threads: int | None = None,
+        models: list[str] | None = None,
+    ) -> int:
+        """Add or update an instance from its registry row; keeps its slot count and stats.
+
+        ``threads`` is given by the instance's worker (its thread count, fixed at its start),
+        and remembered: the capacity the routers use is the parallelism, capped by it. The
+        served models are ``models`` (discovered), else the row's, else left as they are.
+        Returns the capacity.
+        """
+        key = self._inst(config.name)
+        if threads is None:
+            known = self.redis.hget(key, "threads")
+            threads = int(known) if known else None
+        capacity = min(config.parallelism, threads or config.parallelism)
+        fields = {
+            "url": config.url,
+            "capacity": capacity,
+            "weight": config.weight,
+            "enabled": int(config.enabled),
+            "config": config.model_dump_json(),
+        }
+        if threads is not None:
+            fields["threads"] = threads
         with self.redis.pipeline() as pipe:
-            pipe.sadd(f"{self.ns}:instances", name)
-            pipe.hset(key, mapping={"url": url, "capacity": capacity, "weight": weight})
+            pipe.sadd(f"{self.ns}:instances", config.name)
+            pipe.hset(key, mapping=fields)
             pipe.hsetnx(key, "in_flight", 0)
-            pipe.hsetnx(key, "enabled", 1)
             pipe.hsetnx(key, "healthy", 1)
             pipe.execute()
-        self.set_models(name, models)
+        if models is not None or config.models is not None:
+            self.set_models(config.name, models if models is not None else config.models or [])
+        return capacity
+
+    def unregister(self, name: str) -> None:
+        """Remove an instance: the routers stop seeing it at once."""
+        key = self._inst(name)
+        with self.redis.pipeline() as pipe:
+            pipe.srem(f"{self.ns}:instances", name)
+            pipe.delete(key, f"{key}:models")
+            pipe.execute()
+        self._refresh_model_index()
 
     def set_models(self, name: str, models: list[str]) -> None:
         key = self._inst(name)
@@ -256,20 +293,31 @@ class FleetState:
         healthy: bool,
         loaded: list[str],
         host_pressure: float = 0.0,
+        host_cpu: float = 0.0,
+        host_mem: float = 0.0,
+        probe_ms: float = 0.0,
         now: float | None = None,
     ) -> None:
+        """A heartbeat: the server's health, and the load of the host its worker runs on."""
         self.redis.hset(
             self._inst(name),
             mapping={
                 "healthy": int(healthy),
                 "loaded": json.dumps(sorted(loaded)),
                 "host_pressure": host_pressure,
+                "host_cpu": host_cpu,
+                "host_mem": host_mem,
+                "probe_ms": probe_ms,
                 "last_seen": now or time.time(),
             },
         )
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         self.redis.hset(self._inst(name), "enabled", int(enabled))
+
+    def in_flight(self, name: str) -> int:
+        """Jobs holding a slot on the instance: running, or queued for it."""
+        return int(self.redis.hget(self._inst(name), "in_flight") or 0)
 
     def served_models(self) -> set[str]:
         return self.redis.smembers(f"{self.ns}:models")
@@ -423,6 +471,9 @@ def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:
         model_ewma_ms={k[5:]: float(v) for k, v in row.items() if k.startswith("ewma:")},
         recent_errors=int(row.get("errors", 0)),
         host_pressure=float(row.get("host_pressure", 0)),
+        host_cpu=float(row.get("host_cpu", 0)),
+        host_mem=float(row.get("host_mem", 0)),
+        probe_ms=float(row.get("probe_ms", 0)),
         expires_at=float(row.get("last_seen", 0)) + stale_after,
         breaker=row.get("breaker", "closed"),
     )

@@ -8,17 +8,19 @@ started with the production CLI, on the machine's RabbitMQ and Redis, under the 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from app.settings import TIERS, normalize_model
+from app.settings import TIERS, get_settings, normalize_model
 from app.stack import Child
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +84,7 @@ class LocalFleet:
     env: dict[str, str]
     sims: list[dict[str, Any]]
     routers: bool = True
+    loglevel: str = "WARNING"
     procs: dict[str, Child] = field(default_factory=dict)
 
     @property
@@ -113,7 +116,7 @@ class LocalFleet:
                         "--tier",
                         tier,
                         "--loglevel",
-                        "WARNING",
+                        self.loglevel,
                     ],
                 )
         wait_until(self.ready, timeout, "workers and routers to come up", every=0.25)
@@ -129,7 +132,7 @@ class LocalFleet:
                 "--instance",
                 name,
                 "--loglevel",
-                "WARNING",
+                self.loglevel,
             ],
         )
 
@@ -177,13 +180,13 @@ class LocalFleet:
         """Delete the namespace's Redis keys and queues."""
         from app.celery_app import celery_app
         from app.fleet_state import fleet_state
-        from app.queues import dead_letter_queue, instance_queue, route_queue
+        from app.queues import batch_queue, dead_letter_queue, instance_queue, route_queue
 
         redis = fleet_state().redis
         for key in redis.scan_iter(f"{self.env['CORRAL_NAMESPACE']}:*"):
             redis.delete(key)
         models = {normalize_model(m["name"]) for s in self.sims for m in s["models"]}
-        queues = [instance_queue(n) for n in self.sim_urls] + [dead_letter_queue()]
+        queues = [instance_queue(n) for n in self.sim_urls] + [dead_letter_queue(), batch_queue()]
         queues += [route_queue(m, t) for m in models for t in TIERS]
         with celery_app.connection_for_write() as conn:
             for q in queues:
@@ -213,3 +216,28 @@ def queue_counts(queue: str) -> tuple[int, int]:
 
 def depth(queue: str) -> int:
     return queue_counts(queue)[0]
+
+
+@contextmanager
+def own_fleet(
+    workdir: Path, sims: list[dict[str, Any]], loglevel: str = "WARNING", **env: str
+) -> Iterator[LocalFleet]:
+    """A fleet of its own, under its own namespace and settings (``env``): for tests that need
+    settings the shared fleet does not have. This process reads the same settings meanwhile."""
+    env = {"CORRAL_INSTANCES": instances_env(sims), **env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    fleet = LocalFleet(workdir, dict(os.environ), sims, loglevel=loglevel)
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.stop()
+        fleet.purge()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()

@@ -3,6 +3,8 @@
 * ``<ns>.route.<model>.<tier>``: jobs waiting for a slot, in priority order (router consumes).
 * ``<ns>.instance.<name>``: jobs holding a slot on that instance (its worker consumes).
 * ``<ns>.dead``: dead letters, one JSON record per job that gave up.
+* ``<ns>.batch``: scheduled batch runs and their result callbacks (``tasks.batch``); the batch
+  router consumes it, so they never take a thread from a more urgent tier.
 
 All are declared by Celery on first use with ``task_queue_max_priority``, so their arguments
 agree in every process (see ``app.celery_app``).
@@ -23,3 +25,7 @@ def instance_queue(instance: str) -> str:
 
 def dead_letter_queue() -> str:
     return f"{get_settings().namespace}.dead"
+
+
+def batch_queue() -> str:
+    return f"{get_settings().namespace}.batch"

@@ -25,6 +25,7 @@ from app.fleet_state import DONE, fleet_state
 from app.queues import instance_queue
 from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import get_settings
+from app.tracing import tracer
 from routing import rank
 
 if TYPE_CHECKING:
@@ -67,7 +68,9 @@ def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any
             task.backend.store_result(job, cached, states.SUCCESS)
             return cached
 
-    instance, choice_score, strategy = _reserve_slot(job, request, state)
+    with tracer.start_as_current_span("corral.route", attributes={"model": request.model}) as span:
+        instance, choice_score, strategy = _reserve_slot(job, request, state)
+        span.set_attributes({"instance": instance, "strategy": strategy})
     metrics.routed(strategy, instance)
     routed = state.model_copy(
         update={
@@ -97,6 +100,7 @@ def _reserve_slot(
     fleet = fleet_state()
     score = waiter_score(request, state)
     unserved_since: float | None = None
+    give_back_at = time.monotonic() + get_settings().broker_consumer_timeout / 2
     while True:
         snapshot = fleet.snapshot()
         if not snapshot.serving(request.model):
@@ -137,6 +141,12 @@ def _reserve_slot(
                 if shutting_down.is_set():
                     # Back to the broker; the job keeps its place among the waiters.
                     raise Reject("router shutting down", requeue=True)
+                if time.monotonic() > give_back_at:
+                    # RabbitMQ closes the channel of a delivery unacked for its consumer
+                    # timeout, and every job this router holds would be redelivered. Give this
+                    # one back first: it keeps its place among the waiters, and a slot handed
+                    # to it meanwhile waits for it under its lease.
+                    raise Reject("waited half the broker's consumer timeout", requeue=True)
                 continue
         if got == DONE:
             raise Ignore("job already finished")

@@ -14,7 +14,7 @@ import threading
 from celery.signals import worker_ready, worker_shutting_down
 
 from app.fleet_state import fleet_state
-from app.queues import route_queue
+from app.queues import batch_queue, route_queue
 from app.router import shutting_down
 from app.settings import Tier, get_settings
 
@@ -39,7 +39,13 @@ def configure(tier: Tier) -> list[str]:
     infer.send_events = False
     celery_app.conf.task_send_sent_event = False  # the job was reported sent by its caller
     use_worker_publish_policy(celery_app)
-    return [route_queue(m, tier) for m in sorted(_served_models())]
+    queues = [route_queue(m, tier) for m in sorted(_served_models())]
+    if tier == "batch" and queues:
+        # Scheduled batch runs and their result callbacks (tasks.batch) need a consumer;
+        # the batch router's threads are the ones no more urgent job waits for. Only once a
+        # model is served: until then `corral router` waits, and so does a batch run.
+        queues.append(batch_queue())
+    return queues
 
 
 def _served_models() -> set[str]:

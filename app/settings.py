@@ -21,6 +21,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from app.schedules import Schedules
+
 Tier = Literal["interactive", "normal", "batch"]
 TIERS: tuple[Tier, ...] = ("interactive", "normal", "batch")
 Strategy = Literal[
@@ -34,18 +36,33 @@ def normalize_model(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
+Role = Literal["chat", "embedding", "both"]
+
+
 class InstanceConfig(BaseModel):
-    """One Ollama server in the fleet."""
+    """One Ollama server in the fleet: a row of the registry (``app.registry``), which the
+    ``instances`` of the settings seed."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
-    url: str = Field(description="Base URL, e.g. http://gpu-1:11434")
+    url: str = Field(description="Base URL, e.g. http://gpu-1:11434", max_length=512)
     parallelism: int = Field(2, ge=1, le=64, description="OLLAMA_NUM_PARALLEL of that server")
     weight: float = Field(1.0, gt=0)
     models: list[str] | None = Field(None, description="Served models; None = discover /api/tags")
+    role: Role = Field("both", description="jobs it is meant for: chat, embedding or both")
+    priority: int = Field(5, ge=0, le=9, description="priority level among instances, 9 first")
+    request_timeout: float | None = Field(
+        None, gt=0, description="longest silence from this server; None = request_timeout"
+    )
+    retry_attempts: int | None = Field(None, ge=1, description="None = the max_attempts setting")
+    rate_limit_per_minute: int | None = Field(None, ge=1, description="None = no limit")
+    enabled: bool = Field(True, description="False = draining: no new jobs, running ones finish")
+    tags: list[str] = Field(default_factory=list)
 
     @field_validator("url")
     @classmethod
     def _strip_slash(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https://, not {url!r}")
         return url.rstrip("/")
 
     @field_validator("models")
@@ -71,6 +88,12 @@ class Settings(BaseSettings):
         "corral",
         pattern=r"^[a-z0-9][a-z0-9_-]*$",
         description="prefix of every queue name and Redis key; lets stacks share a broker",
+    )
+    broker_consumer_timeout: float = Field(
+        1800.0,
+        gt=0,
+        description="RabbitMQ's consumer_timeout in seconds (rabbitmq.conf; 30 min by default):"
+        " a router gives back a job it held half that long waiting for a slot",
     )
 
     # The fleet.
@@ -99,10 +122,24 @@ class Settings(BaseSettings):
     cache_enabled: bool = True
     cache_ttl: int = Field(24 * 3600, ge=1)
 
+    # Recurring batch jobs, run by `corral beat` (see app.schedules).
+    schedules: Schedules = Field(default_factory=list)
+
     # Processes.
     router_concurrency: int = Field(32, ge=1, description="router threads per tier")
     heartbeat_interval: float = Field(2.0, gt=0)
     grant_lease: float = Field(60.0, gt=0, description="a granted slot is reclaimed if unused")
+
+    # Logs and traces
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: one JSON object per line; every line names its job id"
+    )
+    tracing: bool = Field(
+        False, description="OpenTelemetry spans, exported over OTLP (OTEL_EXPORTER_OTLP_*)"
+    )
+    tracing_dir: Path | None = Field(
+        None, description="with tracing: write spans as JSON lines here instead of OTLP"
+    )
 
     # Metrics
     metrics_enabled: bool = Field(True, description="workers record job metrics in Redis")

@@ -161,12 +161,15 @@ def run_stack(*, demo_jobs: int, flower: bool, stay: bool) -> int:
             child.stop()
         typer.echo("all processes stopped")
 
-    for child in children:
-        child.start()
-        if child.name == "sim":
-            time.sleep(1.0)
-    typer.echo(f"started {len(children)} processes; logs in {LOG_DIR}/")
+    # SIGTERM (docker stop, systemd, kill) stops the children as Ctrl-C does, instead of
+    # orphaning them.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        for child in children:
+            child.start()
+            if child.name == "sim":
+                time.sleep(1.0)
+        typer.echo(f"started {len(children)} processes; logs in {LOG_DIR}/")
         if not _wait_ready(instances):
             typer.echo(f"error: instance workers did not come up; see {LOG_DIR}/", err=True)
             return 1

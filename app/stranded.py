@@ -30,10 +30,11 @@ def rescue_stranded(me: str) -> int:
     snap = fleet.snapshot()
     silent_for = STRANDED_AFTER * get_settings().heartbeat_interval
     dead = [i.name for i in snap.instances if i.name != me and i.expires_at + silent_for < snap.now]
-    return sum(_requeue(name) for name in dead)
+    return sum(requeue(name) for name in dead)
 
 
-def _requeue(instance: str) -> int:
+def requeue(instance: str) -> int:
+    """Move the jobs waiting on the instance's queue back to the router; returns how many."""
     from amqp.exceptions import NotFound
 
     from tasks import infer
@@ -60,5 +61,5 @@ def _requeue(instance: str) -> int:
         except NotFound:
             return 0
     if moved:
-        log.warning("moved %d job(s) from silent instance %s back to the router", moved, instance)
+        log.warning("moved %d job(s) from instance %s back to the router", moved, instance)
     return moved

@@ -21,7 +21,13 @@ class InstanceStats:
     model_ewma_ms: dict[str, float] = field(default_factory=dict)
     load_ms: dict[str, float] = field(default_factory=dict)
     recent_errors: int = 0
+    #: 0 (idle) to 1 (saturated): the load of the host the instance's worker runs on.
     host_pressure: float = 0.0
+    #: That host's CPU and memory use, percent, and how long the server took to answer the
+    #: last heartbeat's /api/ps, ms (shown by `corral fleet list`).
+    host_cpu: float = 0.0
+    host_mem: float = 0.0
+    probe_ms: float = 0.0
     #: When the instance's worker stops heartbeating, it counts as down from this time.
     expires_at: float = math.inf
     #: Circuit breaker: "closed", "open" (no jobs until down_until), "half_open" (one probe).

@@ -11,6 +11,19 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
 
+# The dashboard's browser tests drive Debian's Chromium (tests/gateway/test_dashboard.py).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null; then
+    echo "installing chromium and chromium-driver"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+      || echo "warning: chromium not installed: the dashboard's browser tests will skip" >&2
+  else
+    echo "note: no apt-get: install chromium and chromedriver for the dashboard's browser tests" >&2
+  fi
+fi
+
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() {
   for _ in $(seq 1 120); do up "$1" && return 0; sleep 0.5; done

@@ -70,8 +70,11 @@ class InferTask(Task):
     ) -> InferAsyncResult:
         kwargs = dict(kwargs or {})
         options.setdefault("kwargsrepr", _display(kwargs))
-        if "_route" in kwargs:  # a stage of a job already accepted: router, retry, replace
-            return super().apply_async(args, kwargs, **options)
+        if "_route" in kwargs:
+            if "queue" in options:  # a stage of a job already accepted: replace, retry
+                return super().apply_async(args, kwargs, **options)
+            # E.g. an app passing a request body straight to infer.delay(**body).
+            raise InvalidRequest("_route is Corral's own bookkeeping: a request may not set it")
         if args:
             raise InvalidRequest("infer takes keyword arguments only, e.g. infer.delay(model=...)")
         request = validate(kwargs)

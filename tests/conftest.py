@@ -4,7 +4,9 @@ them: every test session gets a namespace of its own (its own queues and Redis k
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ SIMS = [
     for name in ("sim-a", "sim-b", "sim-c")
 ]
 
+SESSION_DIR = Path(tempfile.gettempdir()) / f"corral-tests-{os.getpid()}"
 os.environ.update(
     {
         "CORRAL_NAMESPACE": NAMESPACE,
@@ -47,6 +50,8 @@ os.environ.update(
         "CORRAL_REQUEST_TIMEOUT": "10",
         "CORRAL_GRANT_LEASE": "20",
         "CORRAL_ROUTER_CONCURRENCY": "16",
+        # The fleet registry of this session, not the checkout's .corral/corral.db.
+        "CORRAL_DATABASE_URL": f"sqlite:///{SESSION_DIR / 'corral.db'}",
     }
 )
 
@@ -70,13 +75,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
     problems = ensure_services()
     assert not problems, problems
     workdir: Path = tmp_path_factory.mktemp("fleet")
-    stack = LocalFleet(workdir, dict(os.environ), SIMS)
+    # CORRAL_TEST_LOGLEVEL=INFO logs every job stage, to follow one that went astray.
+    loglevel = os.environ.get("CORRAL_TEST_LOGLEVEL", "WARNING")
+    stack = LocalFleet(workdir, dict(os.environ), SIMS, loglevel=loglevel)
     try:
         stack.start()
         yield stack
     finally:
         stack.stop()
         stack.purge()
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture
@@ -125,10 +133,40 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
         "healthy_fleet"
     )
     if report.failed and isinstance(fleet, LocalFleet):
+        report.sections.append(("fleet state at failure", _fleet_state_dump()))
         for log in sorted(fleet.workdir.glob("*.log")):
             tail = log.read_text(errors="replace").splitlines()[-40:]
             report.sections.append((f"fleet log {log.name} (last 40 lines)", "\n".join(tail)))
     return report
+
+
+def _fleet_state_dump() -> str:
+    """The namespace's queues (ready / unacked / consumers) and slot bookkeeping in Redis."""
+    import requests
+
+    from app.fleet_state import fleet_state
+
+    lines = []
+    try:
+        queues = requests.get(
+            "http://127.0.0.1:15672/api/queues/%2F", auth=("guest", "guest"), timeout=5
+        ).json()
+        for q in queues:
+            if q["name"].startswith(NAMESPACE + "."):
+                lines.append(
+                    f"queue {q['name']}: ready {q.get('messages_ready')}, unacked"
+                    f" {q.get('messages_unacknowledged')}, consumers {q.get('consumers')}"
+                )
+    except (requests.RequestException, ValueError) as exc:
+        lines.append(f"queues: management API unavailable ({exc})")
+    state = fleet_state()
+    for key in ("grants", "running", "excl"):
+        lines.append(f"{key}: {state.redis.hgetall(f'{state.ns}:{key}')}")
+    for key in state.redis.scan_iter(f"{state.ns}:wait:*"):
+        lines.append(f"{key}: {state.redis.zrange(key, 0, -1, withscores=True)}")
+    for name in state.instance_names():
+        lines.append(f"instance {name}: {state.redis.hgetall(f'{state.ns}:inst:{name}')}")
+    return "\n".join(lines)
 
 
 def _close_breakers(fleet: LocalFleet) -> None:

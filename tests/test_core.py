@@ -22,6 +22,16 @@ CHAT = "llama3.2:3b"
 EMBED = "nomic-embed-text"
 
 
+def results_of(jobs: list, timeout: float) -> list[InferResult]:
+    """Every job's result, within ``timeout`` for them all; names the jobs that did not end."""
+    deadline = time.monotonic() + timeout
+    while not all(j.ready() for j in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    unfinished = {j.id: j.state for j in jobs if not j.ready()}
+    assert not unfinished, f"jobs without a result after {timeout:.0f} s: {unfinished}"
+    return [j.get(timeout=1) for j in jobs]
+
+
 def gen(i: int, **extra) -> dict:
     return {"model": CHAT, "prompt": f"question {i}", "options": {"num_predict": 6}, **extra}
 
@@ -45,6 +55,9 @@ def test_generate_chat_embed_through_router_and_instance(healthy_fleet: LocalFle
 
 
 def test_no_instance_ever_runs_more_than_its_parallelism(healthy_fleet: LocalFleet) -> None:
+    for name in healthy_fleet.sim_urls:
+        # ~0.25 s a job, so jobs overlap even when a loaded machine routes slowly.
+        healthy_fleet.faults(name, slow_factor=12.0)
     with ThreadPoolExecutor(20) as pool:
         results = list(
             pool.map(
@@ -78,8 +91,7 @@ def test_interactive_job_overtakes_a_batch_backlog(healthy_fleet: LocalFleet) ->
 
 def test_failing_instance_is_excluded_on_retry(healthy_fleet: LocalFleet) -> None:
     healthy_fleet.faults("sim-a", error_rate=1.0)
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda i: infer.delay(**gen(i)).get(timeout=60), range(24)))
+    results = results_of([infer.delay(**gen(i)) for i in range(24)], timeout=60)
     assert all(r.routing.instance != "sim-a" for r in results)
     retried = [r for r in results if "sim-a" in r.routing.excluded]
     assert retried, "no job was routed to the failing instance"
@@ -93,8 +105,7 @@ def test_instance_refusing_connections_loses_no_job(healthy_fleet: LocalFleet) -
     requests.post(
         healthy_fleet.sim_urls["sim-b"] + "/sim/refuse", json={"seconds": 4}, timeout=5
     ).raise_for_status()
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(lambda i: infer.delay(**gen(i)).get(timeout=60), range(24)))
+    results = results_of([infer.delay(**gen(i)) for i in range(24)], timeout=60)
     assert len({r.id for r in results}) == 24
     assert all(r.text for r in results)
     wait_until(lambda: _answers(healthy_fleet.sim_urls["sim-b"]), 15, "sim-b to listen again")
@@ -188,6 +199,7 @@ BAD_REQUESTS = [
     ({"model": CHAT, "prompt": "x", "input": ["y"]}, "not allowed"),
     ({"model": "", "prompt": "x"}, "model"),
     ({"model": CHAT, "prompt": 42}, "prompt"),
+    ({"model": CHAT, "prompt": "x", "_route": {"submitted_at": 0}}, "_route"),
 ]
 
 
@@ -301,5 +313,3 @@ def test_fleet_state_lost_in_redis_heals_and_loses_no_job(healthy_fleet: LocalFl
     assert [r.id for r in results] == [j.id for j in jobs]
     for name in healthy_fleet.sim_urls:
         assert healthy_fleet.sim_stats(name)["peak_in_flight"] <= 2, name
-
-

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.fleet_state import DONE, FleetState, redis_client
-from app.settings import get_settings
+from app.settings import InstanceConfig, get_settings
 
 M = "m:latest"
 
@@ -18,7 +18,7 @@ M = "m:latest"
 def fleet() -> Iterator[FleetState]:
     state = FleetState(redis_client(get_settings().redis_url), f"slots-{uuid.uuid4().hex[:8]}")
     for name in ("a", "b"):
-        state.register(name, url=f"http://{name}", capacity=2, weight=1.0, models=[M])
+        state.register(InstanceConfig(name=name, url=f"http://{name}", models=[M]))
     yield state
     for key in state.redis.scan_iter(f"{state.ns}:*"):
         state.redis.delete(key)

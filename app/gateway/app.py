@@ -14,7 +14,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from app.gateway import errors, jobs_api, native, openai_api
+from app import tracing
+from app.gateway import admin_api, dashboard, errors, jobs_api, native, openai_api
 from app.gateway.auth import AuthMiddleware
 from app.gateway.disconnect import ClientGone
 from app.gateway.limits import BodyLimitMiddleware
@@ -54,7 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai_api.router)
     app.include_router(jobs_api.router)
+    app.include_router(admin_api.router)
+    app.include_router(dashboard.router)
     # add_middleware wraps what is there: the last added runs first.
     app.add_middleware(AuthMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.gateway_max_body_bytes)
+    tracing.instrument_app(app)
     return app

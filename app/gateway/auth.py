@@ -21,8 +21,9 @@ from app.gateway.errors import GatewayError, error_response
 from app.gateway.keys import KeyInfo, KeyStore
 from app.settings import TIERS, Tier, get_settings
 
-#: Paths that answer without a key: the health checks load balancers and clients probe.
-PUBLIC_PATHS = frozenset({"/", "/api/version"})
+#: Paths that answer without a key: the health checks load balancers and clients probe, and
+#: the dashboard's page (it holds no data; its data path needs a key).
+PUBLIC_PATHS = frozenset({"/", "/api/version", "/dashboard"})
 #: Entries a key cache keeps before it starts over (bounds memory under a key-guessing flood).
 CACHE_LIMIT = 10_000
 

@@ -7,6 +7,7 @@ run in the gateway's thread pool; waiting is a future resolved by the result wat
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,7 @@ from app.celery_app import celery_app
 from app.fleet_state import fleet_state
 from app.gateway.errors import GatewayError
 from app.gateway.results import ResultWatcher
+from app.logs import current_job
 from app.schemas import InferResult
 from tasks import infer
 
@@ -63,7 +65,9 @@ class JobClient:
     async def blocking(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run a blocking call in the gateway's thread pool."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.threads, partial(fn, *args, **kwargs))
+        # In this request's context: its trace span and job id follow the call into the thread.
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self.threads, partial(context.run, fn, *args, **kwargs))
 
     async def submit(self, fields: dict[str, Any], *, wait: bool) -> str:
         """Publish a job; InvalidRequest or ModelNotServed raise here, before anything is queued.
@@ -72,6 +76,7 @@ class JobClient:
         :meth:`result` next.
         """
         job_id = str(uuid.uuid4())
+        current_job.set(job_id)
         if wait:
             await self.results.expect(job_id)
         try:

@@ -13,10 +13,10 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, String, or_, select
+from sqlalchemy import DateTime, String, false, or_, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.gateway.db import Base, sessions
+from app.db import Base, sessions
 from app.settings import TIERS, Tier, get_settings
 
 KEY_PREFIX = "crl_"
@@ -36,6 +36,7 @@ class ApiKey(Base):
     default_tier: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    admin: Mapped[bool] = mapped_column(default=False, server_default=false())
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class KeyInfo:
     default_tier: Tier
     created_at: datetime
     revoked_at: datetime | None
+    #: May use the admin API (``/admin/...``): change the fleet.
+    admin: bool = False
 
     @classmethod
     def of(cls, row: ApiKey) -> KeyInfo:
@@ -62,6 +65,7 @@ class KeyInfo:
             default_tier=row.default_tier,  # type: ignore[arg-type]
             created_at=_utc(row.created_at),
             revoked_at=row.revoked_at and _utc(row.revoked_at),
+            admin=row.admin,
         )
 
 
@@ -108,6 +112,8 @@ class KeyStore:
         agent_class: str,
         tiers: str | list[str],
         default_tier: str | None = None,
+        *,
+        admin: bool = False,
     ) -> tuple[str, KeyInfo]:
         """Create a key; returns it (shown once, never stored) and its record."""
         allowed = parse_tiers(tiers)
@@ -128,6 +134,7 @@ class KeyStore:
             tiers=",".join(allowed),
             default_tier=default_tier,
             created_at=datetime.now(UTC),
+            admin=admin,
         )
         with self._sessions.begin() as session:
             session.add(row)

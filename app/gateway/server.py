@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 
+from app import logs, tracing
 from app.gateway.app import create_app
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def serve(host: str, port: int, *, log_level: str = "info", access_log: bool = True) -> None:
-    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    logs.configure("gateway", log_level)
+    tracing.setup("gateway")
     uvicorn.run(
         create_app(),
         host=host,
         port=port,
         log_level=log_level,
+        log_config=None,  # uvicorn's loggers go through the root handler set up above
         access_log=access_log,
         # Streams and long waits must end when asked to stop, not hold the shutdown forever.
         timeout_graceful_shutdown=10,

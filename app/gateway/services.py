@@ -17,6 +17,7 @@ import redis.asyncio
 from starlette.requests import Request
 
 from app.celery_app import celery_app
+from app.fleet_admin import FleetAdmin
 from app.gateway.auth import KeyCache
 from app.gateway.fleet_info import FleetInfo
 from app.gateway.jobs import JobClient
@@ -36,6 +37,8 @@ class Services:
     jobs: JobClient
     relay: AsyncTokenRelay
     fleet: FleetInfo
+    #: The admin API's fleet changes (registry, then Redis).
+    fleet_admin: FleetAdmin
     #: None when auth is off (CORRAL_GATEWAY_AUTH=false).
     keys: KeyCache | None
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -52,7 +55,8 @@ class Services:
         )
         jobs = JobClient(threads, results, settings.gateway_job_timeout)
         store = KeyStore(settings.database_url)
-        await jobs.blocking(store.migrate)
+        # Migrates the database too (keys and registry), and seeds the registry.
+        fleet_admin = await jobs.blocking(FleetAdmin.ready)
         await results.start()
         # Each streaming request holds a connection while it waits on its relay.
         pool = blocking_pool(settings.redis_url, connections, decode_responses=True)
@@ -67,6 +71,7 @@ class Services:
             jobs=jobs,
             relay=AsyncTokenRelay(client, settings.namespace),
             fleet=FleetInfo(http, jobs.blocking),
+            fleet_admin=fleet_admin,
             keys=KeyCache(store, settings.gateway_key_cache_ttl, jobs.blocking)
             if settings.gateway_auth
             else None,

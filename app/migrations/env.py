@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from alembic import context
 
-import app.gateway.keys  # noqa: F401  (registers its tables on Base.metadata)
-from app.gateway.db import Base, engine
+# Importing a module registers its tables on Base.metadata.
+import app.gateway.keys
+import app.registry  # noqa: F401
+from app.db import Base, engine
 from app.settings import get_settings
 
 connection = context.config.attributes.get("connection")

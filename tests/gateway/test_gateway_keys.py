@@ -25,7 +25,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url = request.getfixturevalue("pg_url")
     engine = sa.create_engine(url)
     with engine.begin() as conn:  # each test starts from an empty schema
-        conn.execute(sa.text("DROP TABLE IF EXISTS api_keys, alembic_version"))
+        conn.execute(sa.text("DROP TABLE IF EXISTS instances, api_keys, alembic_version"))
     engine.dispose()
     return url
 

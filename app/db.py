@@ -1,7 +1,8 @@
-"""The gateway's database: one SQLAlchemy engine per URL and the declarative base.
+"""Corral's database: one SQLAlchemy engine per URL and the declarative base.
 
-SQLite (a file under ``.corral/``) by default, PostgreSQL through ``CORRAL_DATABASE_URL``.
-The schema is managed by Alembic (``app/migrations``); tables register on :class:`Base`.
+It holds the gateway's API keys and the fleet registry. SQLite (a file under ``.corral/``)
+by default, PostgreSQL through ``CORRAL_DATABASE_URL``. The schema is managed by Alembic
+(``app/migrations``); tables register on :class:`Base`.
 """
 
 from __future__ import annotations

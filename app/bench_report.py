@@ -1,0 +1,228 @@
+"""The benchmark report: the JSON ``corral bench`` writes, and one PNG drawn from it.
+
+``render`` is a pure function of the report dict, so a saved JSON can be drawn again
+(``corral bench --plot-only FILE.json``). Corral and the baseline proxy always sit side by
+side in one figure, from one run: the machine is shared, so only such comparisons hold.
+Matplotlib's object API (no pyplot) draws off-screen without touching global state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure, SubFigure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from app.bench import percentile
+
+CORRAL, BASELINE = "#1f6fb4", "#e0701b"
+TIERS = ("interactive", "batch")
+MIN_WAIT_S = 1e-3  # the floor of the log scale: a wait below 1 ms is drawn at 1 ms
+
+
+def render(report: dict[str, Any], path: Path) -> Path:
+    """Draw ``report`` (the dict ``corral bench`` writes) to the PNG ``path``."""
+    backlog = report.get("backlog")
+    bottom = [k for k in ("mixed", "overhead") if k in report]
+    if not backlog and not bottom:
+        raise ValueError("the report has no backlog, mixed or overhead scenario to plot")
+    ratios = ([2.0] if backlog else []) + ([1.0] if bottom else [])
+    fig = Figure(figsize=(15, 5.2 * sum(ratios)), layout="constrained")
+    subfigs = list(fig.subfigures(len(ratios), 1, height_ratios=ratios, squeeze=False)[:, 0])
+    if backlog:
+        _backlog(subfigs.pop(0), backlog)
+    if bottom:
+        sub = subfigs.pop(0)
+        axes = sub.subplots(1, len(bottom), squeeze=False)[0]
+        for ax, key in zip(axes, bottom, strict=True):
+            (_mixed if key == "mixed" else _overhead)(ax, report[key])
+    fig.suptitle(
+        "corral bench: Corral vs a plain proxy, on the same simulated Ollama fleet",
+        fontsize=16,
+        fontweight="bold",
+    )
+    meta = report.get("meta", {})
+    if meta:
+        fig.supxlabel(
+            f"made by `{meta.get('command', 'corral bench')}` at {meta.get('started_at', '?')} "
+            f"on {meta.get('cpus', '?')} CPUs shared with other work: "
+            "compare side by side, not as absolute figures",
+            fontsize=9,
+            color="dimgray",
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def publish(json_path: Path, copy_to: Path | None) -> Path:
+    """Draw a saved report beside itself (same stem, ``.png``), and copy the plot."""
+    png = render(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
+    if copy_to is not None:
+        copy_to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(png, copy_to)
+    return png
+
+
+def meta(argv: list[str]) -> dict[str, Any]:
+    """What the plot's footer says: the command that made the figures, when, on what."""
+    return {
+        "command": shlex.join(["corral", *argv]),
+        "started_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+    }
+
+
+# -- backlog: waits per tier, and requests in flight per instance --------------------------
+
+
+def _backlog(sub: SubFigure, backlog: dict[str, Any]) -> None:
+    service = backlog["service_s"]
+    parallelism = backlog["parallelism"]
+    sub.suptitle(
+        f"Backlog: {backlog['interactive_jobs']} interactive jobs arriving every "
+        f"{backlog['arrival_s']} s behind "
+        f"{backlog['batch_jobs']} batch jobs submitted at once; {len(parallelism)} instances of "
+        f"parallelism {max(parallelism.values())}, {service} s per job",
+        fontsize=13,
+    )
+    (wait_c, wait_p), (flight_c, flight_p) = sub.subplots(2, 2)
+    wait_p.sharey(wait_c)
+    flight_p.sharex(flight_c)
+    runs = (
+        (backlog["corral"], "Corral", CORRAL, wait_c, flight_c),
+        (backlog["proxy_least_connections"], "Least-connections proxy", BASELINE, wait_p, flight_p),
+    )
+    for run, name, color, wait_ax, flight_ax in runs:
+        _waits(wait_ax, run["wait_s"], service, color, f"{name}: wait per job, by tier")
+        _in_flight(flight_ax, run, f"{name}: requests inside each server over time")
+    wait_c.set_ylabel("wait before the server starts the job\n(seconds, log scale)")
+    flight_c.set_ylabel("requests inside the server\n(queued + running)")
+
+
+def _waits(ax: Axes, waits: dict[str, list[float]], service: float, color: str, title: str) -> None:
+    data = [[max(w, MIN_WAIT_S) for w in waits[t]] for t in TIERS]
+    box = ax.boxplot(data, whis=(5, 95), showfliers=False, widths=0.45, patch_artist=True, zorder=2)
+    for patch in box["boxes"]:
+        patch.set(facecolor=color, alpha=0.3)
+    for median in box["medians"]:
+        median.set(color="black", linewidth=2)
+    rng = random.Random(0)  # the same jitter on every render of a report
+    for pos, values in enumerate(data, start=1):
+        xs = [pos + rng.uniform(-0.17, 0.17) for _ in values]
+        ax.scatter(xs, values, s=6, color=color, alpha=0.45, linewidths=0, zorder=3)
+        p50, p95 = percentile(values, 50), percentile(values, 95)
+        ax.annotate(
+            f"p50 {_secs(p50)}\np95 {_secs(p95)}",
+            (pos + 0.27, p50),
+            va="center",
+            fontsize=10,
+            fontweight="bold",
+        )
+    ax.axhline(service, color="gray", linestyle=":", label=f"one job's service time ({service} s)")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _secs(v)))
+    ax.set_xticks([1, 2], [f"{t}\n({len(waits[t])} jobs)" for t in TIERS], fontsize=10)
+    ax.set_xlim(0.5, 2.9)
+    ax.set_title(title, fontsize=12)
+    ax.legend(loc="lower right", fontsize=9)
+    ax.grid(axis="y", which="major", alpha=0.3)
+
+
+def _in_flight(ax: Axes, run: dict[str, Any], title: str) -> None:
+    series = run["in_flight"]
+    for name, counts in series["instances"].items():
+        ax.step(series["t"], counts, where="post", linewidth=1.3, label=name)
+    limits = set(series["parallelism"].values())
+    for limit in limits:
+        ax.axhline(
+            limit,
+            color="crimson",
+            linestyle="--",
+            linewidth=1.5,
+            label=f"parallelism ({limit})",
+        )
+    # The simulator's own peak is exact; the 10 Hz samples can miss a short spike.
+    peak = max(run["peak_in_flight"].values())
+    ax.text(
+        0.98,
+        0.95,
+        f"peak in flight: {peak} (parallelism {max(limits)})",
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=11,
+        fontweight="bold",
+        bbox={"facecolor": "white", "edgecolor": "lightgray"},
+    )
+    ax.set_ylim(0, max([peak, *limits]) * 1.5 + 0.5)  # headroom for the legend and the peak
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("seconds since the batch backlog was submitted")
+    ax.set_title(title, fontsize=12)
+    ax.legend(loc="upper left", ncols=2, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+# -- mixed fleet and overhead ----------------------------------------------------------------
+
+
+def _mixed(ax: Axes, mixed: dict[str, Any]) -> None:
+    runs = list(mixed["runs"].items())[::-1]  # barh draws bottom-up; keep the run order
+    labels = [n.replace("corral ", "Corral, ").replace("proxy ", "proxy, ") for n, _ in runs]
+    ratios = [r["vs_ideal"] for _, r in runs]
+    colors = [CORRAL if n.startswith("corral") else BASELINE for n, _ in runs]
+    ax.barh(labels, ratios, color=colors, alpha=0.85)
+    for y, (_, r) in enumerate(runs):
+        ax.annotate(
+            f" {r['vs_ideal']:.2f} x  ({r['makespan_s']:.1f} s)", (r["vs_ideal"], y), va="center"
+        )
+    ax.axvline(
+        1.0,
+        color="black",
+        linestyle="--",
+        label=f"ideal: total work / total capacity = {mixed['ideal_s']} s",
+    )
+    ax.set_xlim(0, max(ratios) * 1.3)
+    ax.set_xlabel("makespan / ideal (lower is better)")
+    ax.set_title(
+        f"Mixed fleet, {mixed['jobs']} batch jobs per run, by routing strategy\n({mixed['fleet']})",
+        fontsize=12,
+    )
+    ax.legend(loc="lower right", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _overhead(ax: Axes, overhead: dict[str, Any]) -> None:
+    lat = overhead["latency"]
+    width = 0.38
+    for k, (key, name, color) in enumerate(
+        (("direct", "direct HTTP to Ollama", BASELINE), ("corral", "through Corral", CORRAL))
+    ):
+        values = [lat[key]["p50_ms"], lat[key]["p95_ms"]]
+        xs = [q + (k - 0.5) * width for q in range(2)]
+        ax.bar(xs, values, width, color=color, alpha=0.85, label=name)
+        for x, v in zip(xs, values, strict=True):
+            ax.annotate(f"{v:.1f} ms", (x, v), ha="center", va="bottom", fontsize=10)
+    ax.set_xticks([0, 1], ["p50", "p95"])
+    ax.set_ylabel("round trip per job (ms)")
+    t = overhead["throughput"]
+    ax.set_title(
+        "Added latency per job: sequential jobs, zero-latency backend\n"
+        f"{t['jobs']} jobs at once: Corral {t['corral_jobs_per_s']} jobs/s, "
+        f"direct HTTP {t['direct_requests_per_s']} req/s",
+        fontsize=12,
+    )
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _secs(s: float) -> str:
+    return f"{s * 1000:.3g} ms" if s < 1 else f"{s:.3g} s"

@@ -1,0 +1,135 @@
+"""The admin API: ``corral fleet`` over HTTP, for admin keys only.
+
+| request | does |
+|---|---|
+| ``GET /admin/instances`` | every instance: registry row (``config``) and live state |
+| ``GET /admin/instances/{name}`` | one of them |
+| ``POST /admin/instances`` | add one (body: the registry fields) → 201 |
+| ``PATCH /admin/instances/{name}`` | change the fields given |
+| ``POST /admin/instances/{name}/drain``, ``/undrain`` | stop / resume new jobs |
+| ``DELETE /admin/instances/{name}?wait=S&force=true`` | remove it (409 while jobs hold slots) |
+
+A key is an admin key when created with ``corral keys add --admin``; any other key gets 403,
+no key 401 (the auth middleware). With ``CORRAL_GATEWAY_AUTH=false`` nobody is admin.
+Changes apply live, exactly as from the CLI (``app.fleet_admin``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import ConfigDict, create_model
+
+from app.fleet_admin import Applied, FleetAdmin, FleetConflict
+from app.gateway.errors import GatewayError
+from app.gateway.services import services
+from app.registry import InstanceExists, UnknownInstance
+from app.settings import InstanceConfig
+
+#: Longest ``?wait=`` a DELETE may hold a gateway thread for.
+MAX_WAIT = 60.0
+
+
+async def require_admin(request: Request) -> None:
+    if services(request).keys is None:
+        raise GatewayError(
+            403,
+            "the admin API needs API keys, and they are off (CORRAL_GATEWAY_AUTH=false)",
+            code="admin_required",
+        )
+    key = request.state.key
+    if not key.admin:
+        raise GatewayError(
+            403,
+            f"API key {key.prefix}... (agent {key.agent}) is not an admin key; create one with"
+            " `corral keys add --admin ...`",
+            code="admin_required",
+        )
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+class NewInstance(InstanceConfig):
+    """The body of ``POST /admin/instances``: a misspelt field is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+#: The body of ``PATCH /admin/instances/{name}``: any registry field but the name.
+InstanceChanges = create_model(
+    "InstanceChanges",
+    __config__=ConfigDict(extra="forbid"),
+    **{
+        name: (field.annotation | None, None)
+        for name, field in InstanceConfig.model_fields.items()
+        if name != "name"
+    },
+)
+
+
+async def _run(request: Request, change: Callable[[FleetAdmin], Any]) -> Any:
+    """Run ``change`` in the gateway's thread pool; its refusals as HTTP errors."""
+    svc = services(request)
+    try:
+        return await svc.jobs.blocking(change, svc.fleet_admin)
+    except UnknownInstance as exc:
+        raise GatewayError(404, str(exc), code="unknown_instance") from None
+    except (InstanceExists, FleetConflict) as exc:
+        raise GatewayError(409, str(exc), code="conflict") from None
+    except ValueError as exc:  # a field out of range (pydantic's ValidationError)
+        raise GatewayError(400, str(exc)) from None
+
+
+def _shown(admin: FleetAdmin, applied: Applied) -> dict[str, Any]:
+    return admin.view(applied.config.name).as_dict() | {"note": applied.note}
+
+
+def _enabled(admin: FleetAdmin, name: str, enabled: bool) -> dict[str, Any]:
+    admin.set_enabled(name, enabled)
+    return admin.view(name).as_dict()
+
+
+@router.get("/instances")
+async def list_instances(request: Request) -> dict[str, Any]:
+    return await _run(request, lambda a: {"instances": [v.as_dict() for v in a.views()]})
+
+
+@router.get("/instances/{name}")
+async def get_instance(request: Request, name: str) -> dict[str, Any]:
+    return await _run(request, lambda a: a.view(name).as_dict())
+
+
+@router.post("/instances", status_code=201)
+async def add_instance(request: Request, body: NewInstance) -> dict[str, Any]:
+    config = InstanceConfig.model_validate(body.model_dump())
+    return await _run(request, lambda a: _shown(a, a.add(config)))
+
+
+@router.patch("/instances/{name}")
+async def update_instance(request: Request, name: str, body: InstanceChanges) -> dict[str, Any]:
+    changes = body.model_dump(exclude_unset=True)
+    return await _run(request, lambda a: _shown(a, a.update(name, **changes)))
+
+
+@router.post("/instances/{name}/drain")
+async def drain_instance(request: Request, name: str) -> dict[str, Any]:
+    return await _run(request, lambda a: _enabled(a, name, False))
+
+
+@router.post("/instances/{name}/undrain")
+async def undrain_instance(request: Request, name: str) -> dict[str, Any]:
+    return await _run(request, lambda a: _enabled(a, name, True))
+
+
+@router.delete("/instances/{name}")
+async def remove_instance(
+    request: Request,
+    name: str,
+    wait: float = Query(0.0, ge=0, le=MAX_WAIT, description="seconds to wait for its jobs"),
+    force: bool = Query(False, description="remove it even with jobs in flight"),
+) -> dict[str, Any]:
+    moved = await _run(request, lambda a: a.remove(name, wait=wait, force=force))
+    return {"removed": name, "requeued": moved}
