@@ -145,7 +145,11 @@ def beat(
     loglevel: str = "INFO",
 ) -> None:
     """Run celery beat, one per fleet: it submits the `schedules` batch jobs when due."""
+    from app import logs, tracing
     from app.celery_app import celery_app
+
+    logs.set_role("beat")
+    tracing.setup("beat")
 
     schedules = get_settings().schedules
     if not schedules:

@@ -99,7 +99,11 @@ for i = 8, #ARGV do
   end
 end
 redis.call('ZADD', ns .. ':wait:' .. model, 'NX', score, job)
-if ARGV[7] ~= '' then redis.call('HSET', ns .. ':excl', job, ARGV[7]) end
+if ARGV[7] ~= '' then
+  redis.call('HSET', ns .. ':excl', job, ARGV[7])
+else
+  redis.call('HDEL', ns .. ':excl', job)
+end
 return false
 """
 

@@ -201,17 +201,10 @@ def _answers(url: str) -> bool:
 
 
 def queue_counts(queue: str) -> tuple[int, int]:
-    """(ready messages, consumers) of a queue by a passive declare; (0, 0) if it is absent."""
-    from amqp.exceptions import NotFound
+    """(ready messages, consumers) of a queue; (0, 0) if it is absent."""
+    from app import queues
 
-    from app.celery_app import celery_app
-
-    with celery_app.connection_for_write() as conn:
-        try:
-            _, messages, consumers = conn.default_channel.queue_declare(queue, passive=True)
-        except NotFound:
-            return 0, 0
-    return messages, consumers
+    return queues.queue_counts([queue])[queue]
 
 
 def depth(queue: str) -> int:

@@ -14,22 +14,17 @@ import logging
 from collections.abc import Iterable, Iterator
 
 import redis
-from amqp.exceptions import AMQPError, NotFound
-from kombu import Connection
+from amqp.exceptions import AMQPError
 from kombu.exceptions import OperationalError
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.fleet_state import fleet_state
-from app.queues import dead_letter_queue, route_queue
+from app.queues import dead_letter_queue, queue_counts, route_queue
 from app.settings import TIERS, get_settings
 from routing import FleetSnapshot
 
 log = logging.getLogger(__name__)
-
-#: Seconds to reach RabbitMQ before the scrape reports it down (Prometheus waits 10 s).
-BROKER_CONNECT_TIMEOUT = 2.0
-
 
 class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
@@ -57,7 +52,7 @@ class FleetCollector(Collector):
                 [((m,), n) for m, n in waiting.items()],
             )
         try:
-            queues = _queue_counts(
+            queues = queue_counts(
                 [dead_letter_queue(), *(route_queue(m, t) for m in models for t in TIERS)]
             )
         except (OSError, AMQPError, OperationalError) as exc:
@@ -142,21 +137,3 @@ def _instance_families(snap: FleetSnapshot) -> list[GaugeMetricFamily]:
             ((k, i.ewma_ms / 1000) for k, i in per),
         ),
     ]
-
-
-def _queue_counts(queues: list[str]) -> dict[str, tuple[int, int]]:
-    """(ready, consumers) per queue by passive declare; (0, 0) for a queue not declared yet."""
-    counts = {}
-    with Connection(get_settings().broker_url, connect_timeout=BROKER_CONNECT_TIMEOUT) as conn:
-        conn.connect()
-        for queue in queues:
-            # A passive declare of a missing queue closes its channel: one channel each.
-            channel = conn.channel()
-            try:
-                _, ready, consumers = channel.queue_declare(queue, passive=True)
-            except NotFound:
-                ready, consumers = 0, 0
-            finally:
-                channel.close()
-            counts[queue] = (ready, consumers)
-    return counts

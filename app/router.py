@@ -12,8 +12,10 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from amqp.exceptions import AMQPError
 from celery import states
 from celery.exceptions import Ignore, Reject
 from kombu.exceptions import OperationalError
@@ -22,9 +24,9 @@ from app import metrics
 from app.cache import response_cache
 from app.errors import JobRejected
 from app.fleet_state import DONE, fleet_state
-from app.queues import instance_queue
+from app.queues import instance_queue, queue_counts, route_queue
 from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
-from app.settings import get_settings
+from app.settings import TIERS, get_settings
 from app.tracing import tracer
 from routing import rank
 
@@ -111,6 +113,7 @@ def _reserve_slot(
                 snapshot.now - unserved_since
                 > UNSERVED_GRACE_BEATS * get_settings().heartbeat_interval
             ):
+                fleet.forget(job, request.model)  # no longer a waiter, nor holding a slot
                 raise JobRejected(
                     f"model {request.model!r} is no longer served by any instance",
                     {"job_id": job, "history": state.history},
@@ -119,20 +122,19 @@ def _reserve_slot(
             continue
         unserved_since = None
         strategy = snapshot.strategy_for(request.model, get_settings().strategy)
-        if not snapshot.serving(request.model):
-            raise JobRejected(
-                f"model {request.model!r} is no longer served by any instance",
-                {"job_id": job, "history": state.history},
-            )
+        if strategy == "smart":
+            snapshot = replace(snapshot, backlog={request.model: _backlog(request.model)})
         choices = rank(
             snapshot, request.model, strategy=strategy, exclude=state.excluded, tick=next(_ticks)
         )
+        candidates = [c.instance for c in choices]
         got = fleet.acquire(
             job,
             request.model,
             score=score,
-            candidates=[c.instance for c in choices],
-            exclude=state.excluded,
+            candidates=candidates,
+            # While it waits, a job is handed a slot only on an instance it ranked.
+            exclude=[i.name for i in snapshot.serving(request.model) if i.name not in candidates],
             now=snapshot.now,
         )
         if got is None:
@@ -152,6 +154,36 @@ def _reserve_slot(
             raise Ignore("job already finished")
         chosen = next((c.score for c in choices if c.instance == got), {})
         return got, chosen, strategy
+
+
+class _Backlog:
+    """Jobs of a model waiting to start: held by router threads, or still in a route queue.
+
+    The queue depths come from the broker (a passive declare per tier), read at most every
+    ``BACKLOG_TTL`` seconds per model by one thread while the others use the last reading.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, model: str) -> int:
+        at, queued = self._queued.get(model, (-BACKLOG_TTL, 0))
+        if time.monotonic() - at > BACKLOG_TTL and self._lock.acquire(blocking=False):
+            try:
+                counts = queue_counts([route_queue(model, t) for t in TIERS])
+                queued = sum(ready for ready, _ in counts.values())
+                self._queued[model] = (time.monotonic(), queued)
+            except (OSError, OperationalError, AMQPError):
+                pass  # routing goes on with the last reading
+            finally:
+                self._lock.release()
+        return queued + fleet_state().waiting(model)
+
+
+#: Seconds a reading of the route queues' depths is reused.
+BACKLOG_TTL = 0.5
+_backlog = _Backlog()
 
 
 def _from_cache(job: str, request: InferRequest, state: RouteState) -> dict[str, Any] | None:

@@ -78,6 +78,14 @@ def random(instances: list[InstanceStats], model: str, tick: int) -> list[Choice
     return [Choice(i.name) for i in shuffled]
 
 
+def _cost_ms(inst: InstanceStats, model: str) -> tuple[float, float, float, float]:
+    """(cost, service, cold load, penalty): the estimated time of this job on ``inst``."""
+    service = inst.service_ms(model) or UNKNOWN_SERVICE_MS
+    cold = 0.0 if model in inst.loaded else inst.load_ms.get(model, DEFAULT_LOAD_MS)
+    penalty = (1 + 0.5 * inst.recent_errors) * (1 + inst.host_pressure)
+    return (service + cold) * penalty / inst.weight, service, cold, penalty
+
+
 def smart(instances: list[InstanceStats], model: str, tick: int) -> list[Choice]:
     """Estimated time for this job to finish on each instance, lowest first.
 
@@ -85,13 +93,12 @@ def smart(instances: list[InstanceStats], model: str, tick: int) -> list[Choice]
     estimate when the model is not loaded there, scaled up by recent errors and host pressure
     and down by weight. Instances without a free slot go last: the router only ever starts a
     job on a free slot, so a busy fast box is worth less than a free slower one right now.
+    :func:`rank` then drops the instances too slow to be worth it for the current backlog
+    (see :func:`worth_starting`).
     """
     choices = []
     for inst in _rotate(instances, tick):
-        service = inst.service_ms(model) or UNKNOWN_SERVICE_MS
-        cold = 0.0 if model in inst.loaded else inst.load_ms.get(model, DEFAULT_LOAD_MS)
-        penalty = (1 + 0.5 * inst.recent_errors) * (1 + inst.host_pressure)
-        cost = (service + cold) * penalty / inst.weight
+        cost, service, cold, penalty = _cost_ms(inst, model)
         busy = 0.0 if inst.free else 1.0
         choices.append(
             Choice(
@@ -119,6 +126,28 @@ STRATEGIES: dict[str, Ranker] = {
 }
 
 
+def worth_starting(instances: list[InstanceStats], model: str, backlog: int) -> set[str]:
+    """The instances on which a job would start sooner than it could finish elsewhere.
+
+    With ``backlog`` jobs waiting, the instances faster than ``inst`` get through them at
+    their combined rate; if this job would finish sooner by waiting its turn there than by
+    running on ``inst`` (a slow box, or one that must load the model first), ``inst`` is not
+    worth it yet. So a slow box or a cold load is used while the backlog is deep, and the
+    last jobs of a batch wait for the fast boxes instead of ending up on the slow one.
+    """
+    worth: set[str] = set()
+    rate = 0.0  # jobs per ms that the instances taken so far finish
+    fastest = 0.0
+    for inst in sorted(instances, key=lambda i: _cost_ms(i, model)[0]):
+        cost = _cost_ms(inst, model)[0]
+        if worth and cost > (backlog + 1) / rate + fastest:
+            break  # every instance after this one is slower still
+        worth.add(inst.name)
+        rate += inst.capacity / cost
+        fastest = fastest or cost
+    return worth
+
+
 def rank(
     snapshot: FleetSnapshot,
     model: str,
@@ -128,4 +157,9 @@ def rank(
     tick: int = 0,
 ) -> list[Choice]:
     """Instances that may run a job for ``model``, best first; empty means wait."""
-    return STRATEGIES[strategy](eligible(snapshot, model, exclude), model, tick)
+    instances = eligible(snapshot, model, exclude)
+    choices = STRATEGIES[strategy](instances, model, tick)
+    if strategy == "smart":
+        worth = worth_starting(instances, model, snapshot.backlog.get(model, 0))
+        choices = [c for c in choices if c.instance in worth]
+    return choices

@@ -50,6 +50,8 @@ class FleetSnapshot:
     now: float
     #: Strategy overrides set live: per model name, and "*" for every model.
     strategies: dict[str, str] = field(default_factory=dict)
+    #: Jobs per model waiting to start (held by routers or still queued), where known.
+    backlog: dict[str, int] = field(default_factory=dict)
 
     def strategy_for(self, model: str, default: str) -> str:
         return self.strategies.get(model) or self.strategies.get("*") or default

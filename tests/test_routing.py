@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from routing import STRATEGIES, FleetSnapshot, InstanceStats, rank
+from routing.policy import worth_starting
 
 M = "llama3.2:3b"
 
@@ -76,15 +77,39 @@ def test_response_time_prefers_the_faster_instance_for_this_model() -> None:
 
 
 def test_smart_avoids_a_cold_load_and_records_its_reasons() -> None:
-    s = snap(inst("cold", loaded=frozenset(), ewma_ms=100.0), inst("hot", ewma_ms=150.0))
+    s = FleetSnapshot(
+        (inst("cold", loaded=frozenset(), ewma_ms=100.0), inst("hot", ewma_ms=150.0)),
+        100.0,
+        backlog={M: 500},  # enough work that the cold box is worth loading
+    )
     choices = rank(s, M, strategy="smart")
     assert names(choices) == ["hot", "cold"]
     assert choices[1].score["cold_ms"] > 0 and choices[0].score["cold_ms"] == 0
 
 
-def test_smart_prefers_a_free_slow_box_to_a_busy_fast_one() -> None:
-    s = snap(inst("fast", ewma_ms=100.0, in_flight=2), inst("slow", ewma_ms=400.0))
-    assert names(rank(s, M, strategy="smart")) == ["slow", "fast"]
+def test_smart_takes_a_free_slow_box_only_while_the_backlog_is_deep() -> None:
+    fleet = (inst("fast", ewma_ms=100.0, in_flight=2), inst("slow", ewma_ms=400.0))
+    # 20 jobs ahead: the fast box (2 slots, 100 ms) needs 1 s for them; the slow one 400 ms.
+    deep = FleetSnapshot(fleet, 100.0, backlog={M: 20})
+    assert names(rank(deep, M, strategy="smart")) == ["slow", "fast"]
+    # The last job of a batch finishes sooner by waiting for the fast box.
+    last = FleetSnapshot(fleet, 100.0, backlog={M: 0})
+    assert names(rank(last, M, strategy="smart")) == ["fast"]
+
+
+def test_smart_loads_a_cold_model_only_for_enough_work() -> None:
+    fleet = (inst("warm", ewma_ms=200.0), inst("cold", ewma_ms=200.0, loaded=frozenset()))
+    # A 5 s load pays when the warm box alone would need longer than that for the backlog.
+    assert names(rank(FleetSnapshot(fleet, 100.0, backlog={M: 3}), M, strategy="smart")) == ["warm"]
+    assert names(rank(FleetSnapshot(fleet, 100.0, backlog={M: 200}), M, strategy="smart")) == [
+        "warm",
+        "cold",
+    ]
+
+
+def test_worth_starting_never_leaves_a_model_with_no_instance() -> None:
+    lone = [inst("slow", ewma_ms=5000.0, loaded=frozenset())]
+    assert worth_starting(lone, M, backlog=0) == {"slow"}
 
 
 def test_smart_penalises_recent_errors() -> None:
