@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from celery import Task
 
 
+#: A load_duration longer than this means the model was loaded for this job.
+COLD_LOAD_S = 0.2
+
+
 def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any]:
     job = task.request.id
     instance = state.instance
@@ -73,6 +77,9 @@ def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, A
     finally:
         agent.job_ended(job)
     finished = time.time()
+    if reply.timings.load_s > COLD_LOAD_S:
+        # It loaded the model first: what `smart` expects a cold start here to cost.
+        fleet_state().record_load(instance, request.model, reply.timings.load_s * 1000)
     result = InferResult(
         **reply.model_dump(),
         id=job,

@@ -316,6 +316,15 @@ class FleetState:
             },
         )
 
+    def record_load(self, name: str, model: str, ms: float) -> None:
+        """How long ``model`` took to load on the instance, learned from a cold start."""
+        key, field = self._inst(name), f"load:{model}"
+        old = self.redis.hget(key, field)
+        self.redis.hset(key, field, float(old) * (1 - EWMA_ALPHA) + ms * EWMA_ALPHA if old else ms)
+
+    def set_version(self, name: str, version: str) -> None:
+        self.redis.hset(self._inst(name), "version", version)
+
     def set_enabled(self, name: str, enabled: bool) -> None:
         self.redis.hset(self._inst(name), "enabled", int(enabled))
 
@@ -473,6 +482,7 @@ def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:
         weight=float(row.get("weight", 1)),
         ewma_ms=float(row.get("ewma_ms", 0)),
         model_ewma_ms={k[5:]: float(v) for k, v in row.items() if k.startswith("ewma:")},
+        load_ms={k[5:]: float(v) for k, v in row.items() if k.startswith("load:")},
         recent_errors=int(row.get("errors", 0)),
         host_pressure=float(row.get("host_pressure", 0)),
         host_cpu=float(row.get("host_cpu", 0)),

@@ -172,6 +172,7 @@ class InstanceAgent:
             probe_ms = (time.perf_counter() - started) * 1000
             if discover:
                 fleet.set_models(self.name, [normalize_model(m) for m in self.client.tags()])
+                fleet.set_version(self.name, self.client.version())
             healthy = True
         except OllamaError as exc:
             log.warning("instance %s unhealthy: %s", self.name, exc)

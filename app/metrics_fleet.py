@@ -26,6 +26,7 @@ from routing import FleetSnapshot
 
 log = logging.getLogger(__name__)
 
+
 class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         source_up = GaugeMetricFamily(
@@ -136,4 +137,17 @@ def _instance_families(snap: FleetSnapshot) -> list[GaugeMetricFamily]:
             ["instance"],
             ((k, i.ewma_ms / 1000) for k, i in per),
         ),
+        _gauge(
+            "corral_instance_breaker_state",
+            "1 for the circuit breaker's current state (closed, half_open, open), else 0.",
+            ["instance", "state"],
+            (
+                ((i.name, state), float(i.breaker == state))
+                for i in snap.instances
+                for state in BREAKER_STATES
+            ),
+        ),
     ]
+
+
+BREAKER_STATES = ("closed", "half_open", "open")

@@ -88,4 +88,3 @@ class AsyncTokenRelay:
 def token_relay() -> TokenRelay:
     s = get_settings()
     return TokenRelay(redis_client(s.redis_url), s.namespace)
-

@@ -39,6 +39,8 @@ def test_fleet_gauges_describe_the_running_fleet(healthy_fleet: LocalFleet, metr
         assert s.get("corral_instance_up", instance=name) == 1
         assert s.get("corral_instance_healthy", instance=name) == 1
         assert s.get("corral_instance_jobs_in_flight", instance=name) == 0
+        assert s.get("corral_instance_breaker_state", instance=name, state="closed") == 1
+        assert s.get("corral_instance_breaker_state", instance=name, state="open") == 0
     for tier in TIERS:
         # The router of each tier consumes the queue of each model.
         assert s.get("corral_queue_consumers", model=CHAT, tier=tier) >= 1
@@ -170,3 +172,17 @@ def test_cache_hits_and_misses_are_counted(healthy_fleet: LocalFleet, metrics: A
     assert after.get("corral_jobs_finished_total", **cached) == (
         before.get("corral_jobs_finished_total", **cached) + 1
     )
+
+
+def test_an_open_circuit_breaker_shows(healthy_fleet: LocalFleet, metrics: Any) -> None:
+    healthy_fleet.faults("sim-c", error_rate=1.0)
+    # Jobs until sim-c failed breaker_threshold (3) times in a row; they succeed elsewhere.
+    for i in range(40):
+        infer.delay(model=CHAT, prompt=f"trip {i}", cache=False).get(timeout=30)
+        if healthy_fleet.sim_stats("sim-c")["errors_total"] >= 3:
+            break
+    s = metrics.wait_for(
+        lambda s: s.get("corral_instance_breaker_state", instance="sim-c", state="open") == 1,
+        "sim-c's breaker to show open",
+    )
+    assert s.get("corral_instance_breaker_state", instance="sim-c", state="closed") == 0
