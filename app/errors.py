@@ -25,6 +25,20 @@ class ModelNotServed(InvalidRequest):
     """No instance in the fleet serves this model; nothing was queued."""
 
 
+class RateLimited(CorralError):
+    """The agent's class refuses jobs over its rate limit; nothing was queued.
+
+    ``retry_after`` is the number of seconds until a job would be accepted.
+    """
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after)
+        self.message, self.retry_after = message, retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
 # Raised by one call to an Ollama instance (inside a worker).
 
 

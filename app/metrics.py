@@ -5,7 +5,8 @@ Recorded where the fact is known, with no change to the task's own code beyond t
 * Celery signals in the worker that ran the stage: ``task_success`` (outcome, and the wait,
   service and total latency from ``InferResult.routing``), ``task_failure`` and
   ``task_retry`` (one per transient failure sent back through the router);
-* ``routed`` and ``cache_lookup``, called by the router stage (``app.router``);
+* ``routed``, ``cache_lookup`` and ``rate_limited``, called by the router stage
+  (``app.router``) and, for refused jobs, at the call (``tasks.infer``);
 * ``dead_lettered``, called when a job is written to the dead-letter queue (``app.executor``).
 
 Why Redis rather than a /metrics port per worker: see ``app.metrics_store``. ``corral
@@ -79,7 +80,12 @@ CACHE = MetricSpec(
     "Response-cache lookups of deterministic requests, by result (hit or miss).",
     ("model", "result"),
 )
-JOB_METRICS = (JOBS, WAIT, SERVICE, TOTAL, ROUTED, RETRIES, DEAD, CACHE)
+LIMITED = MetricSpec(
+    "corral_jobs_rate_limited_total",
+    "Jobs over a rate limit, by agent class: delayed (waited their turn) or refused.",
+    ("agent_class", "action"),
+)
+JOB_METRICS = (JOBS, WAIT, SERVICE, TOTAL, ROUTED, RETRIES, DEAD, CACHE, LIMITED)
 
 
 def job_store() -> MetricStore:
@@ -108,6 +114,12 @@ def routed(strategy: str, instance: str) -> None:
 def cache_lookup(model: str, *, hit: bool) -> None:
     batch = Batch()
     batch.inc(CACHE, model=model, result="hit" if hit else "miss")
+    _write(batch)
+
+
+def rate_limited(agent_class: str, action: str) -> None:
+    batch = Batch()
+    batch.inc(LIMITED, agent_class=agent_class, action=action)
     _write(batch)
 
 

@@ -3,6 +3,8 @@
 * ``<ns>.route.<model>.<tier>``: jobs waiting for a slot, in priority order (router consumes).
 * ``<ns>.instance.<name>``: jobs holding a slot on that instance (its worker consumes).
 * ``<ns>.dead``: dead letters, one JSON record per job that gave up.
+* ``<route queue>.delay.<n>s``: jobs a rate limit holds back, for n seconds; RabbitMQ then
+  dead-letters them back to their route queue (no consumer, nothing held in a worker).
 * ``<ns>.batch``: scheduled batch runs and their result callbacks (``tasks.batch``); the batch
   router consumes it, so they never take a thread from a more urgent tier.
 
@@ -13,7 +15,7 @@ agree in every process (see ``app.celery_app``).
 from __future__ import annotations
 
 from amqp.exceptions import NotFound
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 from app.settings import Tier, get_settings
 
@@ -56,3 +58,22 @@ def queue_counts(queues: list[str]) -> dict[str, tuple[int, int]]:
                 channel.close()
             counts[queue] = (ready, consumers)
     return counts
+
+
+def delay_queue(target: str, seconds: int) -> Queue:
+    """Where a job waits ``seconds`` before RabbitMQ moves it back to the ``target`` queue.
+
+    Every message of the queue has the same time to live, so they expire in order, at the
+    head: a classic TTL + dead-letter delay that keeps the job durable in the broker.
+    """
+    name = f"{target}.delay.{seconds}s"
+    return Queue(
+        name,
+        Exchange(name, type="direct"),
+        routing_key=name,
+        queue_arguments={
+            "x-message-ttl": seconds * 1000,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": target,
+        },
+    )

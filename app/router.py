@@ -10,6 +10,7 @@ that instance's queue with ``Task.replace``: the caller's task id and ``.get()``
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from dataclasses import replace
@@ -20,11 +21,11 @@ from celery import states
 from celery.exceptions import Ignore, Reject
 from kombu.exceptions import OperationalError
 
-from app import metrics
+from app import limits, metrics
 from app.cache import response_cache
 from app.errors import JobRejected
 from app.fleet_state import DONE, fleet_state
-from app.queues import instance_queue, queue_counts, route_queue
+from app.queues import delay_queue, instance_queue, queue_counts, route_queue
 from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import TIERS, get_settings
 from app.tracing import tracer
@@ -70,6 +71,9 @@ def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any
             task.backend.store_result(job, cached, states.SUCCESS)
             return cached
 
+    start_after = _rate_limited_until(request, state)
+    if start_after is not None:
+        return _park(task, request, state, start_after)
     with tracer.start_as_current_span("corral.route", attributes={"model": request.model}) as span:
         instance, choice_score, strategy = _reserve_slot(job, request, state)
         span.set_attributes({"instance": instance, "strategy": strategy})
@@ -94,6 +98,48 @@ def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any
         # The broker stayed away through every publish retry: this job keeps its slot
         # (a redelivered router finds the grant) and goes back to its queue, not to FAILURE.
         raise Reject(exc, requeue=True) from exc
+
+
+def _rate_limited_until(request: InferRequest, state: RouteState) -> float | None:
+    """Take the job's token (``app.limits``); the time it is due, or None to start it now."""
+    start_after = state.start_after
+    if start_after is None:
+        settings = get_settings()
+        agent_class = settings.class_of(request.agent, request.agent_class)
+        limits_of = settings.agent_classes.get(agent_class)
+        if limits_of is not None and limits_of.on_limit == "refuse":
+            return None  # took its token when it was submitted
+        wait = limits.take(request.agent, agent_class, refuse=False)
+        if wait <= 0:
+            return None
+        metrics.rate_limited(agent_class, "delayed")
+        start_after = time.time() + wait
+    remaining = start_after - time.time()
+    if remaining < 1:
+        time.sleep(max(remaining, 0))  # shorter than the shortest delay queue
+        return None
+    return start_after
+
+
+def _park(task: Task, request: InferRequest, state: RouteState, start_after: float) -> Any:
+    """Send the job to wait in a delay queue, from which RabbitMQ returns it to this router
+    (no thread waits for it meanwhile). A long wait takes several stays, halving each time."""
+    remaining = start_after - time.time()
+    seconds = min(2 ** int(math.log2(max(remaining, 1))), MAX_DELAY_SECONDS)
+    sig = task.signature(
+        kwargs={
+            **task.request.kwargs,
+            "_route": state.model_copy(update={"start_after": start_after}).model_dump(),
+        },
+        queue=delay_queue(route_queue(request.model, request.tier), seconds),
+        priority=request.priority,
+        ignore_result=True,
+    )
+    return task.replace(sig)
+
+
+#: The longest single stay in a delay queue; a longer wait takes several.
+MAX_DELAY_SECONDS = 1024
 
 
 def _reserve_slot(

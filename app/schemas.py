@@ -68,7 +68,9 @@ class ChatMessage(BaseModel):
 
 
 #: Fields that are Corral's, not Ollama's: never sent to Ollama, never part of the cache key.
-CORRAL_FIELDS = frozenset({"kind", "tier", "priority", "agent", "cache", "stream", "job_key"})
+CORRAL_FIELDS = frozenset(
+    {"kind", "tier", "priority", "agent", "agent_class", "cache", "stream", "job_key"}
+)
 
 _KIND_FIELDS: dict[str, tuple[str, ...]] = {
     "generate": ("prompt", "suffix", "system", "template", "raw", "images", "context"),
@@ -108,6 +110,9 @@ class InferRequest(BaseModel):
     tier: Tier = Field(default_factory=lambda: get_settings().default_tier)
     priority: StrictInt = Field(5, ge=0, le=9, description="order inside the tier, 9 first")
     agent: StrictStr | None = Field(None, max_length=128)
+    agent_class: StrictStr | None = Field(
+        None, max_length=64, description="rate-limit class; default: from the agent's name"
+    )
     cache: StrictBool = Field(True, description="False bypasses the response cache")
     stream: StrictBool = Field(
         False, description="relay tokens as they come (app.relay), e.g. for the gateway"
@@ -220,6 +225,8 @@ class RouteState(BaseModel):
     """
 
     submitted_at: float
+    #: Set when a rate limit made the job wait: it may start from this time on.
+    start_after: float | None = None
     instance: str | None = None
     attempts: int = 0
     excluded: list[str] = Field(default_factory=list)

@@ -9,11 +9,12 @@ same object, so queue names, priorities and Redis keys agree everywhere.
 from __future__ import annotations
 
 import os
+from fnmatch import fnmatchcase
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -75,6 +76,23 @@ def _config_file() -> Path:
     return Path(os.environ.get("CORRAL_CONFIG", "corral.toml"))
 
 
+class AgentClass(BaseModel):
+    """Limits shared by a class of agents (README "Rate limits"); unset means no limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    agents: list[str] = Field(
+        default_factory=list, description="agent names of this class; shell patterns (opus-*)"
+    )
+    rate_per_minute: float | None = Field(None, gt=0, description="jobs a minute, whole class")
+    agent_rate_per_minute: float | None = Field(
+        None, gt=0, description="jobs a minute, each agent of the class"
+    )
+    on_limit: Literal["wait", "refuse"] = Field(
+        "wait", description="wait: the job starts when the limit allows; refuse: error at once"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORRAL_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -125,6 +143,14 @@ class Settings(BaseSettings):
     # Recurring batch jobs, run by `corral beat` (see app.schedules).
     schedules: Schedules = Field(default_factory=list)
 
+    # Rate limits (app.limits).
+    agent_classes: dict[str, AgentClass] = Field(
+        default_factory=dict, description="per agent class: who is in it, and its limits"
+    )
+    global_rate_per_minute: float | None = Field(
+        None, gt=0, description="jobs a minute started across every agent"
+    )
+
     # Processes.
     router_concurrency: int = Field(32, ge=1, description="router threads per tier")
     heartbeat_interval: float = Field(2.0, gt=0)
@@ -165,6 +191,16 @@ class Settings(BaseSettings):
     gateway_redis_connections: int = Field(
         1000, ge=10, description="Redis connections per gateway; each stream holds one"
     )
+
+    def class_of(self, agent: str | None, declared: str | None = None) -> str:
+        """The agent class of a job: the one it declares (an API key's), else the first class
+        whose ``agents`` patterns match its agent, else ``default``."""
+        if declared:
+            return declared
+        for name, agent_class in self.agent_classes.items():
+            if agent and any(fnmatchcase(agent, p) for p in agent_class.agents):
+                return name
+        return "default"
 
     @classmethod
     def settings_customise_sources(

@@ -20,9 +20,9 @@ from celery.signals import task_revoked
 from celery.utils import uuid
 from pydantic import ValidationError
 
-from app import executor, router
+from app import executor, limits, metrics, router
 from app.celery_app import celery_app
-from app.errors import InvalidRequest, ModelNotServed
+from app.errors import InvalidRequest, ModelNotServed, RateLimited
 from app.fleet_state import fleet_state
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
@@ -82,6 +82,7 @@ class InferTask(Task):
             raise ModelNotServed(
                 f"no instance serves model {request.model!r}; served: {self._served.listing()}"
             )
+        _refuse_if_over_limit(request)
         if request.job_key is not None:
             first = _claim_job_key(request.job_key, options.setdefault("task_id", uuid()))
             if first is not None:
@@ -142,6 +143,23 @@ class InferTask(Task):
             from app.cache import response_cache
 
             response_cache().release(request.cache_key(), task_id)
+
+
+def _refuse_if_over_limit(request: InferRequest) -> None:
+    """For a class that refuses over its limit: take the job's token now, or raise."""
+    settings = get_settings()
+    agent_class = settings.class_of(request.agent, request.agent_class)
+    limits_of = settings.agent_classes.get(agent_class)
+    if limits_of is None or limits_of.on_limit != "refuse":
+        return  # waits its turn in the router, if limited at all
+    wait = limits.take(request.agent, agent_class, refuse=True)
+    if wait > 0:
+        metrics.rate_limited(agent_class, "refused")
+        raise RateLimited(
+            f"agent {request.agent!r} (class {agent_class!r}) is over its rate limit:"
+            f" retry in {wait:.1f} s",
+            wait,
+        )
 
 
 @task_revoked.connect

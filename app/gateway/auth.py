@@ -97,6 +97,8 @@ class Caller:
         fields: dict[str, Any] = {"tier": self.tier, "priority": self.priority}
         if self.agent:
             fields["agent"] = self.agent
+        if self.key is not None:  # the key's class sets the rate limits, not the request
+            fields["agent_class"] = self.key.agent_class
         return fields
 
 

@@ -8,12 +8,13 @@ the request quietly).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
 
-from app.errors import InvalidRequest, ModelNotServed
+from app.errors import InvalidRequest, ModelNotServed, RateLimited
 from app.gateway.disconnect import ClientGone, unless_gone
 from app.gateway.errors import GatewayError, job_error
 from app.gateway.services import Services, services
@@ -34,6 +35,11 @@ async def submit(
         return await services(request).jobs.submit(fields, wait=wait)
     except ModelNotServed:
         raise GatewayError(404, not_found, code="model_not_found", param="model") from None
+    except RateLimited as exc:
+        retry = str(math.ceil(exc.retry_after))
+        raise GatewayError(
+            429, str(exc), code="rate_limit_exceeded", headers={"Retry-After": retry}
+        ) from None
     except InvalidRequest as exc:
         raise GatewayError(400, str(exc)) from None
 

@@ -1,0 +1,134 @@
+"""Rate limits: the token buckets against real Redis, then the whole path with real workers.
+
+A class that waits: its jobs start at its rate, parked in RabbitMQ delay queues, while
+another agent's job is not held back. A class that refuses: ``infer.delay()`` raises
+``RateLimited`` at the call and nothing is queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from celery.signals import before_task_publish
+
+from app import limits
+from app.errors import RateLimited
+from app.fleet_state import redis_client
+from app.harness import LocalFleet, free_port, own_fleet
+from app.settings import Settings, get_settings
+from tasks import infer
+
+MODEL = "llama3.2:3b"
+CLASSES = {
+    "heavy": {"agents": ["opus-*"], "agent_rate_per_minute": 60},  # 1 a second, burst 10
+    "strict": {"agents": ["strict-*"], "rate_per_minute": 6, "on_limit": "refuse"},
+}
+
+
+@pytest.fixture
+def classes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("CORRAL_AGENT_CLASSES", json.dumps(CLASSES))
+    monkeypatch.setenv("CORRAL_NAMESPACE", f"lim{os.getpid()}x{time.monotonic_ns()}")
+    get_settings.cache_clear()
+    yield
+    redis = redis_client(get_settings().redis_url)
+    for key in redis.scan_iter(f"{get_settings().namespace}:rate:*"):
+        redis.delete(key)
+    get_settings.cache_clear()
+
+
+def test_a_bucket_gives_its_burst_then_paces_reservations(classes: None) -> None:
+    waits = [limits.take("opus-1", "heavy", refuse=False) for _ in range(13)]
+    assert waits[:10] == [0.0] * 10  # 10 s worth at 1 a second
+    # Then one more second per reservation (a little less: time passed meanwhile).
+    assert [round(w) for w in waits[10:]] == [1, 2, 3]
+    # Another agent of the class has a bucket of its own.
+    assert limits.take("opus-2", "heavy", refuse=False) == 0.0
+
+
+def test_refusing_takes_nothing(classes: None) -> None:
+    assert limits.take("strict-1", "strict", refuse=True) == 0.0  # burst of 1 (6 a minute)
+    first = limits.take("strict-1", "strict", refuse=True)
+    second = limits.take("strict-1", "strict", refuse=True)
+    assert 9 < first <= 10 and abs(second - first) < 0.5  # refused twice: nothing taken
+
+
+def test_agents_find_their_class() -> None:
+    settings = Settings(agent_classes=CLASSES)
+    assert settings.class_of("opus-7") == "heavy"
+    assert settings.class_of("opus-7", declared="strict") == "strict"  # an API key's class
+    assert settings.class_of("sonnet-3") == "default"
+
+
+@pytest.fixture(scope="module")
+def limited_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
+    sims = [
+        {
+            "name": name,
+            "port": free_port(),
+            "num_parallel": 2,
+            "preloaded": [MODEL],
+            "models": [{"name": MODEL, "kind": "chat", "tokens_per_second": 400.0}],
+        }
+        for name in ("lim-a", "lim-b")
+    ]
+    classes = {"heavy": {"agents": ["opus-*"], "agent_rate_per_minute": 30}}  # 1 per 2 s
+    workdir: Path = tmp_path_factory.mktemp("limited")
+    with own_fleet(
+        workdir,
+        sims,
+        CORRAL_NAMESPACE=f"limf{os.getpid()}",
+        CORRAL_AGENT_CLASSES=json.dumps(classes),
+    ) as fleet:
+        yield fleet
+
+
+@pytest.mark.fleet
+def test_a_limited_agent_waits_its_turn_without_holding_back_others(
+    limited_fleet: LocalFleet,
+) -> None:
+    # 30 a minute with a burst of 5: the first 5 start at once, then one every 2 s.
+    heavy = [
+        infer.delay(model=MODEL, prompt=f"heavy {i}", agent="opus-1", cache=False) for i in range(8)
+    ]
+    time.sleep(0.5)
+    light = infer.delay(model=MODEL, prompt="light", agent="sonnet-1", cache=False)
+    light_result = light.get(timeout=30)
+    results = [j.get(timeout=60) for j in heavy]
+
+    starts = sorted(r.routing.finished_at - r.routing.service_s for r in results)
+    assert starts[5] - starts[0] >= 1.5 and starts[7] - starts[0] >= 5.5, starts
+    assert light_result.routing.wait_s < 1.5  # not queued behind opus-1's limit
+    assert len({r.id for r in results}) == 8
+    stats = [limited_fleet.sim_stats(n)["requests_total"] for n in limited_fleet.sim_urls]
+    assert sum(stats) == 9  # each job ran once
+
+
+@pytest.mark.fleet
+def test_a_refusing_class_raises_at_the_call_and_queues_nothing(
+    limited_fleet: LocalFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refusing = {"strict": {"agents": ["strict-*"], "rate_per_minute": 6, "on_limit": "refuse"}}
+    monkeypatch.setenv("CORRAL_AGENT_CLASSES", json.dumps(refusing))
+    get_settings.cache_clear()
+    try:
+        assert infer.delay(model=MODEL, prompt="first", agent="strict-1").get(timeout=30).text
+        published: list[object] = []
+
+        def record(**kwargs: object) -> None:
+            published.append(kwargs)
+
+        before_task_publish.connect(record, weak=False)
+        try:
+            with pytest.raises(RateLimited, match="retry in") as info:
+                infer.delay(model=MODEL, prompt="second", agent="strict-1")
+        finally:
+            before_task_publish.disconnect(record)
+        assert published == [] and 5 < info.value.retry_after <= 10
+    finally:
+        get_settings.cache_clear()
