@@ -32,7 +32,33 @@ EWMA_ALPHA = 0.2
 #: A job id returned by ``acquire`` for a job that already finished.
 DONE = "!done"
 
-_HANDOFF = """
+# Bulkheads: slots held per agent class, for the classes with a cap (max_in_flight). A job of
+# such a class records its class when granted (job_class) or when it starts waiting (wclass,
+# "class|cap"), and gives the count back with its grant.
+_CLASSES = """
+local function class_full(ns, name, cap)
+  return tonumber(redis.call('HGET', ns .. ':class_in_flight', name) or '0') >= cap
+end
+local function waiter_class(ns, job)
+  local c = redis.call('HGET', ns .. ':wclass', job)
+  if not c then return nil, 0 end
+  local sep = string.find(c, '|', 1, true)
+  return string.sub(c, 1, sep - 1), tonumber(string.sub(c, sep + 1))
+end
+local function class_take(ns, job, name)
+  redis.call('HINCRBY', ns .. ':class_in_flight', name, 1)
+  redis.call('HSET', ns .. ':job_class', job, name)
+end
+local function class_give_back(ns, job)
+  local name = redis.call('HGET', ns .. ':job_class', job)
+  if name then
+    redis.call('HINCRBY', ns .. ':class_in_flight', name, -1)
+    redis.call('HDEL', ns .. ':job_class', job)
+  end
+end
+"""
+
+_HANDOFF = _CLASSES + """
 local function handoff(ns, inst, now, lease)
   -- A removed instance (corral fleet remove --force) keeps no counters.
   if redis.call('SISMEMBER', ns .. ':instances', inst) == 0 then return false end
@@ -47,13 +73,18 @@ local function handoff(ns, inst, now, lease)
         local s = tonumber(w[j + 1])
         if best_score and s >= best_score then break end
         local ex = redis.call('HGET', ns .. ':excl', w[j])
-        if not ex or not string.find(',' .. ex .. ',', ',' .. inst .. ',', 1, true) then
+        local name, cap = waiter_class(ns, w[j])
+        if (not ex or not string.find(',' .. ex .. ',', ',' .. inst .. ',', 1, true))
+           and not (name and class_full(ns, name, cap)) then
           best, best_score, best_model = w[j], s, m
           break
         end
       end
     end
     if best then
+      local name = waiter_class(ns, best)
+      if name then class_take(ns, best, name) end
+      redis.call('HDEL', ns .. ':wclass', best)
       redis.call('ZREM', ns .. ':wait:' .. best_model, best)
       redis.call('HDEL', ns .. ':excl', best)
       redis.call('HSET', ns .. ':grants', best, inst)
@@ -68,10 +99,11 @@ local function handoff(ns, inst, now, lease)
 end
 """
 
-# ARGV: ns, job, model, score, now, lease, excluded_csv, candidate...
-_ACQUIRE = """
+# ARGV: ns, job, model, score, now, lease, excluded_csv, class, cap (0: none), candidate...
+_ACQUIRE = _CLASSES + """
 local ns, job, model = ARGV[1], ARGV[2], ARGV[3]
 local score, now, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local class, cap = ARGV[8], tonumber(ARGV[9])
 if redis.call('EXISTS', ns .. ':done:' .. job) == 1 then return '!done' end
 local held = redis.call('HGET', ns .. ':grants', job)
 if held then
@@ -79,7 +111,9 @@ if held then
   redis.call('ZADD', ns .. ':leases', now + lease, job)
   return held
 end
-for i = 8, #ARGV do
+local candidates = #ARGV
+if cap > 0 and class_full(ns, class, cap) then candidates = 9 end  -- its class is at its cap
+for i = 10, candidates do
   local key = ns .. ':inst:' .. ARGV[i]
   local v = redis.call('HMGET', key, 'in_flight', 'capacity', 'enabled', 'breaker', 'down_until')
   local room = tonumber(v[2] or '0')
@@ -95,6 +129,8 @@ for i = 8, #ARGV do
     redis.call('ZADD', ns .. ':leases', now + lease, job)
     redis.call('ZREM', ns .. ':wait:' .. model, job)
     redis.call('HDEL', ns .. ':excl', job)
+    redis.call('HDEL', ns .. ':wclass', job)
+    if cap > 0 then class_take(ns, job, class) end
     return ARGV[i]
   end
 end
@@ -103,6 +139,11 @@ if ARGV[7] ~= '' then
   redis.call('HSET', ns .. ':excl', job, ARGV[7])
 else
   redis.call('HDEL', ns .. ':excl', job)
+end
+if cap > 0 then
+  redis.call('HSET', ns .. ':wclass', job, class .. '|' .. cap)
+else
+  redis.call('HDEL', ns .. ':wclass', job)
 end
 return false
 """
@@ -127,6 +168,7 @@ local ns, job, inst = ARGV[1], ARGV[2], ARGV[3]
 local now, lease = tonumber(ARGV[4]), tonumber(ARGV[5])
 if redis.call('HGET', ns .. ':grants', job) ~= inst then return false end
 redis.call('HDEL', ns .. ':grants', job)
+class_give_back(ns, job)
 redis.call('HDEL', ns .. ':running', job)
 redis.call('ZREM', ns .. ':leases', job)
 if ARGV[6] == '1' then redis.call('SET', ns .. ':done:' .. job, '1', 'EX', tonumber(ARGV[10])) end
@@ -190,6 +232,7 @@ for _, job in ipairs(expired) do
   if inst then
     redis.call('HDEL', ns .. ':grants', job)
     redis.call('HDEL', ns .. ':running', job)
+    class_give_back(ns, job)
     handoff(ns, inst, now, lease)
   end
 end
@@ -369,12 +412,15 @@ class FleetState:
         score: float,
         candidates: list[str],
         exclude: list[str],
+        agent_class: str = "default",
+        class_cap: int = 0,
         now: float | None = None,
     ) -> str | None:
         """Reserve a slot on the first candidate with one free; else queue as a waiter.
 
-        Returns the instance, ``DONE`` when the job already finished, or None (waiting).
-        Calling it again for the same job returns the slot it already holds.
+        With ``class_cap``, no more than that many slots go to jobs of ``agent_class`` at once
+        (a bulkhead). Returns the instance, ``DONE`` when the job already finished, or None
+        (waiting). Calling it again for the same job returns the slot it already holds.
         """
         lease = get_settings().grant_lease
         return self._acquire(
@@ -386,6 +432,8 @@ class FleetState:
                 now or time.time(),
                 lease,
                 ",".join(exclude),
+                agent_class,
+                class_cap,
                 *candidates,
             ]
         )
@@ -450,6 +498,7 @@ class FleetState:
         with self.redis.pipeline() as pipe:
             pipe.zrem(f"{self.ns}:wait:{model}", job)
             pipe.hdel(f"{self.ns}:excl", job)
+            pipe.hdel(f"{self.ns}:wclass", job)
             pipe.execute()
         self.release([job])
 

@@ -147,18 +147,19 @@ def _reserve_slot(
 ) -> tuple[str, dict[str, float], str]:
     fleet = fleet_state()
     score = waiter_score(request, state)
+    settings = get_settings()
+    agent_class = settings.class_of(request.agent, request.agent_class)
+    limits_of = settings.agent_classes.get(agent_class)
+    class_cap = (limits_of.max_in_flight if limits_of else None) or 0
     unserved_since: float | None = None
-    give_back_at = time.monotonic() + get_settings().broker_consumer_timeout / 2
+    give_back_at = time.monotonic() + settings.broker_consumer_timeout / 2
     while True:
         snapshot = fleet.snapshot()
         if not snapshot.serving(request.model):
             # Either the model is gone, or the registry is (Redis restarted and the
             # instance workers have not re-registered yet): wait a few heartbeats first.
             unserved_since = unserved_since or snapshot.now
-            if (
-                snapshot.now - unserved_since
-                > UNSERVED_GRACE_BEATS * get_settings().heartbeat_interval
-            ):
+            if snapshot.now - unserved_since > UNSERVED_GRACE_BEATS * settings.heartbeat_interval:
                 fleet.forget(job, request.model)  # no longer a waiter, nor holding a slot
                 raise JobRejected(
                     f"model {request.model!r} is no longer served by any instance",
@@ -167,7 +168,7 @@ def _reserve_slot(
             time.sleep(WAIT_POLL_SECONDS)
             continue
         unserved_since = None
-        strategy = snapshot.strategy_for(request.model, get_settings().strategy)
+        strategy = snapshot.strategy_for(request.model, settings.strategy)
         if strategy == "smart":
             snapshot = replace(snapshot, backlog={request.model: _backlog(request.model)})
         choices = rank(
@@ -181,6 +182,8 @@ def _reserve_slot(
             candidates=candidates,
             # While it waits, a job is handed a slot only on an instance it ranked.
             exclude=[i.name for i in snapshot.serving(request.model) if i.name not in candidates],
+            agent_class=agent_class,
+            class_cap=class_cap,
             now=snapshot.now,
         )
         if got is None:

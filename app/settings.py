@@ -91,6 +91,9 @@ class AgentClass(BaseModel):
     on_limit: Literal["wait", "refuse"] = Field(
         "wait", description="wait: the job starts when the limit allows; refuse: error at once"
     )
+    max_in_flight: int | None = Field(
+        None, ge=1, description="bulkhead: slots the class may hold at once, fleet-wide"
+    )
 
 
 class Settings(BaseSettings):

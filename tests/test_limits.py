@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -77,7 +78,10 @@ def limited_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFle
         }
         for name in ("lim-a", "lim-b")
     ]
-    classes = {"heavy": {"agents": ["opus-*"], "agent_rate_per_minute": 30}}  # 1 per 2 s
+    classes = {
+        "heavy": {"agents": ["opus-*"], "agent_rate_per_minute": 30},  # 1 per 2 s
+        "capped": {"agents": ["etl-*"], "max_in_flight": 1},  # a bulkhead of one slot
+    }
     workdir: Path = tmp_path_factory.mktemp("limited")
     with own_fleet(
         workdir,
@@ -132,3 +136,26 @@ def test_a_refusing_class_raises_at_the_call_and_queues_nothing(
         assert published == [] and 5 < info.value.retry_after <= 10
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.fleet
+def test_a_class_at_its_bulkhead_cap_never_holds_more_slots(limited_fleet: LocalFleet) -> None:
+    for name in limited_fleet.sim_urls:
+        limited_fleet.faults(name, slow_factor=20.0)  # ~0.3 s a job
+    try:
+        capped = [
+            infer.delay(model=MODEL, prompt=f"etl {i}", agent="etl-1", cache=False)
+            for i in range(5)
+        ]
+        time.sleep(0.2)
+        other = infer.delay(model=MODEL, prompt="other", agent="sonnet-2", cache=False)
+        other_result = other.get(timeout=30)
+        runs = sorted(
+            (r.routing.finished_at - r.routing.service_s, r.routing.finished_at)
+            for r in (j.get(timeout=60) for j in capped)
+        )
+    finally:
+        limited_fleet.clear_faults()
+    # One at a time, though 4 slots were free: each started after the previous one ended.
+    assert all(start >= end - 0.01 for (_, end), (start, _) in pairwise(runs)), runs
+    assert other_result.routing.wait_s < 1.0  # the other class was not held back

@@ -156,3 +156,48 @@ def test_a_revoked_job_stops_waiting_and_frees_its_slot(fleet: FleetState) -> No
     assert fleet.waiting(M) == 0
     fleet.forget("j1", M)
     assert in_flight(fleet, "a") == 1
+
+
+def test_a_class_at_its_cap_waits_while_others_get_free_slots(fleet: FleetState) -> None:
+    def heavy(job: str, score: float = 0.0) -> str | None:
+        return fleet.acquire(
+            job,
+            M,
+            score=score,
+            candidates=["a", "b"],
+            exclude=[],
+            agent_class="heavy",
+            class_cap=1,
+        )
+
+    assert heavy("h1") is not None
+    assert heavy("h2", score=1.0) is None  # slots are free, but heavy holds its 1
+    assert acquire(fleet, "light", cands=("a", "b")) is not None  # another class is not held
+    # When h1 ends, its slot goes to h2 (the class is back under its cap), not idle.
+    holder = fleet.redis.hget(f"{fleet.ns}:grants", "h1")
+    assert fleet.finish("h1", holder, ok=True, model=M) == "h2"
+    assert fleet.redis.hget(f"{fleet.ns}:class_in_flight", "heavy") == "1"
+    fleet.forget("h2", M)
+    assert fleet.redis.hget(f"{fleet.ns}:class_in_flight", "heavy") == "0"
+
+
+def test_a_capped_waiter_is_skipped_in_a_hand_off_while_its_class_is_full(
+    fleet: FleetState,
+) -> None:
+    def job(name: str, score: float, cap: int) -> str | None:
+        return fleet.acquire(
+            name,
+            M,
+            score=score,
+            candidates=["a"],
+            exclude=[],
+            agent_class="heavy" if cap else "x",
+            class_cap=cap,
+        )
+
+    assert job("h1", 0.0, 1) == "a"
+    assert job("x1", 0.0, 0) == "a"  # instance a is now full
+    assert job("h2", 1.0, 1) is None  # waits: heavy is full (and so is a)
+    assert job("x2", 2.0, 0) is None  # waits behind h2 by score
+    # x1 ends: h2 is first in line, but heavy still holds its 1: the slot goes to x2.
+    assert fleet.finish("x1", "a", ok=True, model=M) == "x2"
