@@ -8,6 +8,8 @@
   through a least-connections proxy (which can only leave the backlog queued inside Ollama).
   Records every job's wait by tier and each instance's requests in flight over time, for
   the plot (``app.bench_report``).
+* ``agents`` (``app.bench_agents``): 131 agents of two classes, with rate limits and a
+  bulkhead, on the backlog scenario's fleet.
 
 The proxies are in-process stand-ins for nginx-style balancers: every request goes straight
 to an instance (round-robin, or the one with the fewest requests outstanding), with no cap.
@@ -87,12 +89,16 @@ def backlog_fleet(service_s: float = 0.25) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def _stack(sims: list[dict[str, Any]], tag: str):
+def _stack(sims: list[dict[str, Any]], tag: str, **env: str):
+    """A stack of its own; ``env``: settings for it alone (e.g. agent classes), undone after
+    so that the scenarios run next do not inherit them."""
+    saved = {k: os.environ.get(k) for k in env}
     os.environ.update(
         {
             "CORRAL_NAMESPACE": f"bench{tag}{os.getpid()}",
             "CORRAL_INSTANCES": instances_env(sims),
             "CORRAL_CACHE_ENABLED": "false",
+            **env,
         }
     )
     from app.settings import get_settings
@@ -105,6 +111,12 @@ def _stack(sims: list[dict[str, Any]], tag: str):
     finally:
         fleet.stop()
         fleet.purge()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
 
 
 def _unload(url: str) -> None:

@@ -30,15 +30,17 @@ MIN_WAIT_S = 1e-3  # the floor of the log scale: a wait below 1 ms is drawn at 1
 
 def render(report: dict[str, Any], path: Path) -> Path:
     """Draw ``report`` (the dict ``corral bench`` writes) to the PNG ``path``."""
-    backlog = report.get("backlog")
+    backlog, agents = report.get("backlog"), report.get("agents")
     bottom = [k for k in ("mixed", "overhead") if k in report]
-    if not backlog and not bottom:
-        raise ValueError("the report has no backlog, mixed or overhead scenario to plot")
-    ratios = ([2.0] if backlog else []) + ([1.0] if bottom else [])
+    if not backlog and not agents and not bottom:
+        raise ValueError("the report has no backlog, mixed, overhead or agents scenario to plot")
+    ratios = ([2.0] if backlog else []) + ([1.2] if agents else []) + ([1.0] if bottom else [])
     fig = Figure(figsize=(15, 5.2 * sum(ratios)), layout="constrained")
     subfigs = list(fig.subfigures(len(ratios), 1, height_ratios=ratios, squeeze=False)[:, 0])
     if backlog:
         _backlog(subfigs.pop(0), backlog)
+    if agents:
+        _agents(subfigs.pop(0), agents)
     if bottom:
         sub = subfigs.pop(0)
         axes = sub.subplots(1, len(bottom), squeeze=False)[0]
@@ -169,6 +171,142 @@ def _in_flight(ax: Axes, run: dict[str, Any], title: str) -> None:
     ax.set_title(title, fontsize=12)
     ax.legend(loc="upper left", ncols=2, fontsize=9)
     ax.grid(alpha=0.3)
+
+
+# -- agents: waits per tier, single-job agents, classes against their limits ---------------
+
+RUNS = (
+    ("corral", "Corral", CORRAL),
+    ("proxy_least_connections", "least-connections proxy", BASELINE),
+)
+QUANTILES = ("p50", "p95", "p99")
+
+
+def _agents(sub: SubFigure, agents: dict[str, Any]) -> None:
+    jobs, parallelism = agents["jobs"], agents["parallelism"]
+    sub.suptitle(
+        f"{sum(agents['agents'].values())} agents ({agents['agents']['heavy']} heavy, "
+        f"{agents['agents']['light']} light): {jobs['batch']} batch jobs submitted at once, then "
+        f"{jobs['normal']} normal and {jobs['interactive']} interactive over "
+        f"{agents['window_s']:g} s; {len(parallelism)} instances of parallelism "
+        f"{max(parallelism.values())}, {agents['service_s']} s per job",
+        fontsize=13,
+    )
+    tiers_ax, singles_ax, classes_ax = sub.subplots(1, 3, width_ratios=[2.2, 1.5, 1])
+    _tier_waits(tiers_ax, agents)
+    _single_agents(singles_ax, agents)
+    _class_slots(classes_ax, agents)
+
+
+def _tier_waits(ax: Axes, agents: dict[str, Any]) -> None:
+    service = agents["service_s"]
+    tiers = list(agents["corral"]["wait_s"])
+    width = 0.4
+    for k, (key, name, color) in enumerate(RUNS):
+        waits = agents[key]["wait_s"]
+        xs = [t * 4 + q + (k - 0.5) * width for t in range(len(tiers)) for q in range(3)]
+        values = [max(waits[tier][f"{q}_s"], MIN_WAIT_S) for tier in tiers for q in QUANTILES]
+        ax.bar(xs, values, width, color=color, alpha=0.85, label=name)
+        for x, v in zip(xs, values, strict=True):
+            ax.annotate(_secs(v), (x, v), ha="center", va="bottom", fontsize=7, rotation=90)
+    target = agents["targets"]["interactive_p95_x_service"] * service
+    ax.hlines(
+        target,
+        -0.5,
+        2.5,
+        color="crimson",
+        linestyle="--",
+        label=f"target: interactive p95 <= {_secs(target)}",
+    )
+    ax.axhline(service, color="gray", linestyle=":", label=f"one job's service time ({service} s)")
+    ax.set_xticks(
+        [t * 4 + q for t in range(len(tiers)) for q in range(3)],
+        [
+            q + (f"\n{tier} ({agents['corral']['wait_s'][tier]['n']} jobs)" if q == "p95" else "")
+            for tier in tiers
+            for q in QUANTILES
+        ],
+    )
+    ax.set_yscale("log")
+    ax.set_ylim(MIN_WAIT_S, _top(ax) * 20)  # room above the tallest bar for its label
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _secs(v)))
+    ax.set_ylabel("wait before the server starts the job\n(log scale)")
+    ax.set_title("Wait per tier: p50, p95, p99", fontsize=12)
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _single_agents(ax: Axes, agents: dict[str, Any]) -> None:
+    names = [s["agent"] for s in agents["corral"]["single_job_agents"]]
+    width = 0.4
+    for k, (key, name, color) in enumerate(RUNS):
+        by_agent = {s["agent"]: s for s in agents[key]["single_job_agents"]}
+        xs = [i + (k - 0.5) * width for i, a in enumerate(names) if a in by_agent]
+        found = [by_agent[a] for a in names if a in by_agent]
+        ratios = [max(s["x_fair_share"], 0.01) for s in found]
+        ax.bar(
+            xs,
+            ratios,
+            width,
+            color=color,
+            alpha=0.85,
+            label=f"{name}: max wait {_secs(agents[key]['single_max_wait_s'])}",
+        )
+        for x, r, s in zip(xs, ratios, found, strict=True):
+            ax.annotate(
+                _secs(s["wait_s"]), (x, r), ha="center", va="bottom", fontsize=7, rotation=90
+            )
+    target = agents["targets"]["single_x_fair_share"]
+    ax.axhline(target, color="crimson", linestyle="--", label=f"target: {target:g} x fair share")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=9)
+    ax.set_yscale("log")
+    ax.set_ylim(0.01, _top(ax) * 20)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g} x"))
+    ax.set_ylabel("wait / fair share (log scale)")
+    ax.set_title(
+        "Single-job agents: one normal job each, midway\n"
+        "fair share = service x agents with work outstanding / slots",
+        fontsize=12,
+    )
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _class_slots(ax: Axes, agents: dict[str, Any]) -> None:
+    classes = list(agents["corral"]["classes"])
+    width = 0.4
+    for k, (key, name, color) in enumerate(RUNS):
+        figures = [agents[key]["classes"][c] for c in classes]
+        xs = [i + (k - 0.5) * width for i in range(len(classes))]
+        peaks = [f.get("peak_slots", 0) for f in figures]
+        ax.bar(xs, peaks, width, color=color, alpha=0.85, label=name)
+        for x, p, f in zip(xs, peaks, figures, strict=True):
+            ax.annotate(
+                f"{p}\n{f.get('jobs_per_minute', 0):g}/min",
+                (x, p),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+    for i, c in enumerate(classes):
+        cap = agents["limits"]["classes"][c].get("max_in_flight")
+        if cap:
+            ax.hlines(cap, i - 0.45, i + 0.45, color="crimson", linestyle="--")
+            ax.annotate(f"bulkhead: {cap}", (i, cap), ha="center", va="bottom", color="crimson")
+    slots = sum(agents["parallelism"].values())
+    ax.axhline(slots, color="gray", linestyle=":", label=f"the fleet's slots ({slots})")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_ylim(0, slots * 1.5)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("slots held at once (peak)")
+    ax.set_title("Agent classes: peak slots held,\nand jobs a minute", fontsize=12)
+    ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _top(ax: Axes) -> float:
+    """The tallest bar drawn on ``ax`` so far."""
+    return max((p.get_height() for p in ax.patches), default=1.0)
 
 
 # -- mixed fleet and overhead ----------------------------------------------------------------

@@ -162,6 +162,26 @@ def beat(
 
 
 @cli.command()
+def degrade(
+    level: Annotated[
+        int | None, typer.Option(min=0, max=3, help="hold the fleet at this level")
+    ] = None,
+    auto: Annotated[bool, typer.Option(help="give the level back to the signals")] = False,
+) -> None:
+    """Show the degradation level, pin it (--level N), or release it (--auto)."""
+    from app.degradation import NAMES, degradation
+
+    state = degradation()
+    if level is not None or auto:
+        state.pin(None if auto else level)
+    now = state.redis.hgetall(state.key)
+    current = state.level(fresh=True)
+    pinned = " (pinned; --auto releases it)" if "override" in now else ""
+    typer.echo(f"degradation level {current}: {NAMES[current]}{pinned}")
+    typer.echo(f"signals: {now.get('reason', 'not evaluated yet (no router running?)')}")
+
+
+@cli.command()
 def sim(
     fleet: Annotated[Path | None, typer.Option(help="simulator fleet TOML")] = None,
     base_port: Annotated[int, typer.Option(help="first port of the demo fleet")] = 11501,
@@ -288,9 +308,13 @@ def up(
 
 @cli.command()
 def bench(
-    scenario: Annotated[str, typer.Option(help="overhead, mixed, backlog or all")] = "all",
+    scenario: Annotated[
+        str, typer.Option(help="overhead, mixed, backlog, agents, or all (all but agents)")
+    ] = "all",
     jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
-    backlog: Annotated[int, typer.Option(help="batch jobs queued in the backlog scenario")] = 500,
+    backlog: Annotated[
+        int, typer.Option(help="batch jobs queued in the backlog and agents scenarios")
+    ] = 500,
     out: Annotated[
         Path | None,
         typer.Option(help="the JSON report (default: bench-results/<time>.json); plot beside it"),
@@ -317,6 +341,11 @@ def bench(
         if scenario in ("backlog", "all"):
             typer.echo("\ninteractive jobs behind a batch backlog")
             report["backlog"] = bench_fleet.run_backlog(batch=backlog)
+        if scenario == "agents":
+            from app.bench_agents import run_agents
+
+            typer.echo("\n131 agents of two classes, with limits and a bulkhead")
+            report["agents"] = run_agents(backlog=backlog)
         out = out or Path(f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

@@ -39,6 +39,18 @@ class RateLimited(CorralError):
         return self.message
 
 
+class Overloaded(CorralError):
+    """The fleet is at its highest degradation level and refuses new normal and batch jobs;
+    nothing was queued. ``retry_after`` is a hint in seconds; interactive jobs still go."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message, retry_after)
+        self.message, self.retry_after = message, retry_after
+
+    def __str__(self) -> str:
+        return self.message
+
+
 # Raised by one call to an Ollama instance (inside a worker).
 
 

@@ -21,6 +21,7 @@ from kombu import Queue
 
 from app import metrics, recent_failures
 from app.celery_app import MAX_PRIORITY
+from app.degradation import degradation
 from app.errors import (
     InstanceUnavailable,
     JobFailed,
@@ -64,6 +65,7 @@ def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, A
     started = time.time()
     attempt = state.attempts + 1
     record_queue_wait(state.submitted_at, model=request.model, tier=request.tier)
+    degradation().record_wait(request.tier, started - state.submitted_at)
     agent.job_started(job)
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
     try:
@@ -192,7 +194,7 @@ def _reroute(task: Task, state: RouteState, *, countdown: float) -> NoReturn:
     sig = task.signature(
         kwargs={**task.request.kwargs, "_route": back.model_dump()},
         queue=route_queue(request.model, request.tier),
-        priority=request.priority,
+        priority=back.queue_priority(request),
         countdown=countdown,
         ignore_result=True,
     )

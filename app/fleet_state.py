@@ -58,7 +58,9 @@ local function class_give_back(ns, job)
 end
 """
 
-_HANDOFF = _CLASSES + """
+_HANDOFF = (
+    _CLASSES
+    + """
 local function handoff(ns, inst, now, lease)
   -- A removed instance (corral fleet remove --force) keeps no counters.
   if redis.call('SISMEMBER', ns .. ':instances', inst) == 0 then return false end
@@ -98,9 +100,12 @@ local function handoff(ns, inst, now, lease)
   return false
 end
 """
+)
 
 # ARGV: ns, job, model, score, now, lease, excluded_csv, class, cap (0: none), candidate...
-_ACQUIRE = _CLASSES + """
+_ACQUIRE = (
+    _CLASSES
+    + """
 local ns, job, model = ARGV[1], ARGV[2], ARGV[3]
 local score, now, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local class, cap = ARGV[8], tonumber(ARGV[9])
@@ -147,6 +152,7 @@ else
 end
 return false
 """
+)
 
 # ARGV: ns, job, instance, token, now, lease
 _CONFIRM = """

@@ -19,6 +19,7 @@ from kombu.exceptions import OperationalError
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from app.degradation import degradation
 from app.fleet_state import fleet_state
 from app.queues import dead_letter_queue, queue_counts, route_queue
 from app.settings import TIERS, get_settings
@@ -40,12 +41,19 @@ class FleetCollector(Collector):
             snapshot = fleet.snapshot()
             models |= fleet.served_models()
             waiting = {m: fleet.waiting(m) for m in sorted(models)}
+            level = degradation().level(fresh=True)
         except redis.RedisError as exc:
             log.warning("metrics: Redis unreadable: %s", exc)
             source_up.add_metric(["redis"], 0)
         else:
             source_up.add_metric(["redis"], 1)
             yield from _instance_families(snapshot)
+            yield _gauge(
+                "corral_degradation_level",
+                "0 normal, 1 batch shed, 2 only interactive starts, 3 normal and batch refused.",
+                [],
+                [((), level)],
+            )
             yield _gauge(
                 "corral_waiting_jobs",
                 "Jobs a router thread holds while they wait for a free slot, per model.",

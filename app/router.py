@@ -23,6 +23,7 @@ from kombu.exceptions import OperationalError
 
 from app import limits, metrics
 from app.cache import response_cache
+from app.degradation import degradation
 from app.errors import JobRejected
 from app.fleet_state import DONE, fleet_state
 from app.queues import delay_queue, instance_queue, queue_counts, route_queue
@@ -49,7 +50,8 @@ def waiter_score(request: InferRequest, state: RouteState) -> float:
     """A virtual deadline: the free slot goes to the waiting job with the earliest.
 
     A job's deadline is its arrival plus its tier's head start (``tier_delay_seconds``) plus
-    a second per priority step below 9. So a fresh interactive job goes before any batch job
+    a second per priority step below 9 (its priority as lowered for fairness, see
+    ``app.fairness``). So a fresh interactive job goes before any batch job
     that arrived less than the batch head start ago, and a batch job that has waited longer
     than that competes as if it were interactive: batch work ages, it never starves.
     """
@@ -57,7 +59,7 @@ def waiter_score(request: InferRequest, state: RouteState) -> float:
     return (
         state.submitted_at
         + s.tier_delay_seconds[request.tier]
-        + (9 - request.priority) * s.priority_step_seconds
+        + (9 - state.queue_priority(request)) * s.priority_step_seconds
     )
 
 
@@ -89,7 +91,7 @@ def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any
     sig = task.signature(
         kwargs={**task.request.kwargs, "_route": routed.model_dump()},
         queue=instance_queue(instance),
-        priority=request.priority,
+        priority=state.queue_priority(request),
         ignore_result=False,
     )
     try:
@@ -132,7 +134,7 @@ def _park(task: Task, request: InferRequest, state: RouteState, start_after: flo
             "_route": state.model_copy(update={"start_after": start_after}).model_dump(),
         },
         queue=delay_queue(route_queue(request.model, request.tier), seconds),
-        priority=request.priority,
+        priority=state.queue_priority(request),
         ignore_result=True,
     )
     return task.replace(sig)
@@ -153,7 +155,15 @@ def _reserve_slot(
     class_cap = (limits_of.max_in_flight if limits_of else None) or 0
     unserved_since: float | None = None
     give_back_at = time.monotonic() + settings.broker_consumer_timeout / 2
+    shed = degradation()
     while True:
+        if shed.stops(request.tier):
+            # Shed by the degradation level: not a waiter meanwhile, so no slot goes to it.
+            fleet.forget(job, request.model)
+            if time.monotonic() > give_back_at or shutting_down.is_set():
+                raise Reject("shed by the degradation level", requeue=True)
+            time.sleep(WAIT_POLL_SECONDS)
+            continue
         snapshot = fleet.snapshot()
         if not snapshot.serving(request.model):
             # Either the model is gone, or the registry is (Redis restarted and the

@@ -69,6 +69,16 @@ def _watch_models(tier: Tier, hostname: str, stop: threading.Event) -> None:
             log.exception("watching for new models failed")
 
 
+def _evaluate_degradation(stop: threading.Event) -> None:
+    from app.degradation import degradation
+
+    while not stop.wait(get_settings().heartbeat_interval):
+        try:
+            degradation().evaluate()
+        except Exception:
+            log.exception("evaluating the degradation level failed")
+
+
 @worker_ready.connect
 def _start_watch(sender: object = None, **_: object) -> None:
     if _tier is not None:
@@ -76,6 +86,7 @@ def _start_watch(sender: object = None, **_: object) -> None:
         threading.Thread(
             target=_watch_models, args=(_tier, hostname, shutting_down), daemon=True
         ).start()
+        threading.Thread(target=_evaluate_degradation, args=(shutting_down,), daemon=True).start()
 
 
 @worker_shutting_down.connect

@@ -227,6 +227,13 @@ class RouteState(BaseModel):
     submitted_at: float
     #: Set when a rate limit made the job wait: it may start from this time on.
     start_after: float | None = None
+    #: Its priority inside the tier once lowered for fairness (``app.fairness``).
+    priority: int | None = None
+
+    def queue_priority(self, request: InferRequest) -> int:
+        """The priority the job waits with in its tier's queue and among the waiters."""
+        return request.priority if self.priority is None else self.priority
+
     instance: str | None = None
     attempts: int = 0
     excluded: list[str] = Field(default_factory=list)

@@ -154,6 +154,18 @@ class Settings(BaseSettings):
         None, gt=0, description="jobs a minute started across every agent"
     )
 
+    # Degradation levels 1-3 (app.degradation): the thresholds to enter each.
+    degradation_backlog_per_slot: tuple[float, float, float] = Field(
+        (10.0, 40.0, 500.0),
+        description="jobs waiting per slot: interactive+normal for 1 and 2, all tiers for 3",
+    )
+    degradation_interactive_wait_s: tuple[float, float, float] = Field(
+        (30.0, 60.0, 120.0), description="moving average of interactive jobs' wait, seconds"
+    )
+    degradation_hold: float = Field(
+        15.0, ge=0, description="seconds below a level before stepping down one"
+    )
+
     # Processes.
     router_concurrency: int = Field(32, ge=1, description="router threads per tier")
     heartbeat_interval: float = Field(2.0, gt=0)

@@ -20,9 +20,10 @@ from celery.signals import task_revoked
 from celery.utils import uuid
 from pydantic import ValidationError
 
-from app import executor, limits, metrics, router
+from app import executor, fairness, limits, metrics, router
 from app.celery_app import celery_app
-from app.errors import InvalidRequest, ModelNotServed, RateLimited
+from app.degradation import REFUSE_LEVEL, degradation
+from app.errors import InvalidRequest, ModelNotServed, Overloaded, RateLimited
 from app.fleet_state import fleet_state
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
@@ -82,15 +83,18 @@ class InferTask(Task):
             raise ModelNotServed(
                 f"no instance serves model {request.model!r}; served: {self._served.listing()}"
             )
+        _refuse_if_overloaded(request)
         _refuse_if_over_limit(request)
         if request.job_key is not None:
             first = _claim_job_key(request.job_key, options.setdefault("task_id", uuid()))
             if first is not None:
                 return self.AsyncResult(first)
+        job = options.setdefault("task_id", uuid())
+        priority = fairness.fair_priority(job, request.tier, request.agent, request.priority)
         options.setdefault("queue", route_queue(request.model, request.tier))
-        options.setdefault("priority", request.priority)
+        options.setdefault("priority", priority)
         accepted = request.model_dump(mode="json", exclude_none=True)
-        accepted["_route"] = RouteState(submitted_at=time.time()).model_dump()
+        accepted["_route"] = RouteState(submitted_at=time.time(), priority=priority).model_dump()
         result = super().apply_async((), accepted, ignore_result=True, **options)
         # The router stage stores nothing; the caller waits for the execution stage's result.
         result.ignored = False
@@ -115,6 +119,8 @@ class InferTask(Task):
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: dict[str, Any]) -> None:
         # Runs after the result is stored: only now may the slot (and the duplicate guard
         # that comes with it) go, so a crash in between redelivers rather than loses.
+        if isinstance(retval, dict):  # the job's answer (not a router stage that moved it)
+            fairness.job_ended(task_id, kwargs.get("tier"), kwargs.get("agent"))
         ran: executor.Ran | None = getattr(self.request, "corral_ran", None)
         if ran is None:  # the router stage, or a cache hit
             return
@@ -129,6 +135,7 @@ class InferTask(Task):
     def on_failure(
         self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: Any
     ) -> None:
+        fairness.job_ended(task_id, kwargs.get("tier"), kwargs.get("agent"))
         # Safety net for errors the stages did not expect: never leak the slot.
         instance = (kwargs.get("_route") or {}).get("instance")
         if instance is not None:
@@ -143,6 +150,16 @@ class InferTask(Task):
             from app.cache import response_cache
 
             response_cache().release(request.cache_key(), task_id)
+
+
+def _refuse_if_overloaded(request: InferRequest) -> None:
+    if request.tier != "interactive" and degradation().level() >= REFUSE_LEVEL:
+        hold = get_settings().degradation_hold
+        raise Overloaded(
+            f"Corral is overloaded and refuses new {request.tier} jobs for now:"
+            f" retry after {hold:.0f} s (interactive jobs are still taken)",
+            hold,
+        )
 
 
 def _refuse_if_over_limit(request: InferRequest) -> None:
@@ -167,9 +184,10 @@ def _free_revoked_job(sender: Any = None, request: Any = None, **_: Any) -> None
     """A revoked job is dropped by the worker that receives it: give back what it held."""
     if request is None or getattr(sender, "name", None) != InferTask.name:
         return
-    model = (getattr(request, "kwargs", None) or {}).get("model")
-    if model:
-        fleet_state().forget(request.id, model)
+    kwargs = getattr(request, "kwargs", None) or {}
+    fairness.job_ended(request.id, kwargs.get("tier"), kwargs.get("agent"))
+    if kwargs.get("model"):
+        fleet_state().forget(request.id, kwargs["model"])
 
 
 def _claim_job_key(key: str, task_id: str) -> str | None:

@@ -50,6 +50,8 @@ os.environ.update(
         "CORRAL_REQUEST_TIMEOUT": "10",
         "CORRAL_GRANT_LEASE": "20",
         "CORRAL_ROUTER_CONCURRENCY": "16",
+        # A burst in one test must not leave the fleet degraded for the next one for long.
+        "CORRAL_DEGRADATION_HOLD": "2",
         # The fleet registry of this session, not the checkout's .corral/corral.db.
         "CORRAL_DATABASE_URL": f"sqlite:///{SESSION_DIR / 'corral.db'}",
     }
@@ -174,6 +176,7 @@ def _close_breakers(fleet: LocalFleet) -> None:
     from app.fleet_state import fleet_state
 
     state = fleet_state()
+    state.redis.hdel(f"{state.ns}:degradation", "override")  # a pinned level, if a test died
     for name in fleet.sim_urls:
         state.redis.hset(
             f"{state.ns}:inst:{name}",

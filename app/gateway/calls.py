@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from app.errors import InvalidRequest, ModelNotServed, RateLimited
+from app.errors import InvalidRequest, ModelNotServed, Overloaded, RateLimited
 from app.gateway.disconnect import ClientGone, unless_gone
 from app.gateway.errors import GatewayError, job_error
 from app.gateway.services import Services, services
@@ -35,6 +35,11 @@ async def submit(
         return await services(request).jobs.submit(fields, wait=wait)
     except ModelNotServed:
         raise GatewayError(404, not_found, code="model_not_found", param="model") from None
+    except Overloaded as exc:
+        retry = str(math.ceil(exc.retry_after))
+        raise GatewayError(
+            503, str(exc), code="overloaded", headers={"Retry-After": retry}
+        ) from None
     except RateLimited as exc:
         retry = str(math.ceil(exc.retry_after))
         raise GatewayError(

@@ -1,0 +1,347 @@
+"""``corral bench --scenario agents``: 131 agents of two classes on one fleet, Corral vs a proxy.
+
+The fleet is the backlog scenario's (3 simulated instances of parallelism 2, ``service_s`` per
+job). The agents, 36 heavy (``opus-*``) and 95 light (``sonnet-*``), follow one seeded plan,
+sent once through Corral and once through a least-connections proxy (no tiers, no limits):
+
+* opus-1..4 submit a batch backlog (500 jobs by default) at once, at the start;
+* opus-5..32 each send two bursts of 3 normal jobs at random times in the window;
+* sonnet-1..90 each send an interactive job every 30 s, from a random phase;
+* opus-33..36 and sonnet-91..95 are single-job agents: one normal job each, midway.
+
+Fair share of a single-job agent: ``service_s * N / slots``, N being the agents (itself
+included) with a job submitted and not finished when it submitted its own, counted in the
+same run. With the fleet's slots shared equally among them, each agent gets one slot every
+``N * service_s / slots`` seconds: its turn comes within that. N grows with a run's own
+backlog, so a slower run gets a larger allowance (it favours the proxy).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from itertools import zip_longest
+from typing import Any, NamedTuple
+
+import typer
+
+from app.bench import percentile
+from app.bench_fleet import MIX, Proxy, _stack, backlog_fleet
+
+WINDOW_S = 40.0  # live traffic; the backlog drains after it
+STEADY_PERIOD_S = 30.0
+BURSTS, BURST_JOBS = 2, 3
+SINGLE_AT_S = WINDOW_S / 2
+RATE_WINDOW_S = 10.0  # a bucket holds 10 s of tokens (app.limits): peak rates over as long
+
+# The heavy class may hold 4 of the 6 slots, so light agents always find 2. Its rate is a
+# guard above what 4 slots can serve at 0.25 s (960 a minute): the bulkhead binds, and a
+# rate that bound first would queue reservations ahead of the heavy agents' normal jobs.
+# Light agents send 2 a minute each; their per-agent limit stops a runaway one.
+CLASSES: dict[str, dict[str, Any]] = {
+    "heavy": {"agents": ["opus-*"], "rate_per_minute": 1200, "max_in_flight": 4},
+    "light": {"agents": ["sonnet-*"], "rate_per_minute": 600, "agent_rate_per_minute": 6},
+}
+GLOBAL_RATE_PER_MINUTE = 1800  # above the fleet's 1440 a minute at 0.25 s
+TIERS = ("interactive", "normal", "batch")
+TARGET_INTERACTIVE_P95_X_SERVICE = 1.5
+TARGET_SINGLE_X_FAIR = 3.0
+
+
+class Job(NamedTuple):
+    at: float  # seconds after the run's start
+    agent: str
+    agent_class: str
+    tier: str
+    role: str  # batch, burst, steady or single
+
+
+class Done(NamedTuple):
+    job: Job
+    submitted: float  # seconds after the run's start
+    started: float | None  # None: no result (lost) or refused at the call
+    finished: float | None
+    refused: bool = False
+
+    @property
+    def wait(self) -> float:
+        assert self.started is not None
+        return self.started - self.submitted
+
+
+def workload(backlog: int, seed: int = 1) -> list[Job]:
+    """The plan both runs follow, in submission order."""
+    rng = random.Random(seed)
+    jobs = [Job(0.0, f"opus-{1 + i % 4}", "heavy", "batch", "batch") for i in range(backlog)]
+    for a in range(5, 33):
+        for _ in range(BURSTS):
+            at = round(rng.uniform(1.0, WINDOW_S - 2), 3)
+            jobs += [Job(at, f"opus-{a}", "heavy", "normal", "burst")] * BURST_JOBS
+    for a in range(1, 91):
+        at = rng.uniform(0.0, STEADY_PERIOD_S)
+        while at < WINDOW_S:
+            jobs.append(Job(round(at, 3), f"sonnet-{a}", "light", "interactive", "steady"))
+            at += STEADY_PERIOD_S
+    light, heavy = [f"sonnet-{a}" for a in range(91, 96)], [f"opus-{a}" for a in range(33, 37)]
+    singles = [a for pair in zip_longest(light, heavy) for a in pair if a]  # alternate classes
+    for k, agent in enumerate(singles):
+        at = SINGLE_AT_S - 2 + 0.5 * k
+        jobs.append(
+            Job(at, agent, "heavy" if agent.startswith("opus") else "light", "normal", "single")
+        )
+    return sorted(jobs, key=lambda j: j.at)  # stable: the backlog first
+
+
+def run_agents(backlog: int = 500, service_s: float = 0.25, seed: int = 1) -> dict[str, Any]:
+    sims = backlog_fleet(service_s)
+    parallelism = {s["name"]: s["num_parallel"] for s in sims}
+    plan = workload(backlog, seed)
+    out: dict[str, Any] = {
+        "agents": {"heavy": 36, "light": 95},
+        "service_s": service_s,
+        "parallelism": parallelism,
+        "window_s": WINDOW_S,
+        "jobs": {t: sum(j.tier == t for j in plan) for t in TIERS},
+        "limits": {"classes": CLASSES, "global_rate_per_minute": GLOBAL_RATE_PER_MINUTE},
+        "targets": {
+            "interactive_p95_x_service": TARGET_INTERACTIVE_P95_X_SERVICE,
+            "single_x_fair_share": TARGET_SINGLE_X_FAIR,
+        },
+    }
+    env = {
+        "CORRAL_AGENT_CLASSES": json.dumps(CLASSES),
+        "CORRAL_GLOBAL_RATE_PER_MINUTE": str(GLOBAL_RATE_PER_MINUTE),
+    }
+    slots = sum(parallelism.values())
+    with _stack(sims, "agents", **env) as fleet:
+        typer.echo(f"  Corral: {len(plan)} jobs from 131 agents...")
+        done = _drive_corral(plan)
+        peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
+        out["corral"] = summarize(done, slots, service_s) | {"peak_in_flight": peaks}
+
+        fleet.reset_sims()
+        typer.echo("  least-connections proxy: the same jobs...")
+        done = _drive_proxy(Proxy(list(fleet.sim_urls.values()), "least_connections"), plan)
+        peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
+        out["proxy_least_connections"] = summarize(done, slots, service_s) | {
+            "peak_in_flight": peaks
+        }
+    _print(out)
+    return out
+
+
+def _sleep_until(t: float) -> None:
+    time.sleep(max(0.0, t - time.time()))
+
+
+def _drive_corral(plan: list[Job]) -> list[Done]:
+    from app.errors import CorralError
+    from tasks import infer
+
+    t0 = time.time()
+    sent: list[tuple[Job, float, Any]] = []
+    for k, job in enumerate(plan):
+        _sleep_until(t0 + job.at)
+        submitted = time.time() - t0
+        try:
+            r = infer.delay(model=MIX, prompt=f"a{k}", tier=job.tier, agent=job.agent)
+        except CorralError:  # refused at the call (a rate limit or the degradation level)
+            r = None
+        sent.append((job, submitted, r))
+    deadline = time.time() + 600
+    done = []
+    for job, submitted, r in sent:
+        if r is None:
+            done.append(Done(job, submitted, None, None, refused=True))
+            continue
+        try:
+            routing = r.get(timeout=max(1.0, deadline - time.time())).routing
+        except Exception:  # any failure or timeout: a job without a result
+            done.append(Done(job, submitted, None, None))
+            continue
+        started = submitted + routing.wait_s
+        done.append(Done(job, submitted, started, started + routing.service_s))
+    return done
+
+
+def _drive_proxy(proxy: Proxy, plan: list[Job]) -> list[Done]:
+    """Each job is one request, sent at its planned time, waiting inside Ollama."""
+    t0 = time.time()
+    with ThreadPoolExecutor(len(plan)) as pool:
+        sent = []
+        for k, job in enumerate(plan):
+            _sleep_until(t0 + job.at)
+            sent.append((job, time.time() - t0, pool.submit(proxy.call, f"p{k}")))
+        done = []
+        for job, submitted, future in sent:
+            try:
+                call = future.result(timeout=600)
+            except Exception:
+                done.append(Done(job, submitted, None, None))
+                continue
+            done.append(Done(job, submitted, submitted + call.wait_s, submitted + call.total_s))
+    return done
+
+
+# -- figures: pure functions of the finished jobs --------------------------------------------
+
+
+def summarize(done: list[Done], slots: int, service_s: float) -> dict[str, Any]:
+    ok = [d for d in done if d.started is not None]
+    waits = {t: _quantiles([d.wait for d in ok if d.job.tier == t]) for t in TIERS}
+    singles = single_job_agents(done, slots, service_s)
+    worst = max(singles, key=lambda s: s["x_fair_share"], default=None)
+    interactive_p95 = waits["interactive"]["p95_s"]
+    return {
+        "wait_s": waits,
+        "classes": {c: _class_figures(done, c, service_s) for c in CLASSES},
+        "single_job_agents": singles,
+        "single_max_wait_s": max((s["wait_s"] for s in singles), default=0.0),
+        "single_max_x_fair_share": worst["x_fair_share"] if worst else 0.0,
+        "batch_queued_at_interactive": _batch_queued(done),
+        "makespan_s": round(max((d.finished for d in ok), default=0.0), 2),
+        "refused": sum(d.refused for d in done),
+        "lost": sum(d.started is None and not d.refused for d in done),
+        "met": {
+            "interactive_p95": interactive_p95 <= TARGET_INTERACTIVE_P95_X_SERVICE * service_s,
+            "single_job_agents": bool(worst) and worst["x_fair_share"] <= TARGET_SINGLE_X_FAIR,
+        },
+        "interactive_p95_x_service": round(interactive_p95 / service_s, 2),
+    }
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0, "p50_s": 0.0, "p95_s": 0.0, "p99_s": 0.0, "max_s": 0.0}
+    return {
+        "n": len(values),
+        **{f"p{q}_s": round(percentile(values, q), 4) for q in (50, 95, 99)},
+        "max_s": round(max(values), 4),
+    }
+
+
+def single_job_agents(done: list[Done], slots: int, service_s: float) -> list[dict[str, Any]]:
+    """Each single-job agent's wait against its fair share (see the module's docstring)."""
+    out = []
+    for d in done:
+        if d.job.role != "single" or d.started is None:
+            continue
+        t = d.submitted
+        active = {
+            o.job.agent
+            for o in done
+            if o.job.agent != d.job.agent
+            and o.submitted <= t
+            and not o.refused
+            and (o.finished is None or o.finished > t)  # a lost job stays outstanding
+        }
+        fair = service_s * (len(active) + 1) / slots
+        out.append(
+            {
+                "agent": d.job.agent,
+                "class": d.job.agent_class,
+                "wait_s": round(d.wait, 4),
+                "active_agents": len(active) + 1,
+                "fair_share_s": round(fair, 4),
+                "x_fair_share": round(d.wait / fair, 2),
+            }
+        )
+    return out
+
+
+def _class_figures(done: list[Done], agent_class: str, service_s: float) -> dict[str, Any]:
+    """Throughput and slots held, next to the class's limits."""
+    mine = [d for d in done if d.job.agent_class == agent_class and d.started is not None]
+    limits = CLASSES[agent_class]
+    if not mine:
+        return {"jobs": 0, "limits": limits}
+    span = max(d.finished for d in mine) - min(d.submitted for d in mine)
+    starts = [d.started for d in mine]
+    per_agent: dict[str, list[float]] = {}
+    for d in mine:
+        per_agent.setdefault(d.job.agent, []).append(d.started)
+    cap = limits.get("max_in_flight")
+    return {
+        "jobs": len(mine),
+        "jobs_per_minute": round(len(mine) / span * 60, 1),
+        "peak_jobs_per_minute": _peak_rate(starts),
+        "peak_agent_jobs_per_minute": max(_peak_rate(s) for s in per_agent.values()),
+        "peak_slots": _peak_overlap([(d.started, d.finished) for d in mine]),
+        # What the bulkhead lets through at most: its slots, each busy all the time.
+        "bulkhead_jobs_per_minute": round(cap / service_s * 60) if cap else None,
+        "limits": limits,
+    }
+
+
+def _peak_rate(starts: list[float]) -> float:
+    """The most jobs started in any ``RATE_WINDOW_S``, as jobs a minute."""
+    starts, best, lo = sorted(starts), 0, 0
+    for hi, t in enumerate(starts):
+        while t - starts[lo] >= RATE_WINDOW_S:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return round(best * 60 / RATE_WINDOW_S, 1)
+
+
+def _peak_overlap(intervals: list[tuple[float, float]]) -> int:
+    # An end sorts before a start at the same instant: a slot handed over is not held twice.
+    edges = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    held = peak = 0
+    for _, step in edges:
+        held += step
+        peak = max(peak, held)
+    return peak
+
+
+def _batch_queued(done: list[Done]) -> dict[str, float]:
+    """Batch jobs submitted but not started when each interactive job was submitted."""
+    batch = [
+        (d.submitted, d.started if d.started is not None else float("inf"))
+        for d in done
+        if d.job.tier == "batch"
+    ]
+    counts = [
+        sum(s <= d.submitted < start for s, start in batch)
+        for d in done
+        if d.job.tier == "interactive"
+    ]
+    if not counts:
+        return {"min": 0, "median": 0, "max": 0}
+    return {"min": min(counts), "median": statistics.median(counts), "max": max(counts)}
+
+
+def _print(r: dict[str, Any]) -> None:
+    service = r["service_s"]
+    typer.echo(
+        f"\n  wait before the server starts the job (s), {service} s per job; "
+        f"targets: interactive p95 <= {TARGET_INTERACTIVE_P95_X_SERVICE} x service, "
+        f"single-job agents <= {TARGET_SINGLE_X_FAIR} x fair share"
+    )
+    for name in ("corral", "proxy_least_connections"):
+        run = r[name]
+        typer.echo(f"  {name}")
+        for tier, w in run["wait_s"].items():
+            typer.echo(
+                f"    {tier:12} n {w['n']:4}  p50 {w['p50_s']:7.3f}  p95 {w['p95_s']:7.3f}  "
+                f"p99 {w['p99_s']:7.3f}  max {w['max_s']:7.3f}"
+            )
+        for c, f in run["classes"].items():
+            typer.echo(
+                f"    class {c:6} {f.get('jobs', 0):4} jobs, {f.get('jobs_per_minute')}/min "
+                f"(peak {f.get('peak_jobs_per_minute')}/min), peak slots {f.get('peak_slots')}; "
+                f"limits {f['limits']}"
+            )
+        q = run["batch_queued_at_interactive"]
+        typer.echo(
+            f"    interactive p95 = {run['interactive_p95_x_service']} x service "
+            f"(batch queued meanwhile: {q['min']}-{q['max']}); single-job agents: max wait "
+            f"{run['single_max_wait_s']} s, worst {run['single_max_x_fair_share']} x fair share; "
+            f"met {run['met']}"
+        )
+        typer.echo(
+            f"    makespan {run['makespan_s']} s, lost {run['lost']}, refused {run['refused']}, "
+            f"peak in flight {run['peak_in_flight']}"
+        )

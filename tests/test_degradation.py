@@ -1,0 +1,72 @@
+"""Degradation levels: the pure rules, then the levels in force on the real fleet."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from app.degradation import Signals, degradation, next_level, target_level
+from app.errors import Overloaded
+from app.harness import LocalFleet, wait_until
+from app.settings import get_settings
+from tasks import infer
+
+CHAT = "llama3.2:3b"
+
+
+def test_levels_follow_the_backlog_and_the_interactive_wait() -> None:
+    calm = Signals(urgent_per_slot=1, total_per_slot=30, interactive_wait_s=2)
+    assert target_level(calm)[0] == 0  # a deep batch backlog alone is normal work
+    assert target_level(Signals(12, 12, 0))[0] == 1
+    assert target_level(Signals(45, 45, 0))[0] == 2
+    assert target_level(Signals(45, 600, 0))[0] == 3
+    level, reason = target_level(Signals(0, 0, 70))
+    assert level == 2 and "interactive jobs wait" in reason
+
+
+def test_levels_rise_at_once_and_fall_one_step_after_the_hold() -> None:
+    hold = get_settings().degradation_hold
+    assert next_level(0, None, 3, now=100.0) == 3
+    assert next_level(3, 100.0, 0, now=100.0 + hold / 2) == 3
+    assert next_level(3, 100.0, 0, now=100.0 + hold) == 2
+
+
+@pytest.fixture
+def pinned(healthy_fleet: LocalFleet) -> Iterator[LocalFleet]:
+    yield healthy_fleet
+    degradation().pin(None)
+
+
+@pytest.mark.fleet
+def test_a_shed_tier_waits_while_interactive_jobs_go(pinned: LocalFleet) -> None:
+    degradation().pin(1)
+    batch = infer.delay(model=CHAT, prompt="later", tier="batch", cache=False)
+    assert infer.delay(model=CHAT, prompt="now", tier="interactive").get(timeout=30).text
+    time.sleep(2)
+    assert not batch.ready(), "a batch job started while batch was shed"
+    degradation().pin(None)
+    assert batch.get(timeout=30).text
+
+
+@pytest.mark.fleet
+def test_the_top_level_refuses_new_non_interactive_jobs_at_the_call(pinned: LocalFleet) -> None:
+    degradation().pin(3)
+    time.sleep(1.1)  # this process rereads the level each second
+    with pytest.raises(Overloaded, match="retry after"):
+        infer.delay(model=CHAT, prompt="no", tier="normal")
+    assert infer.delay(model=CHAT, prompt="yes", tier="interactive").get(timeout=30).text
+
+
+@pytest.mark.fleet
+def test_a_burst_raises_the_level_and_it_falls_back_on_its_own(healthy_fleet: LocalFleet) -> None:
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=12.0)  # ~0.25 s a job
+    state = degradation()
+    burst = [infer.delay(model=CHAT, prompt=f"b {i}", cache=False) for i in range(90)]
+    wait_until(lambda: state.level(fresh=True) >= 1, 10, "the level to rise")
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=1.0)
+    assert all(j.get(timeout=60).text for j in burst)
+    wait_until(lambda: state.level(fresh=True) == 0, 20, "the level to fall back to normal")
