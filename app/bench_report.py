@@ -195,7 +195,7 @@ def _agents(sub: SubFigure, agents: dict[str, Any]) -> None:
     tiers_ax, singles_ax, classes_ax = sub.subplots(1, 3, width_ratios=[2.2, 1.5, 1])
     _tier_waits(tiers_ax, agents)
     _single_agents(singles_ax, agents)
-    _class_slots(classes_ax, agents)
+    _class_flight(classes_ax, agents)
 
 
 def _tier_waits(ax: Axes, agents: dict[str, Any]) -> None:
@@ -228,11 +228,11 @@ def _tier_waits(ax: Axes, agents: dict[str, Any]) -> None:
         ],
     )
     ax.set_yscale("log")
-    ax.set_ylim(MIN_WAIT_S, _top(ax) * 20)  # room above the tallest bar for its label
+    ax.set_ylim(MIN_WAIT_S, _top(ax) * 40)  # room above the tallest bar for its label
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _secs(v)))
     ax.set_ylabel("wait before the server starts the job\n(log scale)")
     ax.set_title("Wait per tier: p50, p95, p99", fontsize=12)
-    ax.legend(loc="upper left", fontsize=9)
+    ax.legend(loc="upper left", ncols=2, fontsize=9)
     ax.grid(axis="y", alpha=0.3)
 
 
@@ -260,48 +260,71 @@ def _single_agents(ax: Axes, agents: dict[str, Any]) -> None:
     ax.axhline(target, color="crimson", linestyle="--", label=f"target: {target:g} x fair share")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=9)
     ax.set_yscale("log")
-    ax.set_ylim(0.01, _top(ax) * 20)
+    ax.set_ylim(0.01, _top(ax) * 100)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g} x"))
     ax.set_ylabel("wait / fair share (log scale)")
     ax.set_title(
         "Single-job agents: one normal job each, midway\n"
-        "fair share = service x agents with work outstanding / slots",
+        "fair share = service x N / slots, N: agents with work outstanding\n"
+        "in a round-robin reference schedule of the same jobs",
         fontsize=12,
     )
     ax.legend(loc="upper left", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
 
 
-def _class_slots(ax: Axes, agents: dict[str, Any]) -> None:
+def _class_flight(ax: Axes, agents: dict[str, Any]) -> None:
     classes = list(agents["corral"]["classes"])
+    limits = agents["limits"]["classes"]
     width = 0.4
     for k, (key, name, color) in enumerate(RUNS):
         figures = [agents[key]["classes"][c] for c in classes]
         xs = [i + (k - 0.5) * width for i in range(len(classes))]
-        peaks = [f.get("peak_slots", 0) for f in figures]
+        peaks = [f.get("peak_in_flight", 0) for f in figures]
         ax.bar(xs, peaks, width, color=color, alpha=0.85, label=name)
         for x, p, f in zip(xs, peaks, figures, strict=True):
             ax.annotate(
-                f"{p}\n{f.get('jobs_per_minute', 0):g}/min",
+                f"{p}\n{f.get('jobs_per_minute', 0):g}\n/min",
                 (x, p),
                 ha="center",
                 va="bottom",
                 fontsize=8,
             )
     for i, c in enumerate(classes):
-        cap = agents["limits"]["classes"][c].get("max_in_flight")
+        cap = limits[c].get("max_in_flight")
         if cap:
-            ax.hlines(cap, i - 0.45, i + 0.45, color="crimson", linestyle="--")
-            ax.annotate(f"bulkhead: {cap}", (i, cap), ha="center", va="bottom", color="crimson")
+            ax.hlines(
+                cap,
+                i - 0.45,
+                i + 0.45,
+                color="crimson",
+                linestyle="--",
+                label=f"{c} bulkhead (max_in_flight {cap})",
+            )
     slots = sum(agents["parallelism"].values())
     ax.axhline(slots, color="gray", linestyle=":", label=f"the fleet's slots ({slots})")
-    ax.set_xticks(range(len(classes)), classes)
-    ax.set_ylim(0, slots * 1.5)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("slots held at once (peak)")
-    ax.set_title("Agent classes: peak slots held,\nand jobs a minute", fontsize=12)
+    ax.set_xticks(
+        range(len(classes)),
+        [f"{c} ({', '.join(limits[c]['agents'])})\n{_limits(limits[c])}" for c in classes],
+        fontsize=9,
+    )
+    ax.set_yscale("log")
+    ax.set_ylim(0.8, _top(ax) * 100)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_ylabel("requests inside the servers at once\n(peak, log scale)")
+    ax.set_title("Agent classes: peak in flight,\nand jobs a minute", fontsize=12)
     ax.legend(loc="upper left", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
+
+
+def _limits(limits: dict[str, Any]) -> str:
+    said = [
+        f"{limits['rate_per_minute']:g}/min" if limits.get("rate_per_minute") else "",
+        f"{limits['agent_rate_per_minute']:g}/min/agent"
+        if limits.get("agent_rate_per_minute")
+        else "",
+    ]
+    return ", ".join(x for x in said if x) or "no rate limit"
 
 
 def _top(ax: Axes) -> float:

@@ -308,13 +308,12 @@ def up(
 
 @cli.command()
 def bench(
-    scenario: Annotated[
-        str, typer.Option(help="overhead, mixed, backlog, agents, or all (all but agents)")
-    ] = "all",
+    scenario: Annotated[str, typer.Option(help="overhead, mixed, backlog, agents or all")] = "all",
     jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
     backlog: Annotated[
-        int, typer.Option(help="batch jobs queued in the backlog and agents scenarios")
-    ] = 500,
+        int | None,
+        typer.Option(help="batch jobs queued at once (default: 500 in backlog, 1000 in agents)"),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(help="the JSON report (default: bench-results/<time>.json); plot beside it"),
@@ -329,10 +328,12 @@ def bench(
     """Measure Corral against calling Ollama directly and against plain proxies; plot it."""
     from app import bench_fleet
     from app.bench import run_benchmark
+    from app.bench_agents import run_agents
     from app.bench_report import meta, publish  # imports matplotlib: fail before measuring
 
     if plot_only is None:
         report = {"meta": meta(sys.argv[1:])}
+        batch = {} if backlog is None else {"batch": backlog}
         if scenario in ("overhead", "all"):
             report["overhead"] = run_benchmark(jobs=jobs)
         if scenario in ("mixed", "all"):
@@ -340,12 +341,10 @@ def bench(
             report["mixed"] = bench_fleet.run_mixed(jobs)
         if scenario in ("backlog", "all"):
             typer.echo("\ninteractive jobs behind a batch backlog")
-            report["backlog"] = bench_fleet.run_backlog(batch=backlog)
-        if scenario == "agents":
-            from app.bench_agents import run_agents
-
+            report["backlog"] = bench_fleet.run_backlog(**batch)
+        if scenario in ("agents", "all"):
             typer.echo("\n131 agents of two classes, with limits and a bulkhead")
-            report["agents"] = run_agents(backlog=backlog)
+            report["agents"] = run_agents(**batch)
         out = out or Path(f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

@@ -106,20 +106,23 @@ class LocalFleet:
             self.start_worker(s["name"])
         if self.routers:
             for tier in TIERS:
-                self._start(
-                    f"router-{tier}",
-                    [
-                        sys.executable,
-                        "-m",
-                        "app.cli",
-                        "router",
-                        "--tier",
-                        tier,
-                        "--loglevel",
-                        self.loglevel,
-                    ],
-                )
+                self.start_router(tier)
         wait_until(self.ready, timeout, "workers and routers to come up", every=0.25)
+
+    def start_router(self, tier: str) -> None:
+        self._start(
+            f"router-{tier}",
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "router",
+                "--tier",
+                tier,
+                "--loglevel",
+                self.loglevel,
+            ],
+        )
 
     def start_worker(self, name: str) -> None:
         self._start(

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from app.bench_agents import CLASSES, Done, Job, describe, fair_shares, summarize, workload
 from app.bench_report import meta, publish, render
 from app.bench_sampler import InFlightSampler
 
@@ -27,6 +28,28 @@ def _series(peak: int, seconds: float = 20.0) -> dict[str, Any]:
         "t": t,
         "instances": dict.fromkeys(names, counts),
         "parallelism": dict.fromkeys(names, 2),
+    }
+
+
+def _finished(plan: list[Job], wait: dict[str, float], lost: int = 0) -> list[Done]:
+    """Every job of ``plan`` submitted on time, waiting ``wait[tier]``, 0.25 s of service."""
+    done = []
+    for k, job in enumerate(plan):
+        started = job.at + wait[job.tier] * (1 + k % 5 / 10)
+        done.append(Done(job, job.at, started, started + 0.25))
+    kept = len(done) - lost
+    return done[:kept] + [Done(d.job, d.submitted, None, None) for d in done[kept:]]
+
+
+def synthetic_agents() -> dict[str, Any]:
+    plan = workload(backlog=60)
+    fair = fair_shares(plan, 6, 0.25)
+    corral = _finished(plan, {"interactive": 0.05, "normal": 0.05, "batch": 8.0})
+    proxy = _finished(plan, {"interactive": 9.0, "normal": 9.0, "batch": 6.0}, lost=1)
+    return describe(plan, 0.25, {"b-a": 2, "b-b": 2, "b-c": 2}) | {
+        "corral": summarize(corral, 0.25, fair) | {"peak_in_flight": {"b-a": 2, "b-b": 2}},
+        "proxy_least_connections": summarize(proxy, 0.25, fair)
+        | {"peak_in_flight": {"b-a": 60, "b-b": 59}},
     }
 
 
@@ -77,6 +100,7 @@ def synthetic_report() -> dict[str, Any]:
                 "in_flight": _series(70),
             },
         },
+        "agents": synthetic_agents(),
     }
 
 
@@ -90,10 +114,64 @@ def test_renders_a_png_from_a_report(tmp_path: Path) -> None:
     assert png.stat().st_size > 50_000  # four figures' worth of drawing, not a blank canvas
 
 
-@pytest.mark.parametrize("scenario", ["backlog", "mixed", "overhead"])
+@pytest.mark.parametrize("scenario", ["backlog", "mixed", "overhead", "agents"])
 def test_renders_any_one_scenario(tmp_path: Path, scenario: str) -> None:
     report = {scenario: synthetic_report()[scenario]}
     assert _is_png(render(report, tmp_path / "one.png"))
+
+
+def test_agents_report_has_every_figure_the_plot_and_the_readme_use() -> None:
+    agents = synthetic_agents()
+    corral, proxy = agents["corral"], agents["proxy_least_connections"]
+    assert set(corral["wait_s"]) == {"interactive", "normal", "batch"}
+    assert corral["wait_s"]["interactive"]["n"] == agents["jobs"]["interactive"]
+    assert corral["lost"] == 0 and proxy["lost"] == 1
+    assert corral["met"] == {
+        "interactive_p95": True,
+        "single_job_agents": True,
+        "no_lost_jobs": True,
+    }
+    assert proxy["met"]["interactive_p95"] is False
+    assert proxy["met"]["no_lost_jobs"] is False
+    assert len(corral["single_job_agents"]) == 9  # opus-33..36 and sonnet-91..95
+    assert set(corral["classes"]) == set(CLASSES)
+
+
+def _job(agent: str, tier: str = "normal", role: str = "burst") -> Job:
+    return Job(0.0, agent, "heavy", tier, role)
+
+
+def test_fair_share_counts_the_agents_with_work_outstanding_under_equal_sharing() -> None:
+    plan = [
+        *[Job(0.0, "opus-1", "heavy", "batch", "batch")] * 10,  # both slots until 1.25 s
+        Job(0.1, "sonnet-1", "light", "interactive", "steady"),  # its turn: 0.25-0.5 s
+        Job(1.0, "opus-9", "heavy", "normal", "single"),
+        Job(2.0, "sonnet-2", "light", "normal", "single"),  # the fleet idle again by then
+    ]
+    fair = fair_shares(plan, slots=2, service_s=0.25)
+    # At 1.0 s opus-1 still has work, sonnet-1 is done: opus-1 and opus-9 itself.
+    assert fair["opus-9"] == {"active_agents": 2, "fair_share_s": 0.25}
+    assert fair["sonnet-2"] == {"active_agents": 1, "fair_share_s": 0.125}
+    waited = Done(plan[-2], 1.0, 1.5, 1.75)
+    (single,) = summarize([waited], 0.25, fair)["single_job_agents"]
+    assert single["x_fair_share"] == 2.0
+    # The target counts every single-job agent: one without an answer misses it.
+    assert not summarize([waited], 0.25, fair)["met"]["single_job_agents"]
+    both = [waited, Done(plan[-1], 2.0, 2.3, 2.55)]
+    assert summarize(both, 0.25, fair)["met"]["single_job_agents"]
+    assert summarize(both, 0.25, fair)["single_max_x_fair_share"] == 2.4
+
+
+def test_class_figures_count_requests_inside_the_servers_at_once() -> None:
+    done = [Done(_job(f"opus-{k}"), 0.0, k * 0.25, k * 0.25 + 1.0) for k in range(8)]
+    heavy = summarize(done, 0.25, {})["classes"]["heavy"]
+    assert heavy["peak_in_flight"] == 4  # each spans four starts; an end frees before a start
+    # Sent to a server at once, as a proxy does: all 8 inside the servers, 4 of them queued.
+    proxied = [d._replace(sent=0.0) for d in done]
+    assert summarize(proxied, 0.25, {})["classes"]["heavy"]["peak_in_flight"] == 8
+    assert heavy["jobs"] == 8
+    assert heavy["bulkhead_jobs_per_minute"] == 960  # 4 slots / 0.25 s
+    assert heavy["peak_jobs_per_minute"] == 48.0  # 8 starts in one 10 s window
 
 
 def test_a_report_without_scenarios_is_an_error(tmp_path: Path) -> None:

@@ -313,3 +313,49 @@ def test_fleet_state_lost_in_redis_heals_and_loses_no_job(healthy_fleet: LocalFl
     assert [r.id for r in results] == [j.id for j in jobs]
     for name in healthy_fleet.sim_urls:
         assert healthy_fleet.sim_stats(name)["peak_in_flight"] <= 2, name
+
+
+def test_killed_router_loses_no_waiting_job(healthy_fleet: LocalFleet) -> None:
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=25.0)  # ~0.5 s a job: most of 30 wait
+    jobs = [infer.delay(**gen(i)) for i in range(30)]
+    wait_until(lambda: healthy_fleet.sim_stats("sim-a")["in_flight"] > 0, 20, "jobs running")
+    router = healthy_fleet.procs["router-normal"]
+    router.signal(signal.SIGKILL)
+    router.proc.wait(10)
+    healthy_fleet.start_router("normal")
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=1.0)
+    results = results_of(jobs, timeout=90)
+    assert [r.id for r in results] == [j.id for j in jobs]
+    assert all(r.text for r in results)
+    for name in healthy_fleet.sim_urls:
+        assert healthy_fleet.sim_stats(name)["peak_in_flight"] <= 2, name
+    wait_until(healthy_fleet.ready, 30, "the router back")
+
+
+def test_an_instance_down_for_20_s_loses_no_job(healthy_fleet: LocalFleet) -> None:
+    import requests
+
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=12.0)  # ~0.25 s a job
+    requests.post(
+        healthy_fleet.sim_urls["sim-b"] + "/sim/refuse", json={"seconds": 20}, timeout=5
+    ).raise_for_status()
+    started = time.monotonic()
+    jobs = [infer.delay(**gen(i)) for i in range(60)]
+    results = results_of(jobs, timeout=60)
+    assert len({r.id for r in results}) == 60 and all(r.text for r in results)
+    # The other two took the work meanwhile; nothing waited for sim-b to come back.
+    assert time.monotonic() - started < 20
+    assert not any(r.routing.instance == "sim-b" for r in results)
+    wait_until(lambda: _answers(healthy_fleet.sim_urls["sim-b"]), 30, "sim-b to listen again")
+    for name in healthy_fleet.sim_urls:
+        assert healthy_fleet.sim_stats(name)["peak_in_flight"] <= 2, name
+    # Back, it gets jobs again.
+    wait_until(
+        lambda: infer.delay(**gen(99)).get(timeout=30).routing.instance == "sim-b",
+        30,
+        "a job on sim-b",
+        every=0.2,
+    )
