@@ -31,7 +31,6 @@ import statistics
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from itertools import zip_longest
 from typing import Any, NamedTuple
 
 import typer
@@ -103,7 +102,8 @@ def workload(backlog: int, seed: int = 1) -> list[Job]:
             jobs.append(Job(round(at, 3), f"sonnet-{a}", "light", "interactive", "steady"))
             at += STEADY_PERIOD_S
     light, heavy = [f"sonnet-{a}" for a in range(91, 96)], [f"opus-{a}" for a in range(33, 37)]
-    singles = [a for pair in zip_longest(light, heavy) for a in pair if a]  # alternate classes
+    # The classes alternate, so each one's jobs meet the other's in the queue.
+    singles = [a for pair in itertools.zip_longest(light, heavy) for a in pair if a]
     for k, agent in enumerate(singles):
         at = SINGLE_AT_S - 2 + 0.5 * k
         jobs.append(
@@ -115,7 +115,7 @@ def workload(backlog: int, seed: int = 1) -> list[Job]:
 def describe(plan: list[Job], service_s: float, parallelism: dict[str, int]) -> dict[str, Any]:
     """The report's account of the workload, the limits and the targets."""
     return {
-        "agents": {"heavy": 36, "light": 95},
+        "agents": {c: len({j.agent for j in plan if j.agent_class == c}) for c in CLASSES},
         "service_s": service_s,
         "parallelism": parallelism,
         "window_s": WINDOW_S,
@@ -141,7 +141,7 @@ def run_agents(batch: int = 1000, service_s: float = 0.25, seed: int = 1) -> dic
     }
     fair = fair_shares(plan, sum(parallelism.values()), service_s)
     with _stack(sims, "agents", **env) as fleet:
-        typer.echo(f"  Corral: {len(plan)} jobs from 131 agents...")
+        typer.echo(f"  Corral: {len(plan)} jobs from {len({j.agent for j in plan})} agents...")
         done = _drive_corral(plan)
         peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
         out["corral"] = summarize(done, service_s, fair) | {"peak_in_flight": peaks}

@@ -284,7 +284,7 @@ def _class_flight(ax: Axes, agents: dict[str, Any]) -> None:
         ax.bar(xs, peaks, width, color=color, alpha=0.85, label=name)
         for x, p, f in zip(xs, peaks, figures, strict=True):
             ax.annotate(
-                f"{p}\n{f.get('jobs_per_minute', 0):g}\n/min",
+                f"{p}\n{f.get('jobs_per_minute', 0):.0f}/min",
                 (x, p),
                 ha="center",
                 va="bottom",
@@ -311,6 +311,7 @@ def _class_flight(ax: Axes, agents: dict[str, Any]) -> None:
     ax.set_yscale("log")
     ax.set_ylim(0.8, _top(ax) * 100)
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("class (its agents), rate limits")
     ax.set_ylabel("requests inside the servers at once\n(peak, log scale)")
     ax.set_title("Agent classes: peak in flight,\nand jobs a minute", fontsize=12)
     ax.legend(loc="upper left", fontsize=9)
@@ -324,7 +325,7 @@ def _limits(limits: dict[str, Any]) -> str:
         if limits.get("agent_rate_per_minute")
         else "",
     ]
-    return ", ".join(x for x in said if x) or "no rate limit"
+    return "\n".join(x for x in said if x) or "no rate limit"
 
 
 def _top(ax: Axes) -> float:
@@ -386,4 +387,4 @@ def _overhead(ax: Axes, overhead: dict[str, Any]) -> None:
 
 
 def _secs(s: float) -> str:
-    return f"{s * 1000:.3g} ms" if s < 1 else f"{s:.3g} s"
+    return f"{s * 1000:.3g} ms" if s < 1 else f"{s:.3g} s" if s < 1000 else f"{s:.0f} s"

@@ -297,6 +297,7 @@ class FleetState:
             "url": config.url,
             "capacity": capacity,
             "weight": config.weight,
+            "role": config.role,
             "enabled": int(config.enabled),
             "config": config.model_dump_json(),
         }
@@ -535,6 +536,7 @@ def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:
         healthy=row.get("healthy", "1") == "1",
         down_until=float(row.get("down_until", 0)),
         weight=float(row.get("weight", 1)),
+        role=row.get("role", "both"),
         ewma_ms=float(row.get("ewma_ms", 0)),
         model_ewma_ms={k[5:]: float(v) for k, v in row.items() if k.startswith("ewma:")},
         load_ms={k[5:]: float(v) for k, v in row.items() if k.startswith("load:")},

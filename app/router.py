@@ -182,7 +182,12 @@ def _reserve_slot(
         if strategy == "smart":
             snapshot = replace(snapshot, backlog={request.model: _backlog(request.model)})
         choices = rank(
-            snapshot, request.model, strategy=strategy, exclude=state.excluded, tick=next(_ticks)
+            snapshot,
+            request.model,
+            strategy=strategy,
+            exclude=state.excluded,
+            tick=next(_ticks),
+            kind=request.kind,
         )
         candidates = [c.instance for c in choices]
         got = fleet.acquire(

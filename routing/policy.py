@@ -1,9 +1,10 @@
 """The strategies. Each orders the eligible instances, best first.
 
 Eligibility is shared: the instance serves the model, is enabled, is up (not in its
-down-cooldown), and was not already tried by this job. If that leaves nothing, instances the
-job already tried are allowed again (a one-instance fleet must still retry), and if that
-leaves nothing either the job waits: an empty ranking means "no instance can take it now".
+down-cooldown), its role takes the job's kind, and was not already tried by this job. If that
+leaves nothing, instances the job already tried are allowed again (a one-instance fleet must
+still retry), and if that leaves nothing either the job waits: an empty ranking means "no
+instance can take it now".
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ Ranker = Callable[[list[InstanceStats], str, int], list[Choice]]
 
 
 def eligible(
-    snapshot: FleetSnapshot, model: str, exclude: Sequence[str] = ()
+    snapshot: FleetSnapshot, model: str, exclude: Sequence[str] = (), kind: str | None = None
 ) -> list[InstanceStats]:
-    up = [i for i in snapshot.serving(model) if i.up(snapshot.now)]
+    up = [i for i in snapshot.serving(model) if i.up(snapshot.now) and i.takes(kind)]
     fresh = [i for i in up if i.name not in exclude]
     return fresh or up
 
@@ -155,9 +156,10 @@ def rank(
     strategy: str = "least_connections",
     exclude: Sequence[str] = (),
     tick: int = 0,
+    kind: str | None = None,
 ) -> list[Choice]:
-    """Instances that may run a job for ``model``, best first; empty means wait."""
-    instances = eligible(snapshot, model, exclude)
+    """Instances that may run a job of ``kind`` for ``model``, best first; empty: wait."""
+    instances = eligible(snapshot, model, exclude, kind)
     choices = STRATEGIES[strategy](instances, model, tick)
     if strategy == "smart":
         worth = worth_starting(instances, model, snapshot.backlog.get(model, 0))

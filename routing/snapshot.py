@@ -17,6 +17,8 @@ class InstanceStats:
     healthy: bool = True
     down_until: float = 0.0
     weight: float = 1.0
+    #: Which jobs it takes: "chat" (generate and chat), "embedding" (embed) or "both".
+    role: str = "both"
     ewma_ms: float = 0.0
     model_ewma_ms: dict[str, float] = field(default_factory=dict)
     load_ms: dict[str, float] = field(default_factory=dict)
@@ -39,6 +41,12 @@ class InstanceStats:
 
     def up(self, now: float) -> bool:
         return self.healthy and self.down_until <= now < self.expires_at
+
+    def takes(self, kind: str | None) -> bool:
+        """Whether its role lets it run a job of ``kind`` (None: any)."""
+        if kind is None or self.role == "both":
+            return True
+        return (self.role == "embedding") == (kind == "embed")
 
     def service_ms(self, model: str) -> float:
         return self.model_ewma_ms.get(model) or self.ewma_ms

@@ -130,3 +130,10 @@ def test_waiters_are_ordered_by_tier_then_priority_then_arrival_and_batch_ages()
     assert score("batch", waited=5) < score("batch")
     assert score("batch", waited=100) > score("interactive")
     assert score("batch", waited=601) < score("interactive")  # aged: it cannot starve
+
+
+def test_an_instance_takes_only_the_jobs_its_role_allows() -> None:
+    s = snap(inst("chat", role="chat"), inst("emb", role="embedding"), inst("any"))
+    assert sorted(names(rank(s, M, kind="embed"))) == ["any", "emb"]
+    assert sorted(names(rank(s, M, kind="chat"))) == ["any", "chat"]
+    assert sorted(names(rank(s, M, kind="generate"))) == ["any", "chat"]
