@@ -14,7 +14,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import redis
 from celery import Task
+from celery.exceptions import Reject
 from celery.result import AsyncResult
 from celery.signals import task_revoked
 from celery.utils import uuid
@@ -230,6 +232,16 @@ def infer(self: InferTask, _route: dict[str, Any] | None = None, **fields: Any) 
     request = validate(fields)
     # No _route: sent by name (send_task) from an app that does not import Corral.
     state = RouteState.model_validate(_route or {"submitted_at": time.time()})
-    if state.instance is None:
-        return router.route(self, request, state)
-    return executor.execute(self, request, state)
+    try:
+        if state.instance is None:
+            return router.route(self, request, state)
+        return executor.execute(self, request, state)
+    except redis.RedisError as exc:
+        # Corral's live state is unreachable (Redis restarting): back to the queue, to run
+        # once Redis answers again, rather than a failure for a job that did nothing wrong.
+        time.sleep(REDIS_PAUSE_S)
+        raise Reject(exc, requeue=True) from exc
+
+
+#: How long a job that met an unreachable Redis waits before going back to its queue.
+REDIS_PAUSE_S = 1.0
