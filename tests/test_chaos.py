@@ -1,10 +1,9 @@
 """Things break while jobs are queued and running; every job still gets exactly one result.
 
-These restart shared services of the machine (RabbitMQ), so they run last and only when asked
-for (`pytest -m chaos`). Known problem: run on its own the broker restart test passes (about a
-minute); run after the rest of the suite, some router and worker consumers notice the dead
-connection only tens of seconds late and a few jobs take longer than the test waits. That is
-what issue 6's chaos suite has to settle before this runs in CI.
+These restart shared services of the machine (RabbitMQ, Redis), so they run after every
+other test (tests/conftest.py sorts them last); `pytest -m "not chaos"` leaves them out.
+Each waits generously (minutes) for the fleet to reconnect: consumers notice a dead broker
+connection by heartbeat, up to tens of seconds late.
 """
 
 from __future__ import annotations

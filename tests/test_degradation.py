@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.degradation import Signals, degradation, next_level, target_level
+from app.degradation import READ_TTL, Signals, degradation, next_level, target_level
 from app.errors import Overloaded
 from app.harness import LocalFleet, wait_until
 from app.settings import get_settings
@@ -43,6 +43,7 @@ def pinned(healthy_fleet: LocalFleet) -> Iterator[LocalFleet]:
 @pytest.mark.fleet
 def test_a_shed_tier_waits_while_interactive_jobs_go(pinned: LocalFleet) -> None:
     degradation().pin(1)
+    time.sleep(READ_TTL + 0.2)  # every process rereads the level within READ_TTL
     batch = infer.delay(model=CHAT, prompt="later", tier="batch", cache=False)
     assert infer.delay(model=CHAT, prompt="now", tier="interactive").get(timeout=30).text
     time.sleep(2)
@@ -54,7 +55,7 @@ def test_a_shed_tier_waits_while_interactive_jobs_go(pinned: LocalFleet) -> None
 @pytest.mark.fleet
 def test_the_top_level_refuses_new_non_interactive_jobs_at_the_call(pinned: LocalFleet) -> None:
     degradation().pin(3)
-    time.sleep(1.1)  # this process rereads the level each second
+    time.sleep(READ_TTL + 0.2)
     with pytest.raises(Overloaded, match="retry after"):
         infer.delay(model=CHAT, prompt="no", tier="normal")
     assert infer.delay(model=CHAT, prompt="yes", tier="interactive").get(timeout=30).text
