@@ -223,6 +223,24 @@ end
 return #ARGV - 5
 """
 
+# ARGV: ns, instance. The slot counter must equal the grants on the instance; anything that
+# changed one without the other (Redis losing keys mid-job, a removed instance) is undone
+# here, each heartbeat. Returns the counter's old value, or false when it was right.
+_RECONCILE = """
+local ns, inst = ARGV[1], ARGV[2]
+local key = ns .. ':inst:' .. inst
+if redis.call('SISMEMBER', ns .. ':instances', inst) == 0 then return false end
+local held = 0
+local grants = redis.call('HGETALL', ns .. ':grants')
+for i = 2, #grants, 2 do
+  if grants[i] == inst then held = held + 1 end
+end
+local counted = tonumber(redis.call('HGET', key, 'in_flight') or '0')
+if counted == held then return false end
+redis.call('HSET', key, 'in_flight', held)
+return counted
+"""
+
 # ARGV: ns, now, lease[, job...]: the given jobs, or else those whose lease expired
 _RECLAIM = (
     _HANDOFF
@@ -268,6 +286,7 @@ class FleetState:
         self._finish = self.redis.register_script(_FINISH)
         self._reclaim = self.redis.register_script(_RECLAIM)
         self._hold = self.redis.register_script(_HOLD)
+        self._reconcile = self.redis.register_script(_RECONCILE)
 
     def _inst(self, name: str) -> str:
         return f"{self.ns}:inst:{name}"
@@ -499,6 +518,11 @@ class FleetState:
         if jobs:
             lease = get_settings().grant_lease
             self._hold(args=[self.ns, instance, token, time.time(), lease, *jobs])
+
+    def reconcile(self, instance: str) -> int | None:
+        """Set the instance's slot counter to its grants; returns the wrong count it fixed."""
+        wrong = self._reconcile(args=[self.ns, instance])
+        return None if wrong is None else int(wrong)
 
     def forget(self, job: str, model: str) -> None:
         """A revoked job: stop waiting for a slot, and free the slot it may hold."""

@@ -190,6 +190,11 @@ class InstanceAgent:
         with self._lock:
             running = list(self.running)
         fleet.hold(self.name, self.token, running)
+        wrong = fleet.reconcile(self.name)
+        if wrong is not None:
+            log.warning(
+                "instance %s: slot counter said %d, not its grants; fixed", self.name, wrong
+            )
         fleet.reclaim_expired()
         rescue_stranded(self.name)
 

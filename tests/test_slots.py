@@ -201,3 +201,11 @@ def test_a_capped_waiter_is_skipped_in_a_hand_off_while_its_class_is_full(
     assert job("x2", 2.0, 0) is None  # waits behind h2 by score
     # x1 ends: h2 is first in line, but heavy still holds its 1: the slot goes to x2.
     assert fleet.finish("x1", "a", ok=True, model=M) == "x2"
+
+
+def test_a_slot_counter_that_drifted_from_its_grants_is_set_right(fleet: FleetState) -> None:
+    assert acquire(fleet, "j1") == "a"
+    fleet.redis.hset(f"{fleet.ns}:inst:a", "in_flight", 2)  # as after keys lost mid-job
+    assert fleet.reconcile("a") == 2
+    assert in_flight(fleet, "a") == 1
+    assert fleet.reconcile("a") is None  # nothing to fix
