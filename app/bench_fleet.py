@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +34,7 @@ import requests
 import typer
 
 from app.bench_sampler import InFlightSampler
-from app.harness import LocalFleet, free_port, instances_env
+from app.harness import LocalFleet, free_port, own_fleet
 
 MIX = "mix:latest"
 FAST_S, SLOW_S = 0.2, 0.8
@@ -89,34 +90,17 @@ def backlog_fleet(service_s: float = 0.25) -> list[dict[str, Any]]:
 
 
 @contextmanager
-def _stack(sims: list[dict[str, Any]], tag: str, **env: str):
+def _stack(sims: list[dict[str, Any]], tag: str, **env: str) -> Iterator[LocalFleet]:
     """A stack of its own; ``env``: settings for it alone (e.g. agent classes), undone after
     so that the scenarios run next do not inherit them."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(
-        {
-            "CORRAL_NAMESPACE": f"bench{tag}{os.getpid()}",
-            "CORRAL_INSTANCES": instances_env(sims),
-            "CORRAL_CACHE_ENABLED": "false",
-            **env,
-        }
-    )
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
-    fleet = LocalFleet(Path(tempfile.mkdtemp(prefix=f"corral-{tag}-")), dict(os.environ), sims)
-    try:
-        fleet.start()
+    with own_fleet(
+        Path(tempfile.mkdtemp(prefix=f"corral-{tag}-")),
+        sims,
+        CORRAL_NAMESPACE=f"bench{tag}{os.getpid()}",
+        CORRAL_CACHE_ENABLED="false",
+        **env,
+    ) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        fleet.purge()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        get_settings.cache_clear()
 
 
 def _unload(url: str) -> None:

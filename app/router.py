@@ -107,8 +107,7 @@ def _rate_limited_until(request: InferRequest, state: RouteState) -> float | Non
     start_after = state.start_after
     if start_after is None:
         settings = get_settings()
-        agent_class = settings.class_of(request.agent, request.agent_class)
-        limits_of = settings.agent_classes.get(agent_class)
+        agent_class, limits_of = settings.class_limits(request.agent, request.agent_class)
         if limits_of is not None and limits_of.on_limit == "refuse":
             return None  # took its token when it was submitted
         wait = limits.take(request.agent, agent_class, refuse=False)
@@ -150,8 +149,7 @@ def _reserve_slot(
     fleet = fleet_state()
     score = waiter_score(request, state)
     settings = get_settings()
-    agent_class = settings.class_of(request.agent, request.agent_class)
-    limits_of = settings.agent_classes.get(agent_class)
+    agent_class, limits_of = settings.class_limits(request.agent, request.agent_class)
     class_cap = (limits_of.max_in_flight if limits_of else None) or 0
     unserved_since: float | None = None
     give_back_at = time.monotonic() + settings.broker_consumer_timeout / 2

@@ -217,6 +217,13 @@ class Settings(BaseSettings):
                 return name
         return "default"
 
+    def class_limits(
+        self, agent: str | None, declared: str | None = None
+    ) -> tuple[str, AgentClass | None]:
+        """The job's agent class (see :meth:`class_of`) and that class's limits, if any."""
+        name = self.class_of(agent, declared)
+        return name, self.agent_classes.get(name)
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -167,8 +167,7 @@ def _refuse_if_overloaded(request: InferRequest) -> None:
 def _refuse_if_over_limit(request: InferRequest) -> None:
     """For a class that refuses over its limit: take the job's token now, or raise."""
     settings = get_settings()
-    agent_class = settings.class_of(request.agent, request.agent_class)
-    limits_of = settings.agent_classes.get(agent_class)
+    agent_class, limits_of = settings.class_limits(request.agent, request.agent_class)
     if limits_of is None or limits_of.on_limit != "refuse":
         return  # waits its turn in the router, if limited at all
     wait = limits.take(request.agent, agent_class, refuse=True)

@@ -187,3 +187,39 @@ def _close_breakers(fleet: LocalFleet) -> None:
                 "down_until": 0,
             },
         )
+
+
+PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL schema of this session's own on the machine's server, dropped after."""
+    import sqlalchemy as sa
+
+    schema = f"corral_{os.getpid()}"
+    server = sa.create_engine(PG_SERVER)
+    with server.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        # libpq's options: every connection of this URL works in that schema.
+        yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
+    finally:
+        with server.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        server.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind Corral supports."""
+    import sqlalchemy as sa
+
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/nested/corral.db"  # the directory does not exist yet
+    url = request.getfixturevalue("pg_url")
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS instances, api_keys, alembic_version"))
+    engine.dispose()
+    return url

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -29,38 +28,10 @@ from app.stack import Child
 from routing import InstanceStats
 from tasks import infer
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 CHAT = "llama3.2:3b"
 
 
 # The store ---------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    """A PostgreSQL schema of this module's own (parallel sessions never meet), dropped after."""
-    schema = f"reg_{os.getpid()}_{uuid.uuid4().hex[:8]}"
-    server = sa.create_engine(PG_SERVER)
-    with server.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
-    finally:
-        with server.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        server.dispose()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/nested/corral.db"  # the directory does not exist yet
-    url = request.getfixturevalue("pg_url")
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:  # each test starts from an empty schema
-        conn.execute(sa.text("DROP TABLE IF EXISTS instances, api_keys, alembic_version"))
-    engine.dispose()
-    return url
 
 
 def _query(url: str, sql: str) -> list[sa.Row]:

@@ -1,4 +1,4 @@
-"""The gateway as a subprocess in front of the session's fleet, and a PostgreSQL schema.
+"""The gateway as a subprocess in front of the session's fleet.
 
 The gateway runs with the production CLI (``python -m app.cli gateway``) and the test
 session's environment (its namespace), keys in a SQLite file of its own. Every process is
@@ -15,12 +15,10 @@ from pathlib import Path
 
 import pytest
 import requests
-import sqlalchemy as sa
 
 from app.harness import LocalFleet, free_port, wait_until
 from app.stack import Child
 
-PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 #: Small enough that a test can exceed it cheaply.
 MAX_BODY = 64 * 1024
 
@@ -90,19 +88,3 @@ def gateway(fleet: LocalFleet, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield Gateway(url, key, batch_key, child.log, db_url, child)
     finally:
         child.stop()
-
-
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A PostgreSQL schema of this session's own on the machine's server, dropped after."""
-    schema = f"gw_{os.getpid()}"
-    server = sa.create_engine(PG_SERVER)
-    with server.begin() as conn:
-        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        # libpq's options: every connection of this URL works in that schema.
-        yield f"{PG_SERVER}?options=-csearch_path%3D{schema}"
-    finally:
-        with server.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        server.dispose()

@@ -18,18 +18,6 @@ from app.migrations import head, upgrade
 from tests.gateway.conftest import Gateway, start_gateway
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/nested/corral.db"  # the directory does not exist yet
-    url = request.getfixturevalue("pg_url")
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:  # each test starts from an empty schema
-        conn.execute(sa.text("DROP TABLE IF EXISTS instances, api_keys, alembic_version"))
-    engine.dispose()
-    return url
-
-
 def test_migrations_create_the_schema_once(db_url: str) -> None:
     upgrade(db_url)
     upgrade(db_url)  # already at head: nothing to do
