@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from app.fleet_cli import fleet_cli, fleet_list, no_registry
+from app.policy_cli import policy_cli
 from app.settings import TIERS, get_settings
 
 cli = typer.Typer(
@@ -226,6 +227,7 @@ def submit(
 
 
 cli.add_typer(fleet_cli, name="fleet")
+cli.add_typer(policy_cli, name="policy")
 
 
 dlq_cli = typer.Typer(help="Jobs that gave up, with their error history.")

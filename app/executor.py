@@ -147,6 +147,10 @@ def _on_failure(
         },
     ]
     attempts = state.attempts + 1
+    # The instance's own retry budget wins over the fleet-wide one; read from Redis, where a
+    # change through `corral fleet update` lands at once.
+    config = fleet_state().instance_config(agent.name) or agent.config
+    budget = config.retry_attempts or settings.max_attempts
     recent_failures.record(
         Failure(
             at=history[-1]["at"],
@@ -157,13 +161,13 @@ def _on_failure(
             model=request.model,
             tier=request.tier,
             attempt=attempts,
-            gave_up=not exc.transient or attempts >= settings.max_attempts,
+            gave_up=not exc.transient or attempts >= budget,
         )
     )
     failed = state.model_copy(update={"attempts": attempts, "history": history, "instance": None})
     if not exc.transient:
         _give_up(task, request, failed, JobRejected, f"{request.model}: {exc}")
-    if attempts >= settings.max_attempts:
+    if attempts >= budget:
         _give_up(
             task,
             request,

@@ -31,8 +31,10 @@ Priority = Annotated[int | None, typer.Option(help="priority level 0-9, 9 first 
 RequestTimeout = Annotated[
     float | None, typer.Option(help="longest silence from the server, seconds")
 ]
-RetryAttempts = Annotated[int | None, typer.Option(help="retry attempts of its jobs")]
-RateLimit = Annotated[int | None, typer.Option(help="jobs per minute at most")]
+RetryAttempts = Annotated[
+    int | None, typer.Option(help="attempts in all of a job failing on it (default: max_attempts)")
+]
+RateLimit = Annotated[int | None, typer.Option(help="jobs it starts per minute at most")]
 Tags = Annotated[str | None, typer.Option(help="comma-separated, e.g. gpu,a100 ('' clears)")]
 Models = Annotated[
     list[str] | None,

@@ -58,8 +58,26 @@ local function class_give_back(ns, job)
 end
 """
 
+# An instance's own rate limit (rate_limit_per_minute): a token bucket in its hash, with ten
+# seconds of burst, taken by every grant. With no token the instance counts as full.
+_RATE = """
+local function rate_take(key, now)
+  local rate = tonumber(redis.call('HGET', key, 'rate_per_minute') or '0')
+  if rate <= 0 then return true end
+  local burst = math.max(1, rate / 6)
+  local v = redis.call('HMGET', key, 'rate_tokens', 'rate_at')
+  local tokens = tonumber(v[1] or '') or burst
+  local elapsed = math.max(0, now - (tonumber(v[2] or '') or now))
+  tokens = math.min(burst, tokens + elapsed * rate / 60)
+  if tokens < 1 then return false end
+  redis.call('HSET', key, 'rate_tokens', tokens - 1, 'rate_at', now)
+  return true
+end
+"""
+
 _HANDOFF = (
     _CLASSES
+    + _RATE
     + """
 local function handoff(ns, inst, now, lease)
   -- A removed instance (corral fleet remove --force) keeps no counters.
@@ -83,7 +101,7 @@ local function handoff(ns, inst, now, lease)
         end
       end
     end
-    if best then
+    if best and rate_take(key, now) then
       local name = waiter_class(ns, best)
       if name then class_take(ns, best, name) end
       redis.call('HDEL', ns .. ':wclass', best)
@@ -105,6 +123,7 @@ end
 # ARGV: ns, job, model, score, now, lease, excluded_csv, class, cap (0: none), candidate...
 _ACQUIRE = (
     _CLASSES
+    + _RATE
     + """
 local ns, job, model = ARGV[1], ARGV[2], ARGV[3]
 local score, now, lease = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -127,7 +146,7 @@ for i = 10, candidates do
     -- Open: nothing until the cooldown ends; then half-open: one probe job at a time.
     room = (tonumber(v[5] or '0') <= now) and 1 or 0
   end
-  if v[3] == '1' and tonumber(v[1] or '0') < room then
+  if v[3] == '1' and tonumber(v[1] or '0') < room and rate_take(key, now) then
     if breaker == 'open' then redis.call('HSET', key, 'breaker', 'half_open') end
     redis.call('HINCRBY', key, 'in_flight', 1)
     redis.call('HSET', ns .. ':grants', job, ARGV[i])
@@ -317,6 +336,8 @@ class FleetState:
             "capacity": capacity,
             "weight": config.weight,
             "role": config.role,
+            "priority": config.priority,
+            "rate_per_minute": config.rate_limit_per_minute or 0,
             "enabled": int(config.enabled),
             "config": config.model_dump_json(),
         }
@@ -533,6 +554,11 @@ class FleetState:
             pipe.execute()
         self.release([job])
 
+    def instance_config(self, name: str) -> InstanceConfig | None:
+        """The instance's registry row as last pushed into Redis (changes land here first)."""
+        row = self.redis.hget(self._inst(name), "config")
+        return InstanceConfig.model_validate_json(row) if row else None
+
     def is_registered(self, name: str) -> bool:
         return bool(self.redis.hexists(self._inst(name), "capacity"))
 
@@ -571,6 +597,7 @@ def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:
         probe_ms=float(row.get("probe_ms", 0)),
         expires_at=float(row.get("last_seen", 0)) + stale_after,
         breaker=row.get("breaker", "closed"),
+        priority=int(row.get("priority", 5)),
     )
 
 

@@ -4,11 +4,12 @@ An instance worker is ``celery worker -Q <ns>.instance.<name> -P threads -c <par
 --prefetch-multiplier 1``. Besides running jobs, its agent thread every few seconds asks the
 server what is loaded (``/api/ps``, timed), whether it is up, and (when the registry does not
 list the models) what it serves (``/api/tags``); it reports its host's CPU and memory use,
-extends the leases of the jobs it is running, and frees slots whose lease ran out anywhere in
-the fleet. Every few heartbeats it re-reads its instance's registry row and applies what
-changed, so an edit made any way (CLI, admin API, SQL) needs no restart, with one exception:
-the worker's thread count is fixed at its start, so a parallelism raised above it takes
-effect only when the worker restarts (until then the instance gets that many jobs at once).
+extends the leases of the jobs it is running, frees slots whose lease ran out anywhere in the
+fleet, and (one worker per heartbeat) re-pushes the rate-limit policy from the database.
+Every few heartbeats it re-reads its instance's registry row and applies what changed, so an
+edit made any way (CLI, admin API, SQL) needs no restart, with one exception: the worker's
+thread count is fixed at its start, so a parallelism raised above it takes effect only when
+the worker restarts (until then the instance gets that many jobs at once).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from celery.signals import worker_ready, worker_shutdown
 from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import policy
 from app.errors import OllamaError
 from app.fleet_state import fleet_state
 from app.ollama_client import OllamaClient
@@ -197,6 +199,10 @@ class InstanceAgent:
             )
         fleet.reclaim_expired()
         rescue_stranded(self.name)
+        try:
+            policy.refresh()  # one worker per heartbeat re-pushes the database's policy
+        except SQLAlchemyError as exc:
+            log.warning("the rate-limit policy in force stays as it is: %s", exc)
 
     def _loop(self) -> None:
         interval = get_settings().heartbeat_interval

@@ -10,6 +10,9 @@ global one), in one Lua call. A bucket refills at its rate and holds at most
   zero: the queue of reservations), and the job starts when its token is due. It waits in
   RabbitMQ meanwhile, not in a router thread (``app.router``), so a limited agent never holds
   back anyone else's jobs.
+
+The rates and each class's choice come from the live policy (``app.policy``): a change made
+with ``corral policy`` or the admin API applies to the next job, within a second.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import time
 from dataclasses import dataclass
 
 from app.fleet_state import redis_client
-from app.settings import Settings, get_settings
+from app.policy import Policy, live_policy
+from app.settings import get_settings
 
 #: A bucket holds this many seconds of tokens: the burst an idle agent may send at once.
 BURST_SECONDS = 10.0
@@ -56,12 +60,12 @@ class Bucket:
         return max(1.0, self.per_minute / 60 * BURST_SECONDS)
 
 
-def buckets(agent: str | None, agent_class: str, settings: Settings) -> list[Bucket]:
+def buckets(agent: str | None, agent_class: str, policy: Policy, namespace: str) -> list[Bucket]:
     """The buckets a job of this agent and class takes a token from."""
-    ns, found = f"{settings.namespace}:rate", []
-    if settings.global_rate_per_minute:
-        found.append(Bucket(f"{ns}:global", settings.global_rate_per_minute))
-    limits = settings.agent_classes.get(agent_class)
+    ns, found = f"{namespace}:rate", []
+    if policy.global_rate_per_minute:
+        found.append(Bucket(f"{ns}:global", policy.global_rate_per_minute))
+    limits = policy.classes.get(agent_class)
     if limits is not None and limits.rate_per_minute:
         found.append(Bucket(f"{ns}:class:{agent_class}", limits.rate_per_minute))
     if limits is not None and limits.agent_rate_per_minute and agent:
@@ -75,7 +79,7 @@ def take(agent: str | None, agent_class: str, *, refuse: bool) -> float:
     With ``refuse``, a job that would have to wait takes nothing.
     """
     settings = get_settings()
-    found = buckets(agent, agent_class, settings)
+    found = buckets(agent, agent_class, live_policy(settings), settings.namespace)
     if not found:
         return 0.0
     args: list[float | int] = [time.time(), int(refuse)]

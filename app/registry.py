@@ -12,20 +12,29 @@ The ``instances`` of the settings (the fleet file) seed the registry, and the la
 wins: :meth:`Registry.seed_from_settings` adds an entry the registry lacks, replaces a row
 whose file entry changed since it was last seeded (the file was edited), and leaves the row
 alone when the entry did not change, so changes made through ``corral fleet`` or the admin
-API survive restarts.
+API survive restarts. The same database holds the rate-limit policy (``app.policy_store``),
+seeded along with the instances.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from redis import RedisError
 from sqlalchemy import JSON, DateTime, Select, String, UniqueConstraint, delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, sessions
+from app.policy import publish, published
+
+# Also registers the policy's tables, for Alembic (migrations/env.py imports this module).
+from app.policy_store import PolicyStore
 from app.settings import InstanceConfig, Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 #: The columns that hold an ``InstanceConfig`` field of the same name.
 FIELDS = tuple(InstanceConfig.model_fields)
@@ -91,11 +100,25 @@ class Registry:
 
     @classmethod
     def ready(cls, url: str | None = None, namespace: str | None = None) -> Registry:
-        """A registry whose schema is up to date and which holds the settings' instances."""
+        """A registry whose schema is up to date and which holds the settings' instances and
+        agent classes (see :meth:`seed_policy`)."""
         registry = cls(url, namespace)
         registry.migrate()
         registry.seed_from_settings()
+        registry.seed_policy()
         return registry
+
+    def seed_policy(self) -> None:
+        """Seed the rate-limit policy from the settings, and put it in force (Redis) when that
+        changed it or Redis has none yet; else the instance workers' re-push keeps Redis in
+        step with the database (``app.policy``)."""
+        store = PolicyStore(self.url, self.namespace)
+        written = store.seed_from_settings()
+        try:
+            if written or not published(self.namespace):
+                publish(store.load(), self.namespace)
+        except RedisError as exc:  # not this process's job to fail for: the re-push retries
+            log.warning("the policy goes into Redis at the workers' next heartbeat: %s", exc)
 
     def migrate(self) -> None:
         from app.migrations import upgrade

@@ -26,6 +26,7 @@ from app.cache import response_cache
 from app.degradation import degradation
 from app.errors import JobRejected
 from app.fleet_state import DONE, fleet_state
+from app.policy import live_policy
 from app.queues import delay_queue, instance_queue, queue_counts, route_queue
 from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import TIERS, get_settings
@@ -107,7 +108,9 @@ def _rate_limited_until(request: InferRequest, state: RouteState) -> float | Non
     start_after = state.start_after
     if start_after is None:
         settings = get_settings()
-        agent_class, limits_of = settings.class_limits(request.agent, request.agent_class)
+        agent_class, limits_of = live_policy(settings).class_limits(
+            request.agent, request.agent_class
+        )
         if limits_of is not None and limits_of.on_limit == "refuse":
             return None  # took its token when it was submitted
         wait = limits.take(request.agent, agent_class, refuse=False)
@@ -149,7 +152,7 @@ def _reserve_slot(
     fleet = fleet_state()
     score = waiter_score(request, state)
     settings = get_settings()
-    agent_class, limits_of = settings.class_limits(request.agent, request.agent_class)
+    agent_class, limits_of = live_policy(settings).class_limits(request.agent, request.agent_class)
     class_cap = (limits_of.max_in_flight if limits_of else None) or 0
     unserved_since: float | None = None
     give_back_at = time.monotonic() + settings.broker_consumer_timeout / 2

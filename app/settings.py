@@ -9,7 +9,7 @@ same object, so queue names, priorities and Redis keys agree everywhere.
 from __future__ import annotations
 
 import os
-from fnmatch import fnmatchcase
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -76,8 +76,24 @@ def _config_file() -> Path:
     return Path(os.environ.get("CORRAL_CONFIG", "corral.toml"))
 
 
+#: An agent class's name: as an instance's, it appears in Redis keys and metric labels.
+CLASS_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def check_class_name(name: str) -> str:
+    if not re.fullmatch(CLASS_NAME, name) or len(name) > 64:
+        raise ValueError(
+            f"agent class name {name!r} is not valid: up to 64 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit"
+        )
+    return name
+
+
 class AgentClass(BaseModel):
-    """Limits shared by a class of agents (README "Rate limits"); unset means no limit."""
+    """Limits shared by a class of agents (README "Rate limits"); unset means no limit.
+
+    The settings only seed them: the policy in force is the registry's (``app.policy``).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -146,7 +162,8 @@ class Settings(BaseSettings):
     # Recurring batch jobs, run by `corral beat` (see app.schedules).
     schedules: Schedules = Field(default_factory=list)
 
-    # Rate limits (app.limits).
+    # Rate limits (app.limits): they seed the live policy (app.policy), which `corral policy`
+    # and the admin API change; a file entry edited later wins again.
     agent_classes: dict[str, AgentClass] = Field(
         default_factory=dict, description="per agent class: who is in it, and its limits"
     )
@@ -207,22 +224,12 @@ class Settings(BaseSettings):
         1000, ge=10, description="Redis connections per gateway; each stream holds one"
     )
 
-    def class_of(self, agent: str | None, declared: str | None = None) -> str:
-        """The agent class of a job: the one it declares (an API key's), else the first class
-        whose ``agents`` patterns match its agent, else ``default``."""
-        if declared:
-            return declared
-        for name, agent_class in self.agent_classes.items():
-            if agent and any(fnmatchcase(agent, p) for p in agent_class.agents):
-                return name
-        return "default"
-
-    def class_limits(
-        self, agent: str | None, declared: str | None = None
-    ) -> tuple[str, AgentClass | None]:
-        """The job's agent class (see :meth:`class_of`) and that class's limits, if any."""
-        name = self.class_of(agent, declared)
-        return name, self.agent_classes.get(name)
+    @field_validator("agent_classes")
+    @classmethod
+    def _class_names(cls, classes: dict[str, AgentClass]) -> dict[str, AgentClass]:
+        for name in classes:
+            check_class_name(name)
+        return classes
 
     @classmethod
     def settings_customise_sources(

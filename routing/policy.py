@@ -158,10 +158,17 @@ def rank(
     tick: int = 0,
     kind: str | None = None,
 ) -> list[Choice]:
-    """Instances that may run a job of ``kind`` for ``model``, best first; empty: wait."""
+    """Instances that may run a job of ``kind`` for ``model``, best first; empty: wait.
+
+    Higher priority levels come first, each in the strategy's order: the router takes the
+    first candidate with a free slot, so a lower level only gets the overflow.
+    """
     instances = eligible(snapshot, model, exclude, kind)
     choices = STRATEGIES[strategy](instances, model, tick)
     if strategy == "smart":
         worth = worth_starting(instances, model, snapshot.backlog.get(model, 0))
         choices = [c for c in choices if c.instance in worth]
+    level = {i.name: i.priority for i in instances}
+    if len(set(level.values())) > 1:
+        choices.sort(key=lambda c: -level[c.instance])  # stable: keeps the strategy's order
     return choices

@@ -34,6 +34,8 @@ class InstanceStats:
     expires_at: float = math.inf
     #: Circuit breaker: "closed", "open" (no jobs until down_until), "half_open" (one probe).
     breaker: str = "closed"
+    #: Priority level, 0-9: a job goes to the highest level with a free slot.
+    priority: int = 5
 
     @property
     def free(self) -> int:

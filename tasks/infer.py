@@ -27,6 +27,7 @@ from app.celery_app import celery_app
 from app.degradation import REFUSE_LEVEL, degradation
 from app.errors import InvalidRequest, ModelNotServed, Overloaded, RateLimited
 from app.fleet_state import fleet_state
+from app.policy import live_policy
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
 from app.settings import get_settings
@@ -167,7 +168,7 @@ def _refuse_if_overloaded(request: InferRequest) -> None:
 def _refuse_if_over_limit(request: InferRequest) -> None:
     """For a class that refuses over its limit: take the job's token now, or raise."""
     settings = get_settings()
-    agent_class, limits_of = settings.class_limits(request.agent, request.agent_class)
+    agent_class, limits_of = live_policy(settings).class_limits(request.agent, request.agent_class)
     if limits_of is None or limits_of.on_limit != "refuse":
         return  # waits its turn in the router, if limited at all
     wait = limits.take(request.agent, agent_class, refuse=True)

@@ -220,6 +220,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     url = request.getfixturevalue("pg_url")
     engine = sa.create_engine(url)
     with engine.begin() as conn:
-        conn.execute(sa.text("DROP TABLE IF EXISTS instances, api_keys, alembic_version"))
+        tables = "instances, api_keys, agent_classes, global_limits, alembic_version"
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {tables}"))
     engine.dispose()
     return url

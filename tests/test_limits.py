@@ -21,6 +21,7 @@ from app import limits
 from app.errors import RateLimited
 from app.fleet_state import redis_client
 from app.harness import LocalFleet, free_port, own_fleet
+from app.policy import Policy
 from app.settings import Settings, get_settings
 from tasks import infer
 
@@ -60,10 +61,12 @@ def test_refusing_takes_nothing(classes: None) -> None:
 
 
 def test_agents_find_their_class() -> None:
-    settings = Settings(agent_classes=CLASSES)
-    assert settings.class_of("opus-7") == "heavy"
-    assert settings.class_of("opus-7", declared="strict") == "strict"  # an API key's class
-    assert settings.class_of("sonnet-3") == "default"
+    policy = Policy.from_settings(Settings(agent_classes=CLASSES))
+    assert policy.class_of("opus-7") == "heavy"
+    assert policy.class_of("opus-7", declared="strict") == "strict"  # an API key's class
+    assert policy.class_of("sonnet-3") == "default"
+    name, limits_of = policy.class_limits("strict-2")
+    assert name == "strict" and limits_of is not None and limits_of.on_limit == "refuse"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +84,7 @@ def limited_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFle
     classes = {
         "heavy": {"agents": ["opus-*"], "agent_rate_per_minute": 30},  # 1 per 2 s
         "capped": {"agents": ["etl-*"], "max_in_flight": 1},  # a bulkhead of one slot
+        "strict": {"agents": ["strict-*"], "rate_per_minute": 6, "on_limit": "refuse"},
     }
     workdir: Path = tmp_path_factory.mktemp("limited")
     with own_fleet(
@@ -115,27 +119,21 @@ def test_a_limited_agent_waits_its_turn_without_holding_back_others(
 
 @pytest.mark.fleet
 def test_a_refusing_class_raises_at_the_call_and_queues_nothing(
-    limited_fleet: LocalFleet, monkeypatch: pytest.MonkeyPatch
+    limited_fleet: LocalFleet,
 ) -> None:
-    refusing = {"strict": {"agents": ["strict-*"], "rate_per_minute": 6, "on_limit": "refuse"}}
-    monkeypatch.setenv("CORRAL_AGENT_CLASSES", json.dumps(refusing))
-    get_settings.cache_clear()
+    assert infer.delay(model=MODEL, prompt="first", agent="strict-1").get(timeout=30).text
+    published: list[object] = []
+
+    def record(**kwargs: object) -> None:
+        published.append(kwargs)
+
+    before_task_publish.connect(record, weak=False)
     try:
-        assert infer.delay(model=MODEL, prompt="first", agent="strict-1").get(timeout=30).text
-        published: list[object] = []
-
-        def record(**kwargs: object) -> None:
-            published.append(kwargs)
-
-        before_task_publish.connect(record, weak=False)
-        try:
-            with pytest.raises(RateLimited, match="retry in") as info:
-                infer.delay(model=MODEL, prompt="second", agent="strict-1")
-        finally:
-            before_task_publish.disconnect(record)
-        assert published == [] and 5 < info.value.retry_after <= 10
+        with pytest.raises(RateLimited, match="retry in") as info:
+            infer.delay(model=MODEL, prompt="second", agent="strict-1")
     finally:
-        get_settings.cache_clear()
+        before_task_publish.disconnect(record)
+    assert published == [] and 5 < info.value.retry_after <= 10
 
 
 @pytest.mark.fleet

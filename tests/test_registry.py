@@ -18,6 +18,7 @@ import requests
 import sqlalchemy as sa
 
 from app.celery_app import celery_app
+from app.errors import RetriesExhausted
 from app.fleet_state import fleet_state
 from app.harness import LocalFleet, free_port, sim_fleet_toml, wait_until
 from app.migrations import head, upgrade
@@ -324,6 +325,40 @@ def test_drain_lets_the_running_job_finish_and_remove_waits_for_it(
             "the worker to notice its removal",
         )
         assert name not in fleet_state().instance_names(), "the worker must not re-register it"
+
+
+@pytest.mark.fleet
+def test_priority_rate_limit_and_retry_attempts_of_an_instance_apply_live(
+    healthy_fleet: LocalFleet, extra: Extra
+) -> None:
+    name = f"rp-{os.getpid()}"
+    with added_instance(extra, name) as worker:
+        assert extra.corral("fleet", "update", name, "--priority", "9").returncode == 0
+        worker.start()
+        wait_until(lambda: _up(name), 60, f"{name}'s worker to register it")
+
+        def one_at_a_time(n: int) -> list[str]:
+            return [infer.delay(**_gen(i)).get(timeout=60).routing.instance for i in range(n)]
+
+        # The top priority level takes the light load; the session's instances (level 5) idle.
+        assert one_at_a_time(4) == [name] * 4
+
+        # 6 a minute: its one token of burst goes, then the overflow goes down a level.
+        assert extra.corral("fleet", "update", name, "--rate-limit", "6").returncode == 0
+        served = one_at_a_time(5)
+        assert served.count(name) <= 1, served
+
+        # One attempt in all for a job failing there: a typed error, no retry elsewhere.
+        update = ("fleet", "update", name, "--rate-limit", "600", "--retry-attempts", "1")
+        assert extra.corral(*update).returncode == 0
+        wait_until(lambda: one_at_a_time(1) == [name], 20, "the higher rate to apply")
+        extra.faults(error_rate=1.0)
+        try:
+            with pytest.raises(RetriesExhausted) as info:
+                infer.delay(**_gen(99)).get(timeout=60)
+        finally:
+            extra.faults(error_rate=0.0)
+        assert [h["instance"] for h in info.value.history] == [name]
 
 
 @pytest.mark.fleet

@@ -117,6 +117,17 @@ def test_smart_penalises_recent_errors() -> None:
     assert names(rank(s, M, strategy="smart"))[0] == "steady"
 
 
+def test_higher_priority_levels_come_first_in_every_strategy() -> None:
+    backup = inst("backup", priority=2)
+    primary = inst("primary", priority=8, in_flight=1)
+    for strategy in STRATEGIES:
+        ranked = names(rank(snap(backup, primary), M, strategy=strategy, tick=1))
+        assert ranked[0] == "primary", strategy
+    # Within one level the strategy decides: the less loaded of two primaries first.
+    other = inst("primary-2", priority=8)
+    assert names(rank(snap(backup, primary, other), M)) == ["primary-2", "primary", "backup"]
+
+
 def test_waiters_are_ordered_by_tier_then_priority_then_arrival_and_batch_ages() -> None:
     from app.router import waiter_score
     from app.schemas import InferRequest, RouteState

@@ -209,3 +209,32 @@ def test_a_slot_counter_that_drifted_from_its_grants_is_set_right(fleet: FleetSt
     assert fleet.reconcile("a") == 2
     assert in_flight(fleet, "a") == 1
     assert fleet.reconcile("a") is None  # nothing to fix
+
+
+def test_an_instance_rate_limit_holds_its_grants_to_the_rate(fleet: FleetState) -> None:
+    # 12 a minute: a burst of 2 (ten seconds' worth), then one every 5 s.
+    fleet.register(InstanceConfig(name="a", url="http://a", models=[M], rate_limit_per_minute=12))
+    t = 1000.0
+
+    def grant(job: str, at: float) -> str | None:
+        return fleet.acquire(job, M, score=at, candidates=["a", "b"], exclude=[], now=at)
+
+    assert grant("j1", t) == "a"
+    fleet.finish("j1", "a", ok=True, model=M)
+    assert grant("j2", t) == "a"
+    fleet.finish("j2", "a", ok=True, model=M)
+    # Slots are free, but the bucket is empty: the next candidate gets the job.
+    assert grant("j3", t + 1) == "b"
+    assert grant("j4", t + 5.1) == "a"  # one token back after 5 s
+    assert in_flight(fleet, "a") == 1 and in_flight(fleet, "b") == 1
+
+
+def test_a_hand_off_waits_for_the_instance_rate_limit(fleet: FleetState) -> None:
+    fleet.register(InstanceConfig(name="a", url="http://a", models=[M], rate_limit_per_minute=6))
+    now = time.time()
+    assert fleet.acquire("j1", M, score=0, candidates=["a"], exclude=[], now=now) == "a"
+    # The burst (one token at 6 a minute) is spent: the waiter is not handed the freed slot,
+    # which stays free for whoever finds a token first.
+    assert fleet.acquire("w", M, score=1, candidates=["a"], exclude=[], now=now) is None
+    assert fleet.finish("j1", "a", ok=True, model=M) is None
+    assert in_flight(fleet, "a") == 0 and fleet.waiting(M) == 1

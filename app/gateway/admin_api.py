@@ -1,4 +1,4 @@
-"""The admin API: ``corral fleet`` over HTTP, for admin keys only.
+"""The admin API: ``corral fleet`` and ``corral policy`` over HTTP, for admin keys only.
 
 | request | does |
 |---|---|
@@ -8,10 +8,16 @@
 | ``PATCH /admin/instances/{name}`` | change the fields given |
 | ``POST /admin/instances/{name}/drain``, ``/undrain`` | stop / resume new jobs |
 | ``DELETE /admin/instances/{name}?wait=S&force=true`` | remove it (409 while jobs hold slots) |
+| ``GET /admin/classes`` | the global rate and every agent class with its limits |
+| ``GET /admin/classes/{name}`` | one of them |
+| ``PUT /admin/classes/{name}`` | create it (201) or replace it (body: the class's fields) |
+| ``PATCH /admin/classes/{name}`` | change the fields given (null lifts a limit) |
+| ``DELETE /admin/classes/{name}`` | remove it (409 if the settings file has it) |
+| ``GET``, ``PUT /admin/global-rate`` | ``{"global_rate_per_minute": X or null}`` |
 
 A key is an admin key when created with ``corral keys add --admin``; any other key gets 403,
 no key 401 (the auth middleware). With ``CORRAL_GATEWAY_AUTH=false`` nobody is admin.
-Changes apply live, exactly as from the CLI (``app.fleet_admin``).
+Changes apply live, exactly as from the CLI (``app.fleet_admin``, ``app.policy_admin``).
 """
 
 from __future__ import annotations
@@ -19,14 +25,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
-from pydantic import ConfigDict, create_model
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from app.fleet_admin import Applied, FleetAdmin, FleetConflict
 from app.gateway.errors import GatewayError
 from app.gateway.services import services
+from app.policy_admin import PolicyAdmin, PolicyConflict, reason
+from app.policy_store import PolicyStore, UnknownClass
 from app.registry import InstanceExists, UnknownInstance
-from app.settings import InstanceConfig
+from app.settings import AgentClass, InstanceConfig
 
 #: Longest ``?wait=`` a DELETE may hold a gateway thread for.
 MAX_WAIT = 60.0
@@ -133,3 +141,97 @@ async def remove_instance(
 ) -> dict[str, Any]:
     moved = await _run(request, lambda a: a.remove(name, wait=wait, force=force))
     return {"removed": name, "requeued": moved}
+
+
+# Agent classes and the global rate ----------------------------------------------------------
+
+#: The body of ``PATCH /admin/classes/{name}``: any field of a class; null lifts a limit.
+ClassChanges = create_model(
+    "ClassChanges",
+    __config__=ConfigDict(extra="forbid"),
+    **{name: (field.annotation | None, None) for name, field in AgentClass.model_fields.items()},
+)
+
+
+class GlobalRate(BaseModel):
+    """The body of ``PUT /admin/global-rate``; null lifts the global limit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    global_rate_per_minute: float | None = Field(gt=0)
+
+
+async def _policy(request: Request, change: Callable[[PolicyAdmin], Any]) -> Any:
+    """Run ``change`` in the gateway's thread pool; its refusals as HTTP errors. The database
+    was migrated and seeded at the gateway's start (``FleetAdmin.ready``)."""
+    svc = services(request)
+    admin = PolicyAdmin(PolicyStore(svc.settings.database_url, svc.settings.namespace))
+    try:
+        return await svc.jobs.blocking(change, admin)
+    except UnknownClass as exc:
+        raise GatewayError(404, str(exc), code="unknown_class") from None
+    except PolicyConflict as exc:
+        raise GatewayError(409, str(exc), code="conflict") from None
+    except ValueError as exc:  # a name or a field out of range
+        raise GatewayError(400, reason(exc)) from None
+
+
+def _classes(admin: PolicyAdmin) -> dict[str, Any]:
+    return {
+        "global_rate_per_minute": admin.global_rate(),
+        "classes": [v.as_dict() for v in admin.views()],
+    }
+
+
+def _put(admin: PolicyAdmin, name: str, config: AgentClass) -> tuple[bool, dict[str, Any]]:
+    created = admin.put(name, config)
+    return created, admin.view(name).as_dict()
+
+
+def _patch(admin: PolicyAdmin, name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    admin.update(name, **changes)
+    return admin.view(name).as_dict()
+
+
+@router.get("/classes")
+async def list_classes(request: Request) -> dict[str, Any]:
+    return await _policy(request, _classes)
+
+
+@router.get("/classes/{name}")
+async def get_class(request: Request, name: str) -> dict[str, Any]:
+    return await _policy(request, lambda a: a.view(name).as_dict())
+
+
+@router.put("/classes/{name}")
+async def put_class(
+    request: Request, response: Response, name: str, body: AgentClass
+) -> dict[str, Any]:
+    created, shown = await _policy(request, lambda a: _put(a, name, body))
+    if created:
+        response.status_code = 201
+    return shown
+
+
+@router.patch("/classes/{name}")
+async def update_class(request: Request, name: str, body: ClassChanges) -> dict[str, Any]:
+    changes = body.model_dump(exclude_unset=True)
+    return await _policy(request, lambda a: _patch(a, name, changes))
+
+
+@router.delete("/classes/{name}")
+async def remove_class(request: Request, name: str) -> dict[str, Any]:
+    await _policy(request, lambda a: a.remove(name))
+    return {"removed": name}
+
+
+@router.get("/global-rate")
+async def get_global_rate(request: Request) -> dict[str, Any]:
+    rate = await _policy(request, lambda a: a.global_rate())
+    return {"global_rate_per_minute": rate}
+
+
+@router.put("/global-rate")
+async def put_global_rate(request: Request, body: GlobalRate) -> dict[str, Any]:
+    rate = await _policy(request, lambda a: a.set_global_rate(body.global_rate_per_minute))
+    return {"global_rate_per_minute": rate}
