@@ -31,7 +31,7 @@ from app.queues import delay_queue, instance_queue, queue_counts, route_queue
 from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import TIERS, get_settings
 from app.tracing import tracer
-from routing import rank
+from routing import FleetSnapshot, rank
 
 if TYPE_CHECKING:
     from celery import Task
@@ -157,6 +157,7 @@ def _reserve_slot(
     unserved_since: float | None = None
     give_back_at = time.monotonic() + settings.broker_consumer_timeout / 2
     shed = degradation()
+    first = True
     while True:
         if shed.stops(request.tier):
             # Shed by the degradation level: not a waiter meanwhile, so no slot goes to it.
@@ -165,7 +166,11 @@ def _reserve_slot(
                 raise Reject("shed by the degradation level", requeue=True)
             time.sleep(WAIT_POLL_SECONDS)
             continue
-        snapshot = fleet.snapshot()
+        # A job back from waiting shares the process's latest reading of the fleet: dozens of
+        # waiting threads each reading it every second cost the router the CPU it needs to
+        # move the jobs that were just handed a slot.
+        snapshot = fleet.snapshot() if first else _recent_snapshot()
+        first = False
         if not snapshot.serving(request.model):
             # Either the model is gone, or the registry is (Redis restarted and the
             # instance workers have not re-registered yet): wait a few heartbeats first.
@@ -219,6 +224,31 @@ def _reserve_slot(
             raise Ignore("job already finished")
         chosen = next((c.score for c in choices if c.instance == got), {})
         return got, chosen, strategy
+
+
+class _RecentSnapshot:
+    """The fleet as read at most ``SNAPSHOT_TTL`` seconds ago, shared by the router's threads.
+
+    Good enough to rank instances for a job that has been waiting: the slot counts that
+    matter are checked again, atomically, by ``acquire``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at = -SNAPSHOT_TTL
+        self._snapshot: FleetSnapshot | None = None
+
+    def __call__(self) -> FleetSnapshot:
+        with self._lock:
+            if self._snapshot is None or time.monotonic() - self._at > SNAPSHOT_TTL:
+                self._snapshot = fleet_state().snapshot()
+                self._at = time.monotonic()
+            return self._snapshot
+
+
+#: Seconds a waiting job's reading of the fleet is reused.
+SNAPSHOT_TTL = 0.5
+_recent_snapshot = _RecentSnapshot()
 
 
 class _Backlog:
