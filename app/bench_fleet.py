@@ -24,9 +24,10 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -180,19 +181,13 @@ def run_mixed(jobs: int = 500, short: int = SHORT_BATCH) -> dict[str, Any]:
         proxies = {p: Proxy(list(urls.values()), p) for p in ("round_robin", "least_connections")}
         by_url = {u: n for n, u in urls.items()}
 
-        def run(name: str, n: int, into: dict[str, Any]) -> None:
+        def run(label: str, n: int, into: dict[str, Any], send: Callable[[int], Counter]) -> None:
             _unload(urls["cold-1"])
             fleet.reset_sims()
             t = time.perf_counter()
-            if name in STRATEGIES:
-                served = _corral_batch(name, n)
-            else:
-                with ThreadPoolExecutor(64) as pool:
-                    hits = list(pool.map(proxies[name].call, (f"proxy {i}" for i in range(n))))
-                served = Counter(by_url[h.url] for h in hits)
+            served = send(n)
             elapsed = time.perf_counter() - t
             loads = sum(fleet.sim_stats(s)["loads_total"] for s in urls)
-            label = f"corral {name}" if name in STRATEGIES else f"proxy {name}"
             into[label] = {
                 "makespan_s": round(elapsed, 2),
                 "vs_ideal": round(elapsed / _ideal(sims, n), 3),
@@ -205,11 +200,20 @@ def run_mixed(jobs: int = 500, short: int = SHORT_BATCH) -> dict[str, Any]:
                 f" {dict(sorted(served.items()))}"
             )
 
+        def through(proxy: Proxy) -> Callable[[int], Counter]:
+            def send(n: int) -> Counter:
+                with ThreadPoolExecutor(64) as pool:
+                    hits = list(pool.map(proxy.call, (f"proxy {i}" for i in range(n))))
+                return Counter(by_url[h.url] for h in hits)
+
+            return send
+
         for n, into in ((jobs, out["runs"]), (short, out["short"]["runs"])):
-            for name in (*STRATEGIES, *proxies):
-                if name in STRATEGIES:
-                    fleet_state().set_strategy(name)
-                run(name, n, into)
+            for strategy in STRATEGIES:
+                fleet_state().set_strategy(strategy)
+                run(f"corral {strategy}", n, into, partial(_corral_batch, strategy))
+            for policy, proxy in proxies.items():
+                run(f"proxy {policy}", n, into, through(proxy))
     return out
 
 

@@ -342,17 +342,22 @@ def _mixed(ax: Axes, mixed: dict[str, Any]) -> None:
     ratios = [r["vs_ideal"] for _, r in runs]
     colors = [CORRAL if n.startswith("corral") else BASELINE for n, _ in runs]
     ax.barh(labels, ratios, color=colors, alpha=0.85)
-    for y, (_, r) in enumerate(runs):
-        ax.annotate(
-            f" {r['vs_ideal']:.2f} x  ({r['makespan_s']:.1f} s)", (r["vs_ideal"], y), va="center"
-        )
+    short = mixed.get("short", {})
+    for y, (name, r) in enumerate(runs):
+        text = f" {r['vs_ideal']:.2f} x  ({r['makespan_s']:.1f} s)"
+        if name in short.get("runs", {}):
+            s = short["runs"][name]
+            loads = s["cold_loads"]
+            text += f";  {short['jobs']} jobs: {s['makespan_s']:.1f} s, {loads} cold load"
+            text += "" if loads == 1 else "s"
+        ax.annotate(text, (r["vs_ideal"], y), va="center")
     ax.axvline(
         1.0,
         color="black",
         linestyle="--",
         label=f"ideal: total work / total capacity = {mixed['ideal_s']} s",
     )
-    ax.set_xlim(0, max(ratios) * 1.3)
+    ax.set_xlim(0, max(ratios) * (2.0 if short else 1.3))
     ax.set_xlabel("makespan / ideal (lower is better)")
     ax.set_title(
         f"Mixed fleet, {mixed['jobs']} batch jobs per run, by routing strategy\n({mixed['fleet']})",
