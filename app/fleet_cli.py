@@ -8,9 +8,9 @@ running worker was started with (the output says so).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -18,6 +18,9 @@ from app.settings import get_settings
 
 if TYPE_CHECKING:
     from app.fleet_admin import Applied, FleetAdmin, InstanceView
+
+#: FleetAdmin or PolicyAdmin: what ``corral fleet`` and ``corral policy`` change things with.
+Admin = TypeVar("Admin")
 
 fleet_cli = typer.Typer(help="Look at and change the fleet; changes apply live.")
 
@@ -51,15 +54,20 @@ def no_registry(exc: Exception) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _admin() -> FleetAdmin:
+def opened(ready: Callable[[], Admin]) -> Admin:
+    """``ready()``, an admin over the registry; or exit 1 saying the registry cannot be opened."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from app.fleet_admin import FleetAdmin
-
     try:
-        return FleetAdmin.ready()
+        return ready()
     except SQLAlchemyError as exc:
         raise no_registry(exc) from None
+
+
+def _admin() -> FleetAdmin:
+    from app.fleet_admin import FleetAdmin
+
+    return opened(FleetAdmin.ready)
 
 
 @contextmanager

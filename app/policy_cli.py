@@ -61,15 +61,10 @@ def _limit(option: str, value: str, kind: type[float] | type[int]) -> float | in
 
 
 def _admin() -> PolicyAdmin:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from app.fleet_cli import no_registry
+    from app.fleet_cli import opened
     from app.policy_admin import PolicyAdmin
 
-    try:
-        return PolicyAdmin.ready()
-    except SQLAlchemyError as exc:
-        raise no_registry(exc) from None
+    return opened(PolicyAdmin.ready)
 
 
 @contextmanager
