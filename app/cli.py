@@ -310,7 +310,9 @@ def up(
 
 @cli.command()
 def bench(
-    scenario: Annotated[str, typer.Option(help="overhead, mixed, backlog, agents or all")] = "all",
+    scenario: Annotated[
+        str, typer.Option(help="overhead, mixed, backlog, agents, burst or all")
+    ] = "all",
     jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
     backlog: Annotated[
         int | None,
@@ -347,6 +349,11 @@ def bench(
         if scenario in ("agents", "all"):
             typer.echo("\n131 agents of two classes, with limits and a bulkhead")
             report["agents"] = run_agents(**batch)
+        if scenario in ("burst", "all"):
+            from app.bench_burst import BURST_JOBS, run_burst
+
+            typer.echo(f"\n{BURST_JOBS} jobs at once, interactive jobs meanwhile")
+            report["burst"] = run_burst()
         out = out or Path(f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2))

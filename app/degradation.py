@@ -1,13 +1,24 @@
-"""Degradation levels: how much work the fleet takes on when it cannot keep up.
+"""Degradation levels: how the fleet orders and admits work when it cannot keep up.
+
+The rule every level follows: **a free slot always goes to the best waiting job that may use
+it.** A level may change which job is best, and may refuse *new* jobs at the door; it never
+holds an admitted job while a slot that could run it is free. Holding admitted work can only
+idle slots: the backlog it keeps is what raised the level, so the level would never fall.
 
 ==  =========  =============================================================================
-0   normal     every tier starts as slots free
-1   shed_batch batch jobs queue but do not start
-2   essential  only interactive jobs start; normal and batch ones are answered from the
-               response cache if they can be, else they wait
+0   normal     waiting jobs are ordered by virtual deadline: a batch job that has waited its
+               tier's head start competes as if it were interactive (aging)
+1   shed_batch batch jobs yield: they take only slots no interactive or normal job waits for
+2   essential  normal jobs yield to interactive ones too (batch still yields to both)
 3   refuse     as 2, and new normal and batch jobs are refused at the call (``Overloaded``:
                "retry after N s"; the gateway answers 503 with Retry-After)
 ==  =========  =============================================================================
+
+So the levels add what the tiers alone do not: at level 0 aging lets old batch work catch
+up with interactive work, which is fair when the fleet keeps up; under overload (1, 2) the
+protected tiers take precedence outright, and at 3 the door closes for the others instead of
+letting the queues grow without bound. The response cache answers repeated requests at every
+level before they wait at all.
 
 The level follows two signals: the backlog (jobs waiting to start, held by routers or still
 queued, per slot of the fleet) and the interactive wait (a moving average of how long
@@ -32,8 +43,11 @@ log = logging.getLogger(__name__)
 NAMES = ("normal", "shed_batch", "essential", "refuse")
 #: The level at which new normal and batch jobs are refused at the call.
 REFUSE_LEVEL = 3
-#: The lowest level at which each tier stops starting jobs (interactive never stops).
-STOPS_AT: dict[Tier, int] = {"interactive": 99, "normal": 2, "batch": 1}
+#: The lowest level from which each tier yields to the more urgent ones (interactive never).
+YIELDS_FROM: dict[Tier, int] = {"interactive": 99, "normal": 2, "batch": 1}
+#: How far behind every waiter of a more urgent tier a yielding tier's waiters sort, in the
+#: seconds of a virtual deadline (about four months: further than any job waits).
+YIELD_BAND_S = 1e7
 #: Weight of the newest interactive wait in its moving average.
 WAIT_ALPHA = 0.2
 #: Seconds a process reuses the level it read.
@@ -69,6 +83,14 @@ def target_level(signals: Signals) -> tuple[int, str]:
     return level, reason
 
 
+def yield_band(tier: Tier, level: int) -> float:
+    """What ``level`` adds to a waiting job's virtual deadline (pure): 0 while its tier does
+    not yield, else a band per tier, so that batch sorts behind normal behind interactive."""
+    if level < YIELDS_FROM[tier]:
+        return 0.0
+    return YIELD_BAND_S * TIERS.index(tier)
+
+
 def next_level(current: int, calm_since: float | None, target: int, now: float) -> int:
     """Up at once; down one step once the target stayed lower for ``degradation_hold`` (pure)."""
     if target >= current:
@@ -98,9 +120,6 @@ class Degradation:
             level = int(override if override is not None else stored or 0)
             _read[self.key] = (time.monotonic(), level)
         return level
-
-    def stops(self, tier: Tier) -> bool:
-        return self.level() >= STOPS_AT[tier]
 
     def record_wait(self, tier: Tier, wait_s: float) -> None:
         """An interactive job started after waiting ``wait_s``: feed the moving average."""

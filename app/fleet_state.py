@@ -158,7 +158,8 @@ for i = 10, candidates do
     return ARGV[i]
   end
 end
-redis.call('ZADD', ns .. ':wait:' .. model, 'NX', score, job)
+-- Not NX: a job's deadline moves when the degradation level reorders its tier.
+redis.call('ZADD', ns .. ':wait:' .. model, score, job)
 if ARGV[7] ~= '' then
   redis.call('HSET', ns .. ':excl', job, ARGV[7])
 else

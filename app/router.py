@@ -23,7 +23,7 @@ from kombu.exceptions import OperationalError
 
 from app import limits, metrics
 from app.cache import response_cache
-from app.degradation import degradation
+from app.degradation import degradation, yield_band
 from app.errors import JobRejected
 from app.fleet_state import DONE, fleet_state
 from app.policy import live_policy
@@ -47,20 +47,24 @@ shutting_down = threading.Event()
 _ticks = itertools.count()
 
 
-def waiter_score(request: InferRequest, state: RouteState) -> float:
+def waiter_score(request: InferRequest, state: RouteState, level: int = 0) -> float:
     """A virtual deadline: the free slot goes to the waiting job with the earliest.
 
     A job's deadline is its arrival plus its tier's head start (``tier_delay_seconds``) plus
     a second per priority step below 9 (its priority as lowered for fairness, see
     ``app.fairness``). So a fresh interactive job goes before any batch job
     that arrived less than the batch head start ago, and a batch job that has waited longer
-    than that competes as if it were interactive: batch work ages, it never starves.
+    than that competes as if it were interactive: batch work ages, it never starves. Under
+    a degradation ``level`` that makes its tier yield, the deadline moves behind every
+    more urgent tier's (``app.degradation.yield_band``): the order changes, the job still
+    takes any slot nobody more urgent can use.
     """
     s = get_settings()
     return (
         state.submitted_at
         + s.tier_delay_seconds[request.tier]
         + (9 - state.queue_priority(request)) * s.priority_step_seconds
+        + yield_band(request.tier, level)
     )
 
 
@@ -150,22 +154,14 @@ def _reserve_slot(
     job: str, request: InferRequest, state: RouteState
 ) -> tuple[str, dict[str, float], str]:
     fleet = fleet_state()
-    score = waiter_score(request, state)
     settings = get_settings()
     agent_class, limits_of = live_policy(settings).class_limits(request.agent, request.agent_class)
     class_cap = (limits_of.max_in_flight if limits_of else None) or 0
     unserved_since: float | None = None
     give_back_at = time.monotonic() + settings.broker_consumer_timeout / 2
-    shed = degradation()
+    levels = degradation()
     first = True
     while True:
-        if shed.stops(request.tier):
-            # Shed by the degradation level: not a waiter meanwhile, so no slot goes to it.
-            fleet.forget(job, request.model)
-            if time.monotonic() > give_back_at or shutting_down.is_set():
-                raise Reject("shed by the degradation level", requeue=True)
-            time.sleep(WAIT_POLL_SECONDS)
-            continue
         # A job back from waiting shares the process's latest reading of the fleet: dozens of
         # waiting threads each reading it every second cost the router the CPU it needs to
         # move the jobs that were just handed a slot.
@@ -199,7 +195,8 @@ def _reserve_slot(
         got = fleet.acquire(
             job,
             request.model,
-            score=score,
+            # Recomputed each round: a level that changed while the job waited reorders it.
+            score=waiter_score(request, state, levels.level()),
             candidates=candidates,
             # While it waits, a job is handed a slot only on an instance it ranked.
             exclude=[i.name for i in snapshot.serving(request.model) if i.name not in candidates],

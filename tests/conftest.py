@@ -8,7 +8,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -64,6 +64,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
+_LOAD_REPORT: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def load_report() -> dict[str, object]:
+    """Figures the load tests measured, printed at the end of the run."""
+    return _LOAD_REPORT
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _LOAD_REPORT:
+        terminalreporter.section("load figures")
+        for name, figures in _LOAD_REPORT.items():
+            terminalreporter.write_line(f"{name}: {figures}")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests that restart shared services run last, so nothing else runs in their wake."""
     items.sort(key=lambda item: item.get_closest_marker("chaos") is not None)
@@ -98,6 +114,12 @@ def healthy_fleet(fleet: LocalFleet) -> Iterator[LocalFleet]:
     _expect_no_slots_held(fleet)
     yield fleet
     fleet.clear_faults()
+
+
+@pytest.fixture
+def expect_idle() -> Callable[..., None]:
+    """``expect_idle(fleet, timeout)``: fail unless no slot is held and no job waits."""
+    return _expect_no_slots_held
 
 
 def _expect_no_slots_held(fleet: LocalFleet, timeout: float = 20.0) -> None:

@@ -132,15 +132,20 @@ def test_waiters_are_ordered_by_tier_then_priority_then_arrival_and_batch_ages()
     from app.router import waiter_score
     from app.schemas import InferRequest, RouteState
 
-    def score(tier: str, priority: int = 5, waited: float = 0.0) -> float:
+    def score(tier: str, priority: int = 5, waited: float = 0.0, level: int = 0) -> float:
         req = InferRequest(model="m", prompt="x", tier=tier, priority=priority)
-        return waiter_score(req, RouteState(submitted_at=10_000.0 - waited))
+        return waiter_score(req, RouteState(submitted_at=10_000.0 - waited), level)
 
     assert score("interactive") < score("normal") < score("batch")
     assert score("batch", priority=9) < score("batch", priority=0)
     assert score("batch", waited=5) < score("batch")
     assert score("batch", waited=100) > score("interactive")
     assert score("batch", waited=601) < score("interactive")  # aged: it cannot starve
+    # Degradation levels reorder, they never hold: no aging past a protected tier under load.
+    assert score("batch", waited=3600, level=1) > score("normal", level=1) > score("interactive")
+    assert score("normal", waited=3600, level=2) > score("interactive", level=2)
+    assert score("batch", waited=3600, level=2) > score("normal", level=2)
+    assert score("normal", waited=3600, level=1) < score("interactive", level=1)  # still ages
 
 
 def test_an_instance_takes_only_the_jobs_its_role_allows() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -351,11 +352,13 @@ class Inference:
     async def _slot(self, runner: Runner, model_stats: ModelStats) -> AsyncIterator[None]:
         await runner.slots.acquire()
         self.s.stats.slot_taken(model_stats)
+        taken = time.time()
         try:
             yield
         finally:
             runner.slots.release()
             self.s.stats.slot_freed(model_stats)
+            self.s.stats.span(taken, time.time())
 
     def _maybe_busy(self) -> None:
         if self.s.roll(self.s.cfg.busy_rate):

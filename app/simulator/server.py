@@ -53,6 +53,7 @@ class SimApp:
             "/api/pull": {"POST": self._pull},
             "/api/delete": {"DELETE": self._delete},
             "/sim/stats": {"GET": self._stats},
+            "/sim/spans": {"GET": self._spans},
             "/sim/reset": {"POST": self._reset},
             "/sim/faults": {"GET": self._faults, "POST": self._faults},
             "/sim/refuse": {"POST": self._refuse},
@@ -210,6 +211,13 @@ class SimApp:
 
     async def _stats(self, ex: Exchange) -> None:
         await ex.json(200, self._snapshot())
+
+    async def _spans(self, ex: Exchange) -> None:
+        """When each request held a slot: ``[[taken, freed], ...]`` in Unix seconds."""
+        await ex.json(
+            200,
+            {"num_parallel": self.state.cfg.num_parallel, "spans": list(self.state.stats.spans)},
+        )
 
     async def _reset(self, ex: Exchange) -> None:
         await ex.body()

@@ -7,7 +7,11 @@ slot queue, generation); ``active`` counts those holding a slot.  A router that 
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass
+
+#: Slot spans kept for ``/sim/spans``: enough for the longest load test, bounded.
+MAX_SPANS = 100_000
 
 
 @dataclass
@@ -33,6 +37,9 @@ class Stats:
         self.loads_total = 0
         self.evictions_total = 0
         self.models: dict[str, ModelStats] = {}
+        #: (taken, freed) wall-clock times of each request that held a slot: what the
+        #: benchmarks and load tests derive idle slot-time and slot gaps from.
+        self.spans: deque[tuple[float, float]] = deque(maxlen=MAX_SPANS)
 
     def model(self, name: str) -> ModelStats:
         stats = self.models.get(name)
@@ -59,12 +66,16 @@ class Stats:
         self.active -= 1
         model.active -= 1
 
+    def span(self, taken: float, freed: float) -> None:
+        self.spans.append((round(taken, 6), round(freed, 6)))
+
     def reset(self) -> None:
         """Zero the counters; peaks restart from what is running now (0 when idle)."""
         self.peak_in_flight = self.in_flight
         self.peak_active = self.active
         self.requests_total = self.errors_total = self.rejected_total = 0
         self.cancelled_total = self.loads_total = self.evictions_total = 0
+        self.spans.clear()
         for model in self.models.values():
             model.requests = model.errors = model.loads = 0
             model.peak_active = model.active

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import threading
 import time
+from collections import Counter
+from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from app.harness import LocalFleet, wait_until
@@ -105,3 +110,91 @@ def test_client_leaving_a_queued_job_revokes_it(
                 "the backlog to drain",
             )
     assert infer.AsyncResult(left).state in ("REVOKED", "PENDING")  # never SUCCESS: never ran
+
+
+@pytest.mark.load
+def test_1000_streaming_clients_at_once_all_complete(
+    gateway: Gateway, healthy_fleet: LocalFleet, load_report: dict[str, Any]
+) -> None:
+    """Half on Ollama's API (NDJSON), half on OpenAI's (SSE): every stream ends with its
+    final line, no 5xx, and the gateway's threads and memory stay bounded."""
+    clients = 1000
+    assert gateway.child.proc is not None
+    gw = psutil.Process(gateway.child.proc.pid)
+    before = gw.memory_info().rss
+    usage = _Sampler(gw)
+
+    async def ollama(client: httpx.AsyncClient, i: int) -> str:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"stream {i}"}]}
+        async with client.stream("POST", "/api/chat", json=body) as reply:
+            if reply.status_code != 200:
+                return f"status {reply.status_code}: {(await reply.aread())[:200]!r}"
+            lines = [line async for line in reply.aiter_lines() if line.strip()]
+        last = json.loads(lines[-1]) if lines else {}
+        return "ok" if last.get("done") is True else f"no final line: {lines[-1:]}"
+
+    async def openai(client: httpx.AsyncClient, i: int) -> str:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": f"sse {i}"}],
+            "stream": True,
+        }
+        async with client.stream("POST", "/v1/chat/completions", json=body) as reply:
+            if reply.status_code != 200:
+                return f"status {reply.status_code}: {(await reply.aread())[:200]!r}"
+            events = [line async for line in reply.aiter_lines() if line.startswith("data:")]
+        return "ok" if events and events[-1] == "data: [DONE]" else f"no [DONE]: {events[-1:]}"
+
+    async def run() -> list[str]:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        timeout = httpx.Timeout(240, connect=60)
+        async with httpx.AsyncClient(
+            base_url=gateway.url, headers=gateway.auth(), timeout=timeout, limits=limits
+        ) as client:
+            calls = [(ollama if i % 2 else openai)(client, i) for i in range(clients)]
+            outcomes = await asyncio.wait_for(
+                asyncio.gather(*calls, return_exceptions=True), timeout=300
+            )
+        return [o if isinstance(o, str) else f"{type(o).__name__}: {o}" for o in outcomes]
+
+    started = time.monotonic()
+    with usage:
+        outcomes = asyncio.run(run())
+    elapsed = time.monotonic() - started
+    tally = Counter(o if o == "ok" else o[:60] for o in outcomes)
+    load_report["1000 streams"] = {
+        "elapsed_s": round(elapsed, 1),
+        "outcomes": dict(tally),
+        "gateway_rss_mb": {
+            "before": round(before / 2**20),
+            "peak": round(usage.peak_rss / 2**20),
+            "after": round(gw.memory_info().rss / 2**20),
+        },
+        "gateway_threads_peak": usage.peak_threads,
+    }
+    assert tally["ok"] == clients, tally.most_common(5)
+    # Threads: uvicorn's loop plus the bounded pool (gateway_threads, 64), not one per client.
+    assert usage.peak_threads <= 64 + 40, usage.peak_threads
+    assert usage.peak_rss - before < 400 * 2**20, load_report["1000 streams"]
+
+
+class _Sampler:
+    """Peak RSS and thread count of a process, sampled every 0.2 s while in the block."""
+
+    def __init__(self, proc: psutil.Process) -> None:
+        self.proc, self.peak_rss, self.peak_threads = proc, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            self.peak_threads = max(self.peak_threads, self.proc.num_threads())
+
+    def __enter__(self) -> _Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
