@@ -31,9 +31,9 @@ MIN_WAIT_S = 1e-3  # the floor of the log scale: a wait below 1 ms is drawn at 1
 def render(report: dict[str, Any], path: Path) -> Path:
     """Draw ``report`` (the dict ``corral bench`` writes) to the PNG ``path``."""
     backlog, agents = report.get("backlog"), report.get("agents")
-    bottom = [k for k in ("mixed", "overhead") if k in report]
+    bottom = [k for k in ("mixed", "burst", "overhead") if k in report]
     if not backlog and not agents and not bottom:
-        raise ValueError("the report has no backlog, mixed, overhead or agents scenario to plot")
+        raise ValueError("the report has no scenario to plot")
     ratios = ([2.0] if backlog else []) + ([1.2] if agents else []) + ([1.0] if bottom else [])
     fig = Figure(figsize=(15, 5.2 * sum(ratios)), layout="constrained")
     subfigs = list(fig.subfigures(len(ratios), 1, height_ratios=ratios, squeeze=False)[:, 0])
@@ -45,7 +45,7 @@ def render(report: dict[str, Any], path: Path) -> Path:
         sub = subfigs.pop(0)
         axes = sub.subplots(1, len(bottom), squeeze=False)[0]
         for ax, key in zip(axes, bottom, strict=True):
-            (_mixed if key == "mixed" else _overhead)(ax, report[key])
+            {"mixed": _mixed, "burst": _burst, "overhead": _overhead}[key](ax, report[key])
     fig.suptitle(
         "corral bench: Corral vs a plain proxy, on the same simulated Ollama fleet",
         fontsize=16,
@@ -361,6 +361,40 @@ def _mixed(ax: Axes, mixed: dict[str, Any]) -> None:
     ax.set_xlabel("makespan / ideal (lower is better)")
     ax.set_title(
         f"Mixed fleet, {mixed['jobs']} batch jobs per run, by routing strategy\n({mixed['fleet']})",
+        fontsize=12,
+    )
+    ax.legend(loc="lower right", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _burst(ax: Axes, burst: dict[str, Any]) -> None:
+    """Time to drain each burst, Corral beside the proxy; idle slot-time and the interactive
+    wait written on each bar."""
+    rows = [
+        (f"{name}, {label}", r)
+        for name, b in burst["bursts"].items()
+        for label, r in (("Corral", b["corral"]), ("proxy", b["proxy_least_connections"]))
+    ][::-1]
+    ax.barh(
+        [n for n, _ in rows],
+        [r["drain_s"] for _, r in rows],
+        color=[CORRAL if n.endswith("Corral") else BASELINE for n, _ in rows],
+        alpha=0.85,
+    )
+    for y, (_, r) in enumerate(rows):
+        ax.annotate(
+            f" {r['drain_s']:.1f} s; idle {r['idle_share']:.0%} of slot-time while work waited;"
+            f" interactive wait p95 {r['interactive_wait_p95_ms'] / 1000:.2f} s",
+            (r["drain_s"], y),
+            va="center",
+            fontsize=9,
+        )
+    ax.axvline(burst["ideal_drain_s"], color="black", linestyle="--", label="ideal drain")
+    ax.set_xlim(0, max(r["drain_s"] for _, r in rows) * 2.0)
+    ax.set_xlabel("seconds to drain the burst (lower is better)")
+    jobs = sum(next(iter(burst["bursts"].values()))["per_tier"].values())
+    ax.set_title(
+        f"A burst of {jobs} jobs at once ({burst['fleet']}, {burst['service_s']} s a job)",
         fontsize=12,
     )
     ax.legend(loc="lower right", fontsize=9)

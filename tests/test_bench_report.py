@@ -101,6 +101,26 @@ def synthetic_report() -> dict[str, Any]:
             },
         },
         "agents": synthetic_agents(),
+        "burst": {
+            "fleet": "3 instances of parallelism 2",
+            "service_s": 0.1,
+            "ideal_drain_s": 11.67,
+            "bursts": {
+                "normal": {
+                    "per_tier": {"normal": 700},
+                    "corral": {
+                        "drain_s": 13.5,
+                        "idle_share": 0.11,
+                        "interactive_wait_p95_ms": 120.0,
+                    },
+                    "proxy_least_connections": {
+                        "drain_s": 12.4,
+                        "idle_share": 0.01,
+                        "interactive_wait_p95_ms": 11800.0,
+                    },
+                }
+            },
+        },
     }
 
 
@@ -114,7 +134,7 @@ def test_renders_a_png_from_a_report(tmp_path: Path) -> None:
     assert png.stat().st_size > 50_000  # four figures' worth of drawing, not a blank canvas
 
 
-@pytest.mark.parametrize("scenario", ["backlog", "mixed", "overhead", "agents"])
+@pytest.mark.parametrize("scenario", ["backlog", "mixed", "overhead", "agents", "burst"])
 def test_renders_any_one_scenario(tmp_path: Path, scenario: str) -> None:
     report = {scenario: synthetic_report()[scenario]}
     assert _is_png(render(report, tmp_path / "one.png"))
@@ -175,7 +195,7 @@ def test_class_figures_count_requests_inside_the_servers_at_once() -> None:
 
 
 def test_a_report_without_scenarios_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no backlog"):
+    with pytest.raises(ValueError, match="no scenario"):
         render({"meta": {}}, tmp_path / "none.png")
 
 
@@ -218,3 +238,16 @@ def test_sampler_records_in_flight_per_instance(fake_sim: str) -> None:
     assert series["t"]  # at least the first tick, taken at once
     assert series["instances"]["a"] == series["instances"]["b"] == [3] * len(series["t"])
     assert series["parallelism"] == {"a": 2, "b": 2}
+
+
+def test_idle_share_counts_slot_time_unused_while_work_waited() -> None:
+    from app.bench_burst import idle_share
+
+    # 2 slots from t=0; the last job starts at t=10. One slot busy throughout, the other
+    # idle from 4 to 6: 2 s idle of 20 slot-seconds.
+    spans = {"a": [(0.0, 10.0), (0.0, 4.0), (6.0, 10.0), (10.0, 11.0)]}
+    assert idle_share(spans, {"a": 2}, since=0.0) == {"idle_share": 0.1, "waited_s": 10.0}
+    # Spans before the burst do not count, nor time after the last start.
+    spans["a"].append((-5.0, -1.0))
+    assert idle_share(spans, {"a": 2}, since=0.0)["idle_share"] == 0.1
+    assert idle_share({"a": []}, {"a": 2}, since=0.0)["idle_share"] == 0.0
