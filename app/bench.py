@@ -150,7 +150,8 @@ def measure_decision_time(samples: int = 2000) -> dict[str, Any]:
 
 
 def run_benchmark(jobs: int = 400, sequential: int = 200) -> dict[str, Any]:
-    from app.harness import LocalFleet, free_port, instances_env
+    from app.harness import LocalFleet, free_port, instances_env, queue_counts, wait_until
+    from app.queues import route_queue
 
     sims = [{**s, "port": free_port()} for s in SIMS]
     namespace = f"bench{os.getpid()}"
@@ -176,6 +177,11 @@ def run_benchmark(jobs: int = 400, sequential: int = 200) -> dict[str, Any]:
         fleet.reset_sims()
         typer.echo(f"throughput: {jobs} jobs at once...")
         report["throughput"] = measure_throughput(urls, jobs)
+        # The throughput jobs are batch jobs: what a second router of that tier adds.
+        fleet.start_router("batch", name="router-batch-2")
+        wait_until(lambda: queue_counts(route_queue(MODEL, "batch"))[1] == 2, 60, "router 2")
+        typer.echo(f"throughput with two batch routers: {jobs} jobs at once...")
+        report["throughput_two_routers"] = measure_throughput(urls, jobs)
         report["peak_in_flight"] = {
             name: {"peak": fleet.sim_stats(name)["peak_in_flight"], "parallelism": 2}
             for name in fleet.sim_urls
@@ -208,6 +214,9 @@ def _print(r: dict[str, Any]) -> None:
         f"\nthroughput, {t['jobs']} jobs: Corral {t['corral_jobs_per_s']} jobs/s "
         f"(publish {t['publish_per_s']}/s); direct HTTP {t['direct_requests_per_s']} req/s"
     )
+    t2 = r.get("throughput_two_routers")
+    if t2:
+        typer.echo(f"  with two batch routers: Corral {t2['corral_jobs_per_s']} jobs/s")
     typer.echo(
         "peak in flight: "
         + ", ".join(f"{n} {v['peak']}/{v['parallelism']}" for n, v in r["peak_in_flight"].items())

@@ -109,9 +109,10 @@ class LocalFleet:
                 self.start_router(tier)
         wait_until(self.ready, timeout, "workers and routers to come up", every=0.25)
 
-    def start_router(self, tier: str) -> None:
+    def start_router(self, tier: str, name: str | None = None) -> None:
+        """A router of ``tier``; give a ``name`` to run more than one per tier."""
         self._start(
-            f"router-{tier}",
+            name or f"router-{tier}",
             [
                 sys.executable,
                 "-m",
