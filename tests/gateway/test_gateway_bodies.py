@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from app.errors import InvalidRequest
+from app.gateway.content_type import is_json
 from app.harness import LocalFleet
 from tasks import infer
 from tests.gateway.conftest import Gateway, start_gateway
@@ -48,6 +49,13 @@ def open_gateway(fleet: LocalFleet, tmp_path_factory: pytest.TempPathFactory) ->
         yield url
     finally:
         child.stop()
+
+
+def test_what_counts_as_json_already() -> None:
+    for label in (b"application/json", b"application/json; charset=utf-8", b"application/x+json"):
+        assert is_json(label), label
+    for label in (b"application/x-www-form-urlencoded", b"text/plain", b"text/json", b""):
+        assert not is_json(label), label
 
 
 def first_tour_curls() -> list[str]:
