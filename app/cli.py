@@ -393,6 +393,17 @@ def gateway(
     serve(host, port, log_level=log_level, access_log=access_log)
 
 
+@cli.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def flower(ctx: typer.Context) -> None:
+    """Run Flower with Corral's queues in its Broker tab from the start.
+
+    Every option is Flower's, e.g. ``corral flower --conf=flower/flowerconfig.py --port=5555``.
+    """
+    from app.flower import main as run_flower
+
+    run_flower(ctx.args)
+
+
 keys_cli = typer.Typer(help="API keys of the gateway (stored hashed in CORRAL_DATABASE_URL).")
 cli.add_typer(keys_cli, name="keys")
 

@@ -7,7 +7,9 @@ Recorded where the fact is known, with no change to the task's own code beyond t
   ``task_retry`` (one per transient failure sent back through the router);
 * ``routed``, ``cache_lookup`` and ``rate_limited``, called by the router stage
   (``app.router``) and, for refused jobs, at the call (``tasks.infer``);
-* ``dead_lettered``, called when a job is written to the dead-letter queue (``app.executor``).
+* ``dead_lettered``, called when a job is written to the dead-letter queue (``app.executor``);
+* ``ignored_options``, called by the gateway for options Ollama would ignore
+  (``app.gateway.native``).
 
 Why Redis rather than a /metrics port per worker: see ``app.metrics_store``. ``corral
 metrics`` serves these sums next to the fleet gauges of ``app.metrics_fleet``. Recording
@@ -26,7 +28,7 @@ from celery.signals import task_failure, task_retry, task_success
 
 from app.fleet_state import redis_client
 from app.metrics_store import Batch, MetricSpec, MetricStore
-from app.schemas import RoutingInfo
+from app.schemas import OBSOLETE_OPTIONS, RoutingInfo
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,14 @@ LIMITED = MetricSpec(
     "Jobs over a rate limit, by agent class: delayed (waited their turn) or refused.",
     ("agent_class", "action"),
 )
-JOB_METRICS = (JOBS, WAIT, SERVICE, TOTAL, ROUTED, RETRIES, DEAD, CACHE, LIMITED)
+IGNORED_OPTIONS = MetricSpec(
+    "corral_ignored_options_total",
+    "Options the gateway's Ollama API dropped as Ollama would ignore them: an obsolete"
+    " option by name, any other unknown name as `unknown` (client-chosen names would make"
+    " the label set unbounded; the gateway's log names them).",
+    ("option",),
+)
+JOB_METRICS = (JOBS, WAIT, SERVICE, TOTAL, ROUTED, RETRIES, DEAD, CACHE, LIMITED, IGNORED_OPTIONS)
 
 
 def job_store() -> MetricStore:
@@ -120,6 +129,14 @@ def cache_lookup(model: str, *, hit: bool) -> None:
 def rate_limited(agent_class: str, action: str) -> None:
     batch = Batch()
     batch.inc(LIMITED, agent_class=agent_class, action=action)
+    _write(batch)
+
+
+def ignored_options(names: list[str]) -> None:
+    """Options a request carried that Ollama would ignore (see ``app.schemas.OBSOLETE_OPTIONS``)."""
+    batch = Batch()
+    for name in names:
+        batch.inc(IGNORED_OPTIONS, option=name if name in OBSOLETE_OPTIONS else "unknown")
     _write(batch)
 
 

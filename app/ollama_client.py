@@ -68,13 +68,20 @@ class OllamaClient:
         self, path: str, body: dict[str, Any], kind: str, on_chunk: TokenSink | None
     ) -> Answer:
         parts: list[str] = []
+        # A chat stream's other message fields come in their own chunks, not in the last
+        # line: thinking as text, each tool call whole (Ollama's parser buffers it).
+        thinking: list[str] = []
+        calls: list[dict[str, Any]] = []
         final: dict[str, Any] | None = None
         with self._request("POST", path, json=body, stream=True) as resp:
             for chunk in self._lines(resp):
                 if "error" in chunk:
                     raise InstanceFailed(f"error in stream: {chunk['error']}", self.instance)
                 if kind == "chat":
-                    parts.append((chunk.get("message") or {}).get("content", ""))
+                    message = chunk.get("message") or {}
+                    parts.append(message.get("content", ""))
+                    thinking.append(message.get("thinking") or "")
+                    calls.extend(message.get("tool_calls") or [])
                 else:
                     parts.append(chunk.get("response", ""))
                 if on_chunk is not None:
@@ -88,6 +95,10 @@ class OllamaClient:
         message = None
         if kind == "chat":
             message = {**(final.get("message") or {}), "role": "assistant", "content": text}
+            if any(thinking):
+                message["thinking"] = "".join(thinking)
+            if calls:
+                message["tool_calls"] = calls
         return Answer(
             text=text,
             message=message,

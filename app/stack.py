@@ -91,15 +91,8 @@ def plan(instances: list[InstanceConfig], env: dict[str, str], flower: bool) -> 
         children.append(
             Child(
                 "flower",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "-A",
-                    "app.celery_app",
-                    "flower",
-                    f"--conf={FLOWER_CONFIG}",
-                ],
+                # Corral's queues listed in the Broker tab from the start: see app.flower.
+                _corral("flower", f"--conf={FLOWER_CONFIG}"),
                 env,
             )
         )

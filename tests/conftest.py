@@ -3,6 +3,7 @@ them: every test session gets a namespace of its own (its own queues and Redis k
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -10,7 +11,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
 from app.harness import LocalFleet, free_port, instances_env
@@ -107,13 +110,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
 
 @pytest.fixture
 def healthy_fleet(fleet: LocalFleet) -> Iterator[LocalFleet]:
-    """The shared fleet with every fault cleared and counters reset, before and after."""
+    """The shared fleet with every fault cleared and counters reset, before and after.
+
+    It is handed on idle: a test whose jobs still hold slots or wait for one after it is
+    waited for (bounded), and fails if they do not finish, rather than the next test.
+    """
     fleet.clear_faults()
     fleet.reset_sims()
     _close_breakers(fleet)
     _expect_no_slots_held(fleet)
     yield fleet
     fleet.clear_faults()
+    _expect_no_slots_held(fleet)
 
 
 @pytest.fixture
@@ -209,6 +217,46 @@ def _close_breakers(fleet: LocalFleet) -> None:
                 "down_until": 0,
             },
         )
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Headless Chromium driven by Selenium, with Debian's ``chromium`` and ``chromedriver``
+    (never a downloaded driver). chromedriver and every browser process it started are
+    stopped by PID at the end of the module."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.common.exceptions import WebDriverException
+
+    chromium, chromedriver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and chromedriver):
+        pytest.skip("needs Debian's chromium and chromium-driver (scripts/bootstrap.sh)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1440,1100",
+    ):
+        options.add_argument(flag)
+    log = tmp_path_factory.mktemp("chromium") / "chromedriver.log"
+    service = webdriver.ChromeService(executable_path=chromedriver, log_output=str(log))
+    driver = webdriver.Chrome(options=options, service=service)
+    driver_process = psutil.Process(service.process.pid)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.set_script_timeout(10)
+        yield driver
+    finally:
+        # quit() ends the session (the browser) and chromedriver; whatever survives it, by PID.
+        survivors = [*driver_process.children(recursive=True), driver_process]
+        with contextlib.suppress(WebDriverException):
+            driver.quit()
+        for process in survivors:
+            if process.is_running():
+                process.kill()
+        psutil.wait_procs(survivors, timeout=10)
 
 
 PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432/test"

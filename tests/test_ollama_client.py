@@ -30,6 +30,19 @@ ANSWERS: dict[str, tuple[int, bytes]] = {
     "garbage-line": (200, b'{"response":"Hi","done":false}\nnot json at all\n' + FINAL),
     "ok": (200, b'{"response":"Hi","done":false}\n' + FINAL),
     "bad-request": (400, b'{"error":"invalid options"}'),
+    # A chat stream as Ollama sends it: thinking and content by pieces, the tool call whole
+    # in a chunk of its own, a last line without them.
+    "chat-tools": (
+        200,
+        b'{"message":{"role":"assistant","content":"","thinking":"Let me "},"done":false}\n'
+        b'{"message":{"role":"assistant","content":"","thinking":"check."},"done":false}\n'
+        b'{"message":{"role":"assistant","content":"Calling."},"done":false}\n'
+        b'{"message":{"role":"assistant","content":"","tool_calls":[{"id":"call_a1b2c3d4",'
+        b'"function":{"index":0,"name":"get_weather","arguments":{"city":"Paris"}}}]},'
+        b'"done":false}\n'
+        b'{"message":{"role":"assistant","content":""},"done":true,"done_reason":"stop",'
+        b'"eval_count":9}\n',
+    ),
 }
 
 
@@ -62,7 +75,11 @@ def server() -> Iterator[str]:
 def call(url: str, mode: str, kind: str = "generate") -> object:
     Broken.mode = mode
     client = OllamaClient("broken", url, connect_timeout=2, read_timeout=5)
-    fields = {"input": ["x"]} if kind == "embed" else {"prompt": "hi"}
+    fields: dict[str, object] = {"prompt": "hi"}
+    if kind == "embed":
+        fields = {"input": ["x"]}
+    elif kind == "chat":
+        fields = {"messages": [{"role": "user", "content": "weather? use get_weather"}]}
     return client.infer(InferRequest(kind=kind, model="m", **fields))
 
 
@@ -96,3 +113,19 @@ def test_a_rejected_request_is_not_retried(server: str) -> None:
     with pytest.raises(RequestRejected) as info:
         call(server, "bad-request")
     assert not info.value.transient and "invalid options" in str(info.value)
+
+
+def test_a_chat_keeps_what_came_before_the_last_line(server: str) -> None:
+    answer = call(server, "chat-tools", "chat")
+    assert answer.text == "Calling." and answer.completion_tokens == 9
+    assert answer.message == {
+        "role": "assistant",
+        "content": "Calling.",
+        "thinking": "Let me check.",
+        "tool_calls": [
+            {
+                "id": "call_a1b2c3d4",
+                "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Paris"}},
+            }
+        ],
+    }

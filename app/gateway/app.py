@@ -1,6 +1,7 @@
 """The gateway's ASGI app: Ollama's API, OpenAI's API and the job API over one fleet.
 
-Request path, outermost first: body limit (413) -> API key (401) -> FastAPI routing, where
+Request path, outermost first: body limit (413) -> API key (401) -> bodies on Ollama's and
+OpenAI's paths read as JSON whatever their Content-Type -> FastAPI routing, where
 each endpoint resolves tier/priority/agent (400/403), validates its body (400), submits an
 ``infer`` job and waits for or streams it.
 """
@@ -17,6 +18,7 @@ from fastapi.responses import Response
 from app import tracing
 from app.gateway import admin_api, dashboard, errors, jobs_api, native, openai_api
 from app.gateway.auth import AuthMiddleware
+from app.gateway.content_type import JsonBodyMiddleware
 from app.gateway.disconnect import ClientGone
 from app.gateway.limits import BodyLimitMiddleware
 from app.gateway.services import Services
@@ -58,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_api.router)
     app.include_router(dashboard.router)
     # add_middleware wraps what is there: the last added runs first.
+    app.add_middleware(JsonBodyMiddleware)
     app.add_middleware(AuthMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.gateway_max_body_bytes)
     tracing.instrument_app(app)

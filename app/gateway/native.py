@@ -9,6 +9,7 @@ generate, ``model is required`` with 400 elsewhere, ...). Each inference request
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,12 +17,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from app import metrics
 from app.gateway import calls, shapes
 from app.gateway.auth import Caller, CallerDep
 from app.gateway.errors import GatewayError
 from app.gateway.services import services
 from app.gateway.streaming import stream_error
+from app.schemas import split_options
 from app.settings import normalize_model
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -89,6 +94,30 @@ class ShowBody(BaseModel):
     verbose: bool | None = None
 
 
+def _without_ignored_options(request: Request, fields: dict[str, Any]) -> dict[str, Any]:
+    """The job's fields with only the options Ollama reads.
+
+    Ollama ignores an option it does not know (logging it as invalid), and clients built on
+    its API rely on that: LangChain still sends ``tfs_z`` and ``mirostat``. So does the
+    gateway: such an option is dropped, with a warning naming it and a count in
+    ``corral_ignored_options_total``. One sent as null is only "not set": dropped quietly.
+    """
+    options = fields.get("options")
+    if not options:
+        return fields
+    known, ignored = split_options(options)
+    named = sorted(name for name, value in ignored.items() if value is not None)
+    if named:
+        log.warning(
+            "%s: ignoring options Ollama does not use: %s (as Ollama does)",
+            request.url.path,
+            ", ".join(named),
+        )
+        svc = services(request)
+        svc.later(svc.jobs.blocking(metrics.ignored_options, named))
+    return fields | {"options": known}
+
+
 def _ndjson(chunk: dict[str, Any]) -> bytes:
     return json.dumps(chunk, separators=(",", ":")).encode() + b"\n"
 
@@ -107,7 +136,8 @@ async def _ndjson_stream(
 async def _complete(
     request: Request, kind: str, body: GenerateBody | ChatBody, who: Caller
 ) -> Response:
-    fields = body.infer_fields(kind) | who.job_fields() | {"stream": body.stream}
+    fields = _without_ignored_options(request, body.infer_fields(kind))
+    fields |= who.job_fields() | {"stream": body.stream}
     job_id = await calls.submit(request, fields, not_found=f"model '{body.model}' not found")
     model = normalize_model(body.model)
     if body.stream:
@@ -141,7 +171,7 @@ def _embed_not_found(model: str) -> str:
 async def embed(body: EmbedBody, request: Request, who: CallerDep) -> Response:
     if not body.model:
         raise GatewayError(400, "model is required")
-    fields = body.infer_fields("embed") | who.job_fields()
+    fields = _without_ignored_options(request, body.infer_fields("embed")) | who.job_fields()
     job_id = await calls.submit(request, fields, not_found=_embed_not_found(body.model))
     result = await calls.wait(request, job_id, normalize_model(body.model))
     return JSONResponse(shapes.embed(result), headers=shapes.routing_headers(result))
@@ -156,12 +186,15 @@ async def embeddings(body: EmbeddingsBody, request: Request, who: CallerDep) -> 
         if normalize_model(body.model) not in await services(request).fleet.served():
             raise GatewayError(404, _embed_not_found(body.model))
         return JSONResponse({"embedding": []})
-    fields = {
-        "kind": "embed",
-        "input": body.prompt,
-        **body.model_dump(exclude_none=True, exclude={"prompt"}),
-        **who.job_fields(),
-    }
+    fields = _without_ignored_options(
+        request,
+        {
+            "kind": "embed",
+            "input": body.prompt,
+            **body.model_dump(exclude_none=True, exclude={"prompt"}),
+        },
+    )
+    fields |= who.job_fields()
     job_id = await calls.submit(request, fields, not_found=_embed_not_found(body.model))
     result = await calls.wait(request, job_id, normalize_model(body.model))
     vectors = result.embeddings or [[]]

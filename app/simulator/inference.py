@@ -32,6 +32,7 @@ from .scheduler import BUSY_MESSAGE, DEFAULT_NUM_CTX, Runner
 from .state import SimState
 from .stats import ModelStats
 from .text import approx_tokens, completion_tokens, embedding_json, token_ids
+from .tools import tool_calls
 
 Work = Callable[[Exchange, bytes], Awaitable[None]]
 
@@ -64,6 +65,7 @@ class _Completion:
     context: list[int] | None  # generate's context without the answer; None for chat or raw
     started_ns: int
     load_ns: int
+    tool_calls: list[dict[str, Any]]  # the answer when not empty (chat with tools only)
 
 
 class Inference:
@@ -106,8 +108,10 @@ class Inference:
         keep_alive = parse_keep_alive(body.get("keep_alive"))
         stream = field(body, "stream", bool, struct, "bool")
         context: list[int] | None = None
+        calls: list[dict[str, Any]] = []
         if chat:
             messages = _messages(body)
+            calls = tool_calls(body, messages)
             empty = not messages
             key_text = "\x1e".join(f"{role}\x1f{content}" for role, content in messages)
             # Each message costs its words plus the role header of the chat template.
@@ -148,6 +152,8 @@ class Inference:
                     await ex.json(200, self._bare_reply(name, chat, "load"))
                     return
                 count, done_reason = _length(options, model)
+                if calls:  # the call is the answer: its tokens, and no text
+                    count, done_reason = approx_tokens(dumps(calls)), "stop"
                 seed = options.get("seed")
                 deterministic = options.get("temperature") == 0 or (seed is not None and seed >= 0)
                 rng = None if deterministic else self.s.rng
@@ -163,6 +169,7 @@ class Inference:
                     context=context,
                     started_ns=started,
                     load_ns=load_ns,
+                    tool_calls=calls,
                 )
                 async with self._slot(runner, model_stats):
                     await self._runner_faults()
@@ -178,6 +185,9 @@ class Inference:
 
         tokens = job.tokens
         fault = self._output_fault()
+        # Ollama's parser holds a tool call back until it is whole: its tokens take their
+        # time but stream no text, and the call goes out in one chunk at the end.
+        calling = bool(job.tool_calls)
         if fault:
             tokens = tokens[: max(1, len(tokens) // 2)]
         loop = asyncio.get_running_loop()
@@ -187,7 +197,7 @@ class Inference:
         due = loop.time()
         for token in tokens:
             due += self._token_delay(runner)
-            if job.stream:
+            if job.stream and not calling:
                 unsent.append(token)
             wait = due - loop.time()
             if wait >= threshold:
@@ -204,11 +214,13 @@ class Inference:
                 await self._flush(ex, job, unsent)
             await self._fail_output(ex, fault, job.stream, job.stats)
             return
-        text = "".join(tokens)
+        text = "" if calling else "".join(tokens)
         final: dict[str, Any] = {"model": job.name, "created_at": self.s.clock.utc_now()}
         content = "" if job.stream else text
         if job.chat:
             final["message"] = {"role": "assistant", "content": content}
+            if calling and not job.stream:
+                final["message"]["tool_calls"] = job.tool_calls
         else:
             final["response"] = content
         final["done"] = True
@@ -222,7 +234,13 @@ class Inference:
         final["eval_count"] = len(tokens)
         final["eval_duration"] = eval_ns
         if job.stream:
-            await self._flush(ex, job, unsent, dumps(final) + "\n")
+            if calling:
+                call = {"model": job.name, "created_at": final["created_at"]}
+                message = {"role": "assistant", "content": "", "tool_calls": job.tool_calls}
+                call_line = dumps(call | {"message": message, "done": False}) + "\n"
+                await self._flush(ex, job, unsent, call_line + dumps(final) + "\n")
+            else:
+                await self._flush(ex, job, unsent, dumps(final) + "\n")
         else:
             await ex.json(200, final)
 

@@ -90,12 +90,13 @@ def test_missing_model_as_ollama_answers_it(http: httpx.Client) -> None:
 
 
 def test_invalid_fields_are_400_with_the_validation_text(http: httpx.Client) -> None:
+    # A known option of the wrong type (an unknown one is ignored: test_gateway_bodies.py).
     reply = http.post(
         "/api/generate",
-        json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"temprature": 1}},
+        json={"model": MODEL, "prompt": "hi", "stream": False, "options": {"num_ctx": "big"}},
     )
     assert reply.status_code == 400
-    assert "options.temprature" in reply.json()["error"]
+    assert "options.num_ctx" in reply.json()["error"]
     wrong_type = http.post("/api/generate", json={"model": MODEL, "prompt": 5})
     assert wrong_type.status_code == 400 and "prompt" in wrong_type.json()["error"]
     openai = http.post("/v1/chat/completions", json={"model": MODEL, "messages": "hi"})

@@ -140,7 +140,7 @@ def flower(
         "FLOWER_BASIC_AUTH": ":".join(auth),
         "FLOWER_DB": str(workdir / "flower.db"),
     }
-    argv = [sys.executable, "-m", "celery", "-A", "app.celery_app", "flower"]
+    argv = [sys.executable, "-m", "app.cli", "flower"]  # as corral up starts it
     child = Child("flower", [*argv, f"--conf={FLOWER_CONFIG}", f"--port={port}"], env, workdir)
     with _serving(child, f"http://127.0.0.1:{port}/healthcheck") as url:
         yield FlowerServer(url.removesuffix("/healthcheck"), auth)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -10,12 +11,14 @@ import requests
 
 from app.errors import RetriesExhausted
 from app.harness import LocalFleet, wait_until
-from app.queues import instance_queue, route_queue
+from app.queues import batch_queue, dead_letter_queue, instance_queue, route_queue
+from app.settings import TIERS
 from tasks import infer
 
 pytestmark = pytest.mark.fleet
 
 CHAT = "llama3.2:3b"
+EMBED = "nomic-embed-text:latest"
 LONG_PROMPT = "Tell me everything about the sky. " * 40
 
 
@@ -46,6 +49,43 @@ def watching(flower: Any, fleet: LocalFleet) -> Any:
                 return flower
             time.sleep(0.2)
     raise TimeoutError("Flower showed none of the jobs run in 60 s")
+
+
+def test_broker_tab_lists_every_corral_queue_first_thing(
+    flower: Any, healthy_fleet: LocalFleet, browser: Any
+) -> None:
+    """What a new user opens first (the README's tour): before anything has asked Flower
+    about its workers, the Broker tab lists Corral's queues, the dead-letter queue (which no
+    worker consumes) included."""
+    from selenium.webdriver.common.by import By
+
+    for name in healthy_fleet.sim_urls:  # a job in the dead-letter queue, so that it exists
+        healthy_fleet.faults(name, error_rate=1.0)
+    with pytest.raises(RetriesExhausted):
+        infer.delay(model=CHAT, prompt="to the dead-letter queue").get(timeout=60)
+    expected = {
+        *(instance_queue(n) for n in healthy_fleet.sim_urls),
+        *(route_queue(m, t) for m in (CHAT, EMBED) for t in TIERS),
+        batch_queue(),
+        dead_letter_queue(),
+    }
+    token = base64.b64encode(":".join(flower.auth).encode()).decode()
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd(
+        "Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}}
+    )
+
+    def listed() -> set[str] | None:
+        browser.get(flower.url + "/broker")
+        cells = browser.find_elements(By.CSS_SELECTOR, "#queue-table tbody tr td:first-child")
+        names = {c.text for c in cells}
+        return names if expected <= names else None
+
+    try:
+        wait_until(listed, 20, "Corral's queues in the Broker tab", every=1.0)
+    except TimeoutError:
+        shown = browser.find_element(By.ID, "queue-table").text
+        raise AssertionError(f"the Broker tab lists only:\n{shown}") from None
 
 
 def test_api_refuses_requests_without_the_right_credentials(flower: Any) -> None:

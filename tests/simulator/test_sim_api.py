@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import httpx
 import ollama
@@ -204,3 +205,52 @@ def test_client_errors(sim, call, status, message):
 def test_raw_request_errors(sim, body, status, message):
     reply = sim.post("/api/generate", content=body)
     assert (reply.status_code, reply.json()) == (status, {"error": message})
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                "days": {"type": "integer"},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+
+
+def test_chat_calls_a_tool_the_prompt_names_in_ollamas_shape(sim):
+    asked = [{"role": "user", "content": "Weather in Paris? use get_weather"}]
+    reply = sim.client().chat(model="llama3.2:3b", messages=asked, tools=[WEATHER_TOOL])
+    assert reply.done_reason == "stop" and reply.message.content == ""
+    (call,) = reply.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert call.function.arguments == {"city": "sim", "unit": "celsius"}
+    raw = sim.post(
+        "/api/chat",
+        json={"model": "llama3.2:3b", "messages": asked, "tools": [WEATHER_TOOL]},
+    )
+    # Streamed: the call whole in one chunk (no text before it), then a last line without it.
+    (chunk, final) = [json.loads(line) for line in raw.text.splitlines()]
+    assert chunk["done"] is False and chunk["message"]["content"] == ""
+    (streamed,) = chunk["message"]["tool_calls"]
+    assert re.fullmatch(r"call_[a-z0-9]{8}", streamed["id"])
+    assert streamed["function"] == {
+        "index": 0,
+        "name": "get_weather",
+        "arguments": {"city": "sim", "unit": "celsius"},
+    }
+    assert final["done"] and "tool_calls" not in final["message"] and final["eval_count"] > 0
+    # Without the tool's name, or once the tool answered: text, as a model would.
+    for messages in (
+        [{"role": "user", "content": "Weather in Paris?"}],
+        [*asked, {"role": "tool", "content": "sunny"}],
+    ):
+        plain = sim.client().chat(model="llama3.2:3b", messages=messages, tools=[WEATHER_TOOL])
+        assert plain.message.content and not plain.message.tool_calls
