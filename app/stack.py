@@ -149,6 +149,10 @@ def run_stack(*, demo_jobs: int, flower: bool, stay: bool) -> int:
     children += plan(instances, env, flower)
 
     def stop_all(*_: object) -> None:
+        # A second Ctrl-C (or SIGTERM) while stopping would abandon the children not yet
+        # stopped; each is stopped with a bounded wait anyway.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         typer.echo("\nstopping...")
         for child in reversed(children):
             child.stop()

@@ -3,13 +3,16 @@ routers, the gateway on Ollama's port, and everything stopped again by SIGTERM."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from app.harness import ROOT, wait_until
@@ -55,8 +58,19 @@ def test_up_serves_the_ollama_client_and_stops_everything_on_sigterm(tmp_path: P
         assert chat.returncode == 0, chat.stderr
         assert len(chat.stdout.split()) > 3, chat.stdout
     finally:
+        # Known by PID now, so that even a `corral up` that failed to stop them leaves none.
+        children = psutil.Process(up.pid).children(recursive=True)
         up.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        up.send_signal(signal.SIGTERM)  # impatient: a second one must not orphan anything
         up.wait(60)
+        orphans = []
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    orphans.append(" ".join(child.cmdline()[-3:]))
+                    child.kill()
+    assert not orphans, f"left running after SIGTERM: {orphans}"
     assert "all processes stopped" in log.read_text()
     wait_until(
         lambda: not any(_listening(p) for p in (GATEWAY, *SIM_PORTS)), 20, "the ports to close"
