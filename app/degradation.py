@@ -10,23 +10,26 @@ idle slots: the backlog it keeps is what raised the level, so the level would ne
                tier's head start competes as if it were interactive (aging)
 1   shed_batch batch jobs yield: they take only slots no interactive or normal job waits for
 2   essential  normal jobs yield to interactive ones too (batch still yields to both)
-3   refuse     as 2, and new normal and batch jobs are refused at the call (``Overloaded``:
-               "retry after N s"; the gateway answers 503 with Retry-After)
+3   refuse     as 2, and new normal jobs are refused at the call (``Overloaded``: "retry
+               after N s"; the gateway answers 503 with Retry-After)
 ==  =========  =============================================================================
 
 So the levels add what the tiers alone do not: at level 0 aging lets old batch work catch
 up with interactive work, which is fair when the fleet keeps up; under overload (1, 2) the
-protected tiers take precedence outright, and at 3 the door closes for the others instead of
-letting the queues grow without bound. The response cache answers repeated requests at every
-level before they wait at all.
+protected tiers take precedence outright, and at 3 the door closes to new normal work, whose
+callers wait for an answer and are better told at once to come back later. Batch jobs are
+still taken at every level: they are meant to wait, they yield to everything else, and the
+broker is where a backlog belongs; so a batch backlog alone, however deep, raises no level.
+The response cache answers repeated requests at every level before they wait at all.
 
-The level follows two signals: the backlog (jobs waiting to start, held by routers or still
-queued, per slot of the fleet) and the interactive wait (a moving average of how long
-interactive jobs waited for their slot). It rises as soon as either crosses a threshold and
-falls one level at a time, once the signals have stayed below it for ``degradation_hold``
-seconds, so it neither flaps nor stays up after the load is gone. One router evaluates it per
-heartbeat (whichever takes the turn in Redis); every process reads it from Redis, at most
-once a second. An operator can pin a level (``corral degrade --level N``) until released.
+The level follows two signals: the urgent backlog (interactive and normal jobs waiting to
+start, held by routers or still queued, per slot of the fleet) and the interactive wait (a
+moving average of how long interactive jobs waited for their slot). It rises as soon as
+either crosses a threshold and falls one level at a time, once the signals have stayed below
+it for ``degradation_hold`` seconds, so it neither flaps nor stays up after the load is gone.
+One router evaluates it per heartbeat (whichever takes the turn in Redis); every process
+reads it from Redis, at most once a second. An operator can pin a level (``corral degrade
+--level N``) until released.
 """
 
 from __future__ import annotations
@@ -58,8 +61,6 @@ READ_TTL = 1.0
 class Signals:
     #: Interactive and normal jobs waiting to start, per slot of the fleet.
     urgent_per_slot: float
-    #: Jobs of every tier waiting to start, per slot.
-    total_per_slot: float
     #: Moving average of interactive jobs' wait for a slot (0 when none started lately).
     interactive_wait_s: float
 
@@ -67,14 +68,13 @@ class Signals:
 def target_level(signals: Signals) -> tuple[int, str]:
     """The level the signals call for, and why (pure).
 
-    Levels 1 and 2 follow the urgent backlog (the work they protect), level 3 the whole
-    backlog (batch work that keeps queueing while shed), all three the interactive wait.
+    Every level follows the urgent backlog (the work they protect) and the interactive wait.
     """
     s = get_settings()
-    backlogs = (signals.urgent_per_slot, signals.urgent_per_slot, signals.total_per_slot)
+    backlog = signals.urgent_per_slot
     level, reason = 0, "load is normal"
-    for i, (backlog, jobs, wait) in enumerate(
-        zip(backlogs, s.degradation_backlog_per_slot, s.degradation_interactive_wait_s, strict=True)
+    for i, (jobs, wait) in enumerate(
+        zip(s.degradation_backlog_per_slot, s.degradation_interactive_wait_s, strict=True)
     ):
         if backlog >= jobs:
             level, reason = i + 1, f"{backlog:.1f} jobs waiting per slot (threshold {jobs:g})"
@@ -179,7 +179,6 @@ class Degradation:
         recent = at is not None and time.time() - float(at) < WAIT_MEMORY_S
         return Signals(
             urgent_per_slot=(waiting + queued["interactive"] + queued["normal"]) / slots,
-            total_per_slot=(waiting + sum(queued.values())) / slots,
             interactive_wait_s=float(wait or 0) if recent else 0.0,
         )
 

@@ -50,7 +50,7 @@ class FleetCollector(Collector):
             yield from _instance_families(snapshot)
             yield _gauge(
                 "corral_degradation_level",
-                "0 normal, 1 batch yields, 2 normal yields too, 3 new normal and batch refused.",
+                "0 normal, 1 batch yields, 2 normal yields too, 3 new normal jobs refused.",
                 [],
                 [((), level)],
             )

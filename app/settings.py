@@ -174,7 +174,7 @@ class Settings(BaseSettings):
     # Degradation levels 1-3 (app.degradation): the thresholds to enter each.
     degradation_backlog_per_slot: tuple[float, float, float] = Field(
         (10.0, 40.0, 500.0),
-        description="jobs waiting per slot: interactive+normal for 1 and 2, all tiers for 3",
+        description="interactive and normal jobs waiting per slot to enter levels 1, 2, 3",
     )
     degradation_interactive_wait_s: tuple[float, float, float] = Field(
         (30.0, 60.0, 120.0), description="moving average of interactive jobs' wait, seconds"

@@ -156,11 +156,12 @@ class InferTask(Task):
 
 
 def _refuse_if_overloaded(request: InferRequest) -> None:
-    if request.tier != "interactive" and degradation().level() >= REFUSE_LEVEL:
+    if request.tier == "normal" and degradation().level() >= REFUSE_LEVEL:
         hold = get_settings().degradation_hold
         raise Overloaded(
-            f"Corral is overloaded and refuses new {request.tier} jobs for now:"
-            f" retry after {hold:.0f} s (interactive jobs are still taken)",
+            f"Corral is overloaded and refuses new normal jobs for now: retry after"
+            f" {hold:.0f} s, or submit at the batch tier to wait in the queue"
+            " (interactive and batch jobs are still taken)",
             hold,
         )
 
@@ -237,11 +238,25 @@ def infer(self: InferTask, _route: dict[str, Any] | None = None, **fields: Any) 
             return router.route(self, request, state)
         return executor.execute(self, request, state)
     except redis.RedisError as exc:
-        # Corral's live state is unreachable (Redis restarting): back to the queue, to run
-        # once Redis answers again, rather than a failure for a job that did nothing wrong.
-        time.sleep(REDIS_PAUSE_S)
+        # Corral's live state is unreachable (Redis restarting): back to the queue once Redis
+        # answers again, rather than a failure for a job that did nothing wrong. Waiting here
+        # first means one requeue per job and outage, not a reject-redeliver loop meanwhile.
+        _wait_for_redis()
         raise Reject(exc, requeue=True) from exc
 
 
-#: How long a job that met an unreachable Redis waits before going back to its queue.
-REDIS_PAUSE_S = 1.0
+#: How often, and how long at most, a job that met an unreachable Redis checks it again
+#: before going back to its queue (bounded, so a worker's warm shutdown is not held up).
+REDIS_PAUSE_S = 0.5
+REDIS_WAIT_MAX_S = 30.0
+
+
+def _wait_for_redis() -> None:
+    deadline = time.monotonic() + REDIS_WAIT_MAX_S
+    while time.monotonic() < deadline:
+        time.sleep(REDIS_PAUSE_S)
+        try:
+            fleet_state().redis.ping()
+            return
+        except redis.RedisError:
+            continue

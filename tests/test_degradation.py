@@ -18,12 +18,12 @@ CHAT = "llama3.2:3b"
 
 
 def test_levels_follow_the_backlog_and_the_interactive_wait() -> None:
-    calm = Signals(urgent_per_slot=1, total_per_slot=30, interactive_wait_s=2)
+    calm = Signals(urgent_per_slot=1, interactive_wait_s=2)
     assert target_level(calm)[0] == 0  # a deep batch backlog alone is normal work
-    assert target_level(Signals(12, 12, 0))[0] == 1
-    assert target_level(Signals(45, 45, 0))[0] == 2
-    assert target_level(Signals(45, 600, 0))[0] == 3
-    level, reason = target_level(Signals(0, 0, 70))
+    assert target_level(Signals(12, 0))[0] == 1
+    assert target_level(Signals(45, 0))[0] == 2
+    assert target_level(Signals(600, 0))[0] == 3
+    level, reason = target_level(Signals(0, 70))
     assert level == 2 and "interactive jobs wait" in reason
 
 
@@ -59,12 +59,14 @@ def test_a_yielding_tier_still_takes_every_slot_nobody_more_urgent_wants(
 
 
 @pytest.mark.fleet
-def test_the_top_level_refuses_new_non_interactive_jobs_at_the_call(pinned: LocalFleet) -> None:
+def test_the_top_level_refuses_new_normal_jobs_at_the_call(pinned: LocalFleet) -> None:
     degradation().pin(3)
     time.sleep(READ_TTL + 0.2)
     with pytest.raises(Overloaded, match="retry after"):
         infer.delay(model=CHAT, prompt="no", tier="normal")
     assert infer.delay(model=CHAT, prompt="yes", tier="interactive").get(timeout=30).text
+    # Batch work is meant to wait: it is still taken, and it still runs on a free slot.
+    assert infer.delay(model=CHAT, prompt="later", tier="batch").get(timeout=30).text
 
 
 @pytest.mark.fleet
