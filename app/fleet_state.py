@@ -88,7 +88,10 @@ local function handoff(ns, inst, now, lease)
      and tonumber(v[3] or '0') <= tonumber(v[4] or '0') then
     local best, best_score, best_model
     for _, m in ipairs(redis.call('SMEMBERS', key .. ':models')) do
-      local w = redis.call('ZRANGE', ns .. ':wait:' .. m, 0, 15, 'WITHSCORES')
+      -- The first waiters that may use this instance; those that may not (it failed them,
+      -- their class is at its cap) are skipped. Deep enough that a free slot is not left
+      -- idle behind a crowd of such waiters until the others look again (within a second).
+      local w = redis.call('ZRANGE', ns .. ':wait:' .. m, 0, 63, 'WITHSCORES')
       for j = 1, #w, 2 do
         local s = tonumber(w[j + 1])
         if best_score and s >= best_score then break end
