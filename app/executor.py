@@ -44,7 +44,7 @@ from app.instance_worker import InstanceAgent, current_agent
 from app.queues import dead_letter_queue, route_queue
 from app.recent_failures import Failure
 from app.relay import token_relay
-from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
+from app.schemas import Answer, InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import get_settings
 from app.tracing import record_queue_wait, tracer
 
@@ -146,7 +146,7 @@ class Ran:
     cache_key: str | None
 
 
-def _learn_timing(instance: str, model: str, chars: int, reply: Any, call: Call) -> None:
+def _learn_timing(instance: str, model: str, chars: int, reply: Answer, call: Call) -> None:
     """Fold this answer's time to first token and gaps into the instance's silence stats."""
     if call.first_at is None or call.last_at is None:
         return
