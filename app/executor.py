@@ -107,7 +107,7 @@ def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, A
     if reply.timings.load_s > COLD_LOAD_S:
         # It loaded the model first: what `smart` expects a cold start here to cost.
         fleet_state().record_load(instance, request.model, reply.timings.load_s * 1000)
-    _learn_timing(instance, request.model, chars, reply, call)
+    _learn_timing(instance, request.model, reply, call)
     result = InferResult(
         **reply.model_dump(),
         id=job,
@@ -146,14 +146,14 @@ class Ran:
     cache_key: str | None
 
 
-def _learn_timing(instance: str, model: str, chars: int, reply: Answer, call: Call) -> None:
+def _learn_timing(instance: str, model: str, reply: Answer, call: Call) -> None:
     """Fold this answer's time to first token and gaps into the instance's silence stats."""
     if call.first_at is None or call.last_at is None:
         return
     first_s = call.first_at - call.started
     # The gaps between chunks, from the first to the last (two chunks or fewer: no gap).
     gap_s = (call.last_at - call.first_at) / (call.chunks - 1) if call.chunks > 2 else None
-    fleet_state().record_timing(instance, silence.samples(model, chars, reply, first_s, gap_s))
+    fleet_state().record_timing(instance, silence.samples(model, reply, first_s, gap_s))
 
 
 def _cancelled(task: Task, request: InferRequest, agent: InstanceAgent) -> NoReturn:

@@ -423,7 +423,7 @@ class FleetState:
         """What ``app.silence`` learned of ``model`` on the instance, and whether it is loaded.
 
         ``ttft``: seconds to the first token beyond load and prompt evaluation; ``pe``:
-        seconds of prompt evaluation per prompt character; ``gap``: seconds between chunks;
+        seconds of prompt evaluation per evaluated token; ``gap``: seconds between chunks;
         ``load``: seconds a cold load took (``record_load``); None where nothing was learned.
         """
         fields = [f"ttft:{model}", f"pe:{model}", f"gap:{model}", f"load:{model}", "loaded"]

@@ -49,6 +49,7 @@ def test_revoking_a_running_job_closes_its_call(healthy_fleet: LocalFleet) -> No
     stopped_after = max(
         healthy_fleet.sim_stats(n)["last_cancelled_at"] for n in healthy_fleet.sim_urls
     )
+    print(f"\nrevoke() to the server's generation stopping: {stopped_after - revoked_at:.3f} s")
     assert stopped_after - revoked_at < 0.5, f"generation stopped {stopped_after - revoked_at}s"
     assert _total(healthy_fleet, "active") == 0
 

@@ -19,7 +19,7 @@ from app.fleet_state import fleet_state
 from app.harness import LocalFleet, free_port, own_fleet, wait_until
 from app.schemas import Answer, InferRequest, Timings
 from app.settings import Settings
-from app.silence import budget, prompt_chars, samples
+from app.silence import CHARS_PER_TOKEN, budget, prompt_chars, samples
 from tasks import infer
 
 CHAT = "llama3.2:3b"
@@ -47,7 +47,7 @@ def test_the_first_token_bound_grows_with_the_prompt_and_has_a_floor() -> None:
     short = budget(stats, 10, _settings())
     long = budget(stats, 5000, _settings())
     assert short.first_s == 1.0 and short.gap_s == 1.0  # the floor
-    assert long.first_s == pytest.approx(10 * (0.02 + 5.0))
+    assert long.first_s == pytest.approx(10 * (0.02 + 0.001 * 5000 / CHARS_PER_TOKEN))
     slow_gap = budget(stats | {"gap": 0.5}, 10, _settings())
     assert slow_gap.gap_s == pytest.approx(5.0)
 
@@ -59,14 +59,14 @@ def test_a_cold_load_adds_its_learned_time_or_lifts_the_bound() -> None:
 
 
 def test_what_an_answer_teaches() -> None:
-    reply = Answer(text="x", timings=Timings(load_s=3.0, prompt_eval_s=0.5))
-    learned = samples(CHAT, 100, reply, first_s=3.6, gap_s=0.02)
+    reply = Answer(text="x", prompt_tokens=100, timings=Timings(load_s=3.0, prompt_eval_s=0.5))
+    learned = samples(CHAT, reply, first_s=3.6, gap_s=0.02)
     assert learned == {
         f"ttft:{CHAT}": pytest.approx(0.1),
         f"pe:{CHAT}": pytest.approx(0.005),
         f"gap:{CHAT}": 0.02,
     }
-    assert samples(CHAT, 100, reply, first_s=None, gap_s=None) == {}
+    assert samples(CHAT, reply, first_s=None, gap_s=None) == {}
     chat = InferRequest(kind="chat", model=CHAT, messages=[{"role": "user", "content": "abcd"}])
     assert prompt_chars(chat) == 4
 
