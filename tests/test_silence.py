@@ -145,7 +145,7 @@ def test_one_hung_box_among_three(silent_fleet: LocalFleet) -> None:
         assert all(r.routing.instance != "sil-a" for r in results)
         cut = [r for r in results if r.routing.attempts > 1]
         assert cut, "no job was sent to the hung box"
-        assert all(r.routing.excluded == ["sil-a"] for r in cut)
+        assert all("sil-a" in r.routing.excluded for r in cut)
         row = _row("sil-a")
         # Opened at once: fewer failures than breaker_threshold (3) in a row would need.
         assert float(row["down_until"]) > started and row["breaker"] in ("open", "half_open")

@@ -119,4 +119,11 @@ class JobClient:
     def cancel_soon(self, job_id: str) -> None:
         """Revoke the job from the thread pool, without waiting (a stream being torn down)."""
         log.info("job %s: revoked (its stream was abandoned)", job_id)
-        asyncio.get_running_loop().run_in_executor(self.threads, cancellation.cancel, job_id)
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(self.threads, cancellation.cancel, job_id)
+
+        def failed(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("job %s could not be revoked: %s", job_id, future.exception())
+
+        done.add_done_callback(failed)
