@@ -19,6 +19,14 @@ a property of the workload, the same for both runs, not of how fast either run d
 Targets: interactive wait p95 <= 1.5 x ``service_s`` behind the backlog, and no single-job
 agent waiting more than 3 x its fair share. "Wait" is the time from submission until the
 server starts the job (for the proxy: the round trip less Ollama's own compute time).
+
+The interactive agents are impatient, as real clients are: each gives up on an answer after
+``CLIENT_TIMEOUT_S`` and sends the request again, ``CLIENT_ATTEMPTS`` times in all. Through
+Corral it revokes the job it gives up on (``AsyncResult.revoke()``); through the proxy its
+HTTP request is closed, and the server drops it, as Ollama does. A job given up for good
+counts in the waits with the time until it was given up (a lower bound). ``wasted_server_s``
+is generation nobody received: the time the servers' slots were busy (the simulators'
+``busy_seconds``) less the compute time of the answers the agents got.
 """
 
 from __future__ import annotations
@@ -56,6 +64,9 @@ GLOBAL_RATE_PER_MINUTE = 1800  # above the fleet's 1440 a minute at 0.25 s
 TIERS = ("interactive", "normal", "batch")
 TARGET_INTERACTIVE_P95_X_SERVICE = 1.5
 TARGET_SINGLE_X_FAIR = 3.0
+# The interactive agents give up on an answer after this many seconds, and try again.
+CLIENT_TIMEOUT_S = 5.0
+CLIENT_ATTEMPTS = 3
 
 
 class Job(NamedTuple):
@@ -75,9 +86,17 @@ class Done(NamedTuple):
     # When the request reached a server, if it then queued there (a proxy); through Corral
     # a request reaches its server only when a slot is free, so when it starts.
     sent: float | None = None
+    attempts: int = 1
+    # An impatient agent that gave up for good: when (seconds after the run's start).
+    gave_up_at: float | None = None
+    # The server's compute time for the answer the agent received (0: none received).
+    received_s: float = 0.0
 
     @property
     def wait(self) -> float:
+        """Until the job started; for one given up, until then (a lower bound)."""
+        if self.gave_up_at is not None:
+            return self.gave_up_at - self.submitted
         assert self.started is not None
         return self.started - self.submitted
 
@@ -142,75 +161,164 @@ def run_agents(batch: int = 1000, service_s: float = 0.25, seed: int = 1) -> dic
     fair = fair_shares(plan, sum(parallelism.values()), service_s)
     with _stack(sims, "agents", **env) as fleet:
         typer.echo(f"  Corral: {len(plan)} jobs from {len({j.agent for j in plan})} agents...")
+        fleet.reset_sims()
         done = _drive_corral(plan)
-        peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
-        out["corral"] = summarize(done, service_s, fair) | {"peak_in_flight": peaks}
+        out["corral"] = summarize(done, service_s, fair) | _server_figures(fleet, done)
 
         fleet.reset_sims()
         typer.echo("  least-connections proxy: the same jobs...")
         done = _drive_proxy(Proxy(list(fleet.sim_urls.values()), "least_connections"), plan)
-        peaks = {n: fleet.sim_stats(n)["peak_in_flight"] for n in fleet.sim_urls}
-        out["proxy_least_connections"] = summarize(done, service_s, fair) | {
-            "peak_in_flight": peaks
-        }
+        out["proxy_least_connections"] = summarize(done, service_s, fair) | _server_figures(
+            fleet, done
+        )
     _print(out)
     return out
+
+
+def _server_figures(fleet: Any, done: list[Done]) -> dict[str, Any]:
+    """What the servers saw: peak requests inside each, and time spent for nobody."""
+    from app.harness import wait_until
+
+    # Requests closed by their clients end within moments; count only once they have.
+    wait_until(lambda: all(fleet.sim_stats(n)["active"] == 0 for n in fleet.sim_urls), 30, "idle")
+    stats = [fleet.sim_stats(n) for n in fleet.sim_urls]
+    busy = sum(s["busy_seconds"] for s in stats)
+    return {
+        "peak_in_flight": {s["instance"]: s["peak_in_flight"] for s in stats},
+        "server_busy_s": round(busy, 2),
+        "wasted_server_s": round(max(0.0, busy - sum(d.received_s for d in done)), 2),
+        "server_cancelled": sum(s["cancelled_total"] for s in stats),
+    }
 
 
 def _sleep_until(t: float) -> None:
     time.sleep(max(0.0, t - time.time()))
 
 
+def _impatient(job: Job) -> bool:
+    return job.role == "steady"
+
+
+def _corral_done(job: Job, result: Any, t0: float, attempts: int = 1) -> Done:
+    # Corral's own timestamps (the worker's, on this machine's clock): exact, where ours
+    # are taken a little before each call.
+    routing = result.routing
+    finished = routing.finished_at - t0
+    started = finished - routing.service_s
+    received = result.timings.prompt_eval_s + result.timings.eval_s
+    return Done(
+        job, started - routing.wait_s, started, finished, attempts=attempts, received_s=received
+    )
+
+
 def _drive_corral(plan: list[Job]) -> list[Done]:
+    from celery.exceptions import TimeoutError as ResultTimeout
+
     from app.errors import CorralError
     from tasks import infer
 
     t0 = time.time()
-    sent: list[tuple[Job, float, Any]] = []
-    for k, job in enumerate(plan):
-        _sleep_until(t0 + job.at)
-        submitted = time.time() - t0
+
+    def submit(job: Job, prompt: str) -> Any:
         try:
-            r = infer.delay(model=MIX, prompt=f"a{k}", tier=job.tier, agent=job.agent)
+            return infer.delay(model=MIX, prompt=prompt, tier=job.tier, agent=job.agent)
         except CorralError:  # refused at the call (a rate limit or the degradation level)
-            r = None
-        sent.append((job, submitted, r))
-    deadline = time.time() + 600
-    done = []
-    for job, submitted, r in sent:
-        if r is None:
-            done.append(Done(job, submitted, None, None, refused=True))
-            continue
-        try:
-            routing = r.get(timeout=max(1.0, deadline - time.time())).routing
-        except Exception:  # any failure or timeout: a job without a result
-            done.append(Done(job, submitted, None, None))
-            continue
-        # Corral's own timestamps (the worker's, on this machine's clock): exact, where ours
-        # are taken a little before each call.
-        finished = routing.finished_at - t0
-        started = finished - routing.service_s
-        done.append(Done(job, started - routing.wait_s, started, finished))
+            return None
+
+    def impatient(job: Job, k: int, submitted: float) -> Done:
+        for attempt in range(1, CLIENT_ATTEMPTS + 1):
+            r = submit(job, f"a{k}.{attempt}")
+            if r is None:
+                return Done(job, submitted, None, None, refused=True, attempts=attempt)
+            try:
+                answered = _corral_done(job, r.get(timeout=CLIENT_TIMEOUT_S), t0, attempt)
+                # Its wait counts from the first try, as the agent saw it.
+                return answered._replace(submitted=min(submitted, answered.submitted))
+            except ResultTimeout:
+                r.revoke()  # nobody will read it: the fleet stops working on it
+            except Exception:
+                return Done(job, submitted, None, None, attempts=attempt)
+        return Done(
+            job, submitted, None, None, attempts=CLIENT_ATTEMPTS, gave_up_at=time.time() - t0
+        )
+
+    sent: list[tuple[Job, float, Any]] = []
+    with ThreadPoolExecutor(256) as pool:
+        for k, job in enumerate(plan):
+            _sleep_until(t0 + job.at)
+            submitted = time.time() - t0
+            if _impatient(job):
+                sent.append((job, submitted, pool.submit(impatient, job, k, submitted)))
+            else:
+                sent.append((job, submitted, submit(job, f"a{k}")))
+        deadline = time.time() + 600
+        done = []
+        for job, submitted, r in sent:
+            if r is None:
+                done.append(Done(job, submitted, None, None, refused=True))
+                continue
+            try:
+                if _impatient(job):
+                    done.append(r.result(timeout=max(1.0, deadline - time.time())))
+                    continue
+                result = r.get(timeout=max(1.0, deadline - time.time()))
+            except Exception:  # any failure or timeout: a job without a result
+                done.append(Done(job, submitted, None, None))
+                continue
+            done.append(_corral_done(job, result, t0))
     return done
 
 
 def _drive_proxy(proxy: Proxy, plan: list[Job]) -> list[Done]:
-    """Each job is one request, sent at its planned time, waiting inside Ollama."""
+    """Each job is one request, sent at its planned time, waiting inside Ollama; an
+    impatient agent's request is closed after ``CLIENT_TIMEOUT_S`` and sent again."""
+    import requests
+
     t0 = time.time()
+
+    def impatient(job: Job, k: int, submitted: float) -> Done:
+        for attempt in range(1, CLIENT_ATTEMPTS + 1):
+            try:
+                call = proxy.call(f"p{k}.{attempt}", timeout=CLIENT_TIMEOUT_S)
+            except requests.Timeout:
+                continue
+            sent = time.time() - t0 - call.total_s
+            return Done(
+                job,
+                submitted,
+                sent + call.wait_s,
+                sent + call.total_s,
+                sent=sent,
+                attempts=attempt,
+                received_s=call.service_s,
+            )
+        return Done(
+            job, submitted, None, None, attempts=CLIENT_ATTEMPTS, gave_up_at=time.time() - t0
+        )
+
     with ThreadPoolExecutor(len(plan)) as pool:
         sent = []
         for k, job in enumerate(plan):
             _sleep_until(t0 + job.at)
-            sent.append((job, time.time() - t0, pool.submit(proxy.call, f"p{k}")))
+            submitted = time.time() - t0
+            work = (impatient, job, k, submitted) if _impatient(job) else (proxy.call, f"p{k}")
+            sent.append((job, submitted, pool.submit(*work)))
         done = []
         for job, submitted, future in sent:
             try:
-                call = future.result(timeout=600)
+                outcome = future.result(timeout=600)
             except Exception:
                 done.append(Done(job, submitted, None, None))
                 continue
-            started, finished = submitted + call.wait_s, submitted + call.total_s
-            done.append(Done(job, submitted, started, finished, sent=submitted))
+            if isinstance(outcome, Done):
+                done.append(outcome)
+                continue
+            started, finished = submitted + outcome.wait_s, submitted + outcome.total_s
+            done.append(
+                Done(
+                    job, submitted, started, finished, sent=submitted, received_s=outcome.service_s
+                )
+            )
     return done
 
 
@@ -222,10 +330,11 @@ def summarize(
 ) -> dict[str, Any]:
     """A run's figures; ``fair``: the single-job agents' fair shares (``fair_shares``)."""
     ok = [d for d in done if d.started is not None]
-    waits = {t: _quantiles([d.wait for d in ok if d.job.tier == t]) for t in TIERS}
+    gave_up = [d for d in done if d.gave_up_at is not None]
+    waits = {t: _quantiles([d.wait for d in ok + gave_up if d.job.tier == t]) for t in TIERS}
     singles = single_job_agents(done, fair)
     interactive_p95 = waits["interactive"]["p95_s"]
-    lost = sum(d.started is None and not d.refused for d in done)
+    lost = sum(d.started is None and not d.refused and d.gave_up_at is None for d in done)
     return {
         "wait_s": waits,
         "classes": {c: _class_figures(done, c, service_s) for c in CLASSES},
@@ -236,6 +345,10 @@ def summarize(
         "makespan_s": round(max((d.finished for d in ok), default=0.0), 2),
         "refused": sum(d.refused for d in done),
         "lost": lost,
+        # Impatient agents: answers they gave up waiting for (and asked again), and jobs
+        # they gave up on for good after CLIENT_ATTEMPTS tries.
+        "client_timeouts": sum(d.attempts - 1 for d in done) + len(gave_up),
+        "gave_up": len(gave_up),
         "met": {
             "interactive_p95": interactive_p95 <= TARGET_INTERACTIVE_P95_X_SERVICE * service_s,
             # Every single-job agent got its answer, none later than the target allows.
@@ -409,4 +522,10 @@ def _print(r: dict[str, Any]) -> None:
         typer.echo(
             f"    makespan {run['makespan_s']} s, lost {run['lost']}, refused {run['refused']}, "
             f"peak in flight {run['peak_in_flight']}"
+        )
+        typer.echo(
+            f"    impatient agents ({CLIENT_TIMEOUT_S:g} s, {CLIENT_ATTEMPTS} tries): "
+            f"{run.get('client_timeouts')} timeouts, {run.get('gave_up')} given up; servers "
+            f"busy {run.get('server_busy_s')} s, wasted {run.get('wasted_server_s')} s "
+            f"(generation nobody received), {run.get('server_cancelled')} requests cancelled"
         )

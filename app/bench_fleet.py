@@ -115,6 +115,7 @@ class ProxyCall(NamedTuple):
     url: str
     total_s: float
     wait_s: float
+    service_s: float = 0.0  # Ollama's own compute time for the request
 
 
 class Proxy:
@@ -127,7 +128,9 @@ class Proxy:
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def call(self, prompt: str) -> ProxyCall:
+    def call(self, prompt: str, timeout: float = 600) -> ProxyCall:
+        """One request; a ``timeout`` that passes closes it (requests.Timeout is raised), and
+        the server stops working on it, as Ollama does for a client that leaves."""
         t = time.perf_counter()
         with self._lock:
             if self.policy == "round_robin":
@@ -141,7 +144,7 @@ class Proxy:
             resp = session.post(
                 f"{url}/api/generate",
                 json={"model": MIX, "prompt": prompt, "stream": False},
-                timeout=600,
+                timeout=timeout,
             )
             resp.raise_for_status()
         finally:
@@ -152,7 +155,7 @@ class Proxy:
         # time the request sat in the server's queue, which Corral counts as its wait.
         body = resp.json()
         service = (body.get("prompt_eval_duration", 0) + body.get("eval_duration", 0)) / 1e9
-        return ProxyCall(url, total, max(0.0, total - service))
+        return ProxyCall(url, total, max(0.0, total - service), service)
 
 
 def _ideal(sims: list[dict[str, Any]], jobs: int) -> float:

@@ -77,6 +77,16 @@ class InstanceTimeout(OllamaError):
     """The server accepted the request but said nothing for ``request_timeout`` seconds."""
 
 
+class InstanceSilent(InstanceTimeout):
+    """The server said nothing for far longer than it takes this model there (learned from its
+    earlier answers, see ``app.silence``): a hung server, cut long before ``request_timeout``.
+    """
+
+
+class JobCancelled(CorralError):
+    """The job was revoked while its call to Ollama ran; the call was closed (not a failure)."""
+
+
 class InstanceBusy(OllamaError):
     """HTTP 503: the server's own queue is full."""
 

@@ -6,6 +6,12 @@ then never put more requests on the server than it has slots. A transient failur
 slot, excludes the instance, and sends the job back through the router after a backoff
 (``Task.retry`` to the model/tier queue, never to this instance's queue). A permanent failure,
 or the last allowed attempt, writes a dead letter and fails with a typed error.
+
+The call runs under the worker's watchdog (``app.call_guard``), with the silence it may keep
+as learned for this instance and model (``app.silence``): a revoked job's call is closed and
+the job ends REVOKED (no retry, no dead letter, the slot freed without a failure counted);
+a silent call is a transient failure like any other, and opens the breaker at once when
+every call on the instance is silent.
 """
 
 from __future__ import annotations
@@ -19,11 +25,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from celery.exceptions import Ignore
 from kombu import Queue
 
-from app import metrics, recent_failures
+from app import metrics, recent_failures, silence
+from app.call_guard import Call
+from app.cancellation import end_revoked, is_revoked
 from app.celery_app import MAX_PRIORITY
 from app.degradation import degradation
 from app.errors import (
+    InstanceSilent,
     InstanceUnavailable,
+    JobCancelled,
     JobFailed,
     JobRejected,
     OllamaError,
@@ -34,7 +44,7 @@ from app.instance_worker import InstanceAgent, current_agent
 from app.queues import dead_letter_queue, route_queue
 from app.recent_failures import Failure
 from app.relay import token_relay
-from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
+from app.schemas import Answer, InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import get_settings
 from app.tracing import record_queue_wait, tracer
 
@@ -62,26 +72,42 @@ def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, A
         # Its slot lease ran out while the message waited (e.g. the worker was down).
         return _reroute(task, state, countdown=0)
 
+    if is_revoked(job):  # revoked after the worker took the message, before the call
+        _cancelled(task, request, agent)
+
     started = time.time()
     attempt = state.attempts + 1
     record_queue_wait(state.submitted_at, model=request.model, tier=request.tier)
     degradation().record_wait(request.tier, started - state.submitted_at)
+    chars = silence.prompt_chars(request)
+    bounds = silence.Budget(None, None)
+    if request.kind != "embed":
+        stats = fleet_state().silence_stats(instance, request.model)
+        bounds = silence.budget(stats, chars, get_settings())
+    call = Call(job, bounds.first_s, bounds.gap_s)
     agent.job_started(job)
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
     try:
-        with tracer.start_as_current_span(
-            f"ollama.{request.kind}",
-            attributes={"instance": instance, "model": request.model, "attempt": attempt},
+        with (
+            tracer.start_as_current_span(
+                f"ollama.{request.kind}",
+                attributes={"instance": instance, "model": request.model, "attempt": attempt},
+            ),
+            agent.watchdog.watching(call),
         ):
-            reply = agent.client.infer(request, on_chunk=relay)
+            reply = agent.client.infer(request, on_chunk=relay, call=call)
+    except JobCancelled:
+        _cancelled(task, request, agent)
     except OllamaError as exc:
-        _on_failure(task, request, state, agent, exc)
+        silent_box = isinstance(exc, InstanceSilent) and call.all_silent
+        _on_failure(task, request, state, agent, exc, open_now=silent_box)
     finally:
         agent.job_ended(job)
     finished = time.time()
     if reply.timings.load_s > COLD_LOAD_S:
         # It loaded the model first: what `smart` expects a cold start here to cost.
         fleet_state().record_load(instance, request.model, reply.timings.load_s * 1000)
+    _learn_timing(instance, request.model, reply, call)
     result = InferResult(
         **reply.model_dump(),
         id=job,
@@ -120,8 +146,36 @@ class Ran:
     cache_key: str | None
 
 
+def _learn_timing(instance: str, model: str, reply: Answer, call: Call) -> None:
+    """Fold this answer's time to first token and gaps into the instance's silence stats."""
+    if call.first_at is None or call.last_at is None:
+        return
+    first_s = call.first_at - call.started
+    # The gaps between chunks, from the first to the last (two chunks or fewer: no gap).
+    gap_s = (call.last_at - call.first_at) / (call.chunks - 1) if call.chunks > 2 else None
+    fleet_state().record_timing(instance, silence.samples(model, reply, first_s, gap_s))
+
+
+def _cancelled(task: Task, request: InferRequest, agent: InstanceAgent) -> NoReturn:
+    """The job was revoked while it held a slot here: end it REVOKED, hand the slot on.
+
+    Not a failure of the instance (no error counted, the breaker as it was), never retried,
+    never dead-lettered.
+    """
+    job = task.request.id
+    agent.job_ended(job)
+    fleet_state().finish(job, agent.name, ok=False, model=request.model, cancelled=True)
+    end_revoked(job, request, "while it ran")
+
+
 def _on_failure(
-    task: Task, request: InferRequest, state: RouteState, agent: InstanceAgent, exc: OllamaError
+    task: Task,
+    request: InferRequest,
+    state: RouteState,
+    agent: InstanceAgent,
+    exc: OllamaError,
+    *,
+    open_now: bool = False,
 ) -> NoReturn:
     settings = get_settings()
     job = task.request.id
@@ -134,7 +188,7 @@ def _on_failure(
         agent.name,
         ok=False,
         model=request.model,
-        open_breaker=isinstance(exc, InstanceUnavailable),
+        open_breaker=open_now or isinstance(exc, InstanceUnavailable),
     )
     history = [
         *state.history,

@@ -189,21 +189,28 @@ return 'ok'
 """
 
 # ARGV: ns, job, instance, now, lease, ok, service_ms, model, open_now, done_ttl, alpha,
-#       breaker_threshold, breaker_cooldown
+#       breaker_threshold, breaker_cooldown, cancelled
+# A cancelled job (revoked while it ran) ends like a finished one (its id is done) but says
+# nothing about the instance: no service time, no failure, the breaker as it was.
 _FINISH = (
     _HANDOFF
     + """
 local ns, job, inst = ARGV[1], ARGV[2], ARGV[3]
 local now, lease = tonumber(ARGV[4]), tonumber(ARGV[5])
+local cancelled = ARGV[14] == '1'
 if redis.call('HGET', ns .. ':grants', job) ~= inst then return false end
 redis.call('HDEL', ns .. ':grants', job)
 class_give_back(ns, job)
 redis.call('HDEL', ns .. ':running', job)
 redis.call('ZREM', ns .. ':leases', job)
-if ARGV[6] == '1' then redis.call('SET', ns .. ':done:' .. job, '1', 'EX', tonumber(ARGV[10])) end
+if ARGV[6] == '1' or cancelled then
+  redis.call('SET', ns .. ':done:' .. job, '1', 'EX', tonumber(ARGV[10]))
+end
 if redis.call('SISMEMBER', ns .. ':instances', inst) == 0 then return false end
 local key = ns .. ':inst:' .. inst
-if ARGV[6] == '1' then
+if cancelled then
+  redis.call('HINCRBY', key, 'cancelled', 1)
+elseif ARGV[6] == '1' then
   local ms, alpha = tonumber(ARGV[7]), tonumber(ARGV[11])
   for _, field in ipairs({'ewma_ms', 'ewma:' .. ARGV[8]}) do
     local old = tonumber(redis.call('HGET', key, field) or '')
@@ -416,6 +423,38 @@ class FleetState:
         old = self.redis.hget(key, field)
         self.redis.hset(key, field, float(old) * (1 - EWMA_ALPHA) + ms * EWMA_ALPHA if old else ms)
 
+    def silence_stats(self, name: str, model: str) -> dict[str, float | bool | None]:
+        """What ``app.silence`` learned of ``model`` on the instance, and whether it is loaded.
+
+        ``ttft``: seconds to the first token beyond load and prompt evaluation; ``pe``:
+        seconds of prompt evaluation per evaluated token; ``gap``: seconds between chunks;
+        ``load``: seconds a cold load took (``record_load``); None where nothing was learned.
+        """
+        fields = [f"ttft:{model}", f"pe:{model}", f"gap:{model}", f"load:{model}", "loaded"]
+        ttft, pe, gap, load_ms, loaded = self.redis.hmget(self._inst(name), fields)
+        return {
+            "ttft": float(ttft) if ttft else None,
+            "pe": float(pe) if pe else None,
+            "gap": float(gap) if gap else None,
+            "load": float(load_ms) / 1000 if load_ms else None,
+            "loaded": model in json.loads(loaded or "[]"),
+        }
+
+    def record_timing(self, name: str, samples: dict[str, float]) -> None:
+        """Fold measured ``{"ttft:<model>": s, "pe:<model>": s, "gap:<model>": s}`` into
+        the instance's moving averages (one read and one write; a lost race loses a sample)."""
+        if not samples:
+            return
+        key = self._inst(name)
+        old = self.redis.hmget(key, list(samples))
+        self.redis.hset(
+            key,
+            mapping={
+                f: float(o) * (1 - EWMA_ALPHA) + v * EWMA_ALPHA if o else v
+                for (f, v), o in zip(samples.items(), old, strict=True)
+            },
+        )
+
     def set_version(self, name: str, version: str) -> None:
         self.redis.hset(self._inst(name), "version", version)
 
@@ -508,13 +547,15 @@ class FleetState:
         model: str = "",
         service_ms: float = 0.0,
         open_breaker: bool = False,
+        cancelled: bool = False,
     ) -> str | None:
         """Free the job's slot (handing it to the best waiter) and record the outcome.
 
         The instance's circuit breaker opens after ``breaker_threshold`` failures in a row,
-        at once when ``open_breaker`` (the server refused the connection), or when its
-        half-open probe fails; it stays open ``down_cooldown`` seconds, then lets one probe
-        job through, and closes on the first success.
+        at once when ``open_breaker`` (the server refused the connection, or every request
+        on it went silent), or when its half-open probe fails; it stays open
+        ``down_cooldown`` seconds, then lets one probe job through, and closes on the first
+        success. A ``cancelled`` job (revoked while it ran) records no outcome at all.
 
         Idempotent: a second call for the same job does nothing. Returns the job the slot
         was handed to, if any.
@@ -535,6 +576,7 @@ class FleetState:
                 EWMA_ALPHA,
                 s.breaker_threshold,
                 s.down_cooldown,
+                int(cancelled),
             ]
         )
 

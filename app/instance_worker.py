@@ -28,6 +28,8 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import policy
+from app.call_guard import Watchdog
+from app.cancellation import is_revoked
 from app.errors import OllamaError
 from app.fleet_state import fleet_state
 from app.ollama_client import OllamaClient
@@ -70,6 +72,8 @@ class InstanceAgent:
         #: Removed from the registry: the agent stops registering and heartbeating.
         self.removed = False
         self.client = self._client()
+        #: Closes the calls of revoked jobs, and silent ones (``app.call_guard``).
+        self.watchdog = Watchdog(is_revoked)
         self._lock = threading.Lock()
         psutil.cpu_percent(interval=None)  # the first heartbeat measures from here
 

@@ -41,7 +41,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 JOBS = MetricSpec(
     "corral_jobs_finished_total",
-    "Jobs finished, by outcome: succeeded (run by an instance), cached, failed.",
+    "Jobs finished, by outcome: succeeded (run by an instance), cached, failed, cancelled.",
     ("model", "tier", "outcome"),
 )
 WAIT = MetricSpec(
@@ -143,6 +143,13 @@ def ignored_options(names: list[str]) -> None:
 def dead_lettered(model: str, tier: str, error: str) -> None:
     batch = Batch()
     batch.inc(DEAD, model=model, tier=tier, error=error)
+    _write(batch)
+
+
+def cancelled(model: str, tier: str) -> None:
+    """A job revoked while it held a slot or ran (one dropped on arrival is not counted)."""
+    batch = Batch()
+    batch.inc(JOBS, model=model, tier=tier, outcome="cancelled")
     _write(batch)
 
 

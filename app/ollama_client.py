@@ -3,23 +3,30 @@
 Text generation always streams from Ollama, even when nobody relays the tokens: a stream that
 breaks or ends without its final line is then detected as such (and retried) instead of
 looking like a short answer. Every call has a connect timeout and a read timeout, because the
-threads pool the instance workers use has no task time limits.
+threads pool the instance workers use has no task time limits; the read timeout
+(``request_timeout``) is the outer bound, and a :class:`~app.call_guard.Call` given to
+``infer`` lets the worker's watchdog close the call sooner (its job was revoked, or it is
+silent for far longer than it should be).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import requests
 
+from app.call_guard import Call, current_call, guarded_session
 from app.errors import (
     InstanceBusy,
     InstanceFailed,
+    InstanceSilent,
     InstanceTimeout,
     InstanceUnavailable,
+    JobCancelled,
     OllamaError,
     RequestRejected,
 )
@@ -32,7 +39,7 @@ _local = threading.local()
 def _session() -> requests.Session:
     # One keep-alive session per worker thread: requests.Session is not thread-safe.
     if not hasattr(_local, "session"):
-        _local.session = requests.Session()
+        _local.session = guarded_session()
     return _local.session
 
 
@@ -49,8 +56,31 @@ class OllamaClient:
 
     # Inference ------------------------------------------------------------------------
 
-    def infer(self, request: InferRequest, on_chunk: TokenSink | None = None) -> Answer:
-        """Run one request; ``on_chunk`` sees every streamed chunk (for relaying tokens)."""
+    def infer(
+        self, request: InferRequest, on_chunk: TokenSink | None = None, call: Call | None = None
+    ) -> Answer:
+        """Run one request; ``on_chunk`` sees every streamed chunk (for relaying tokens).
+
+        With ``call``, the request can be closed by a watchdog: JobCancelled is raised when
+        its job was revoked, InstanceSilent when it was silent for too long.
+        """
+        with current_call(call):
+            try:
+                return self._infer(request, on_chunk, call)
+            except OllamaError as exc:
+                if call is None or call.reason is None:
+                    raise
+                if call.reason == "cancelled":
+                    raise JobCancelled(f"job {call.job} was revoked") from exc
+                raise InstanceSilent(
+                    f"silent for {call.quiet_for(time.monotonic()):.1f} s"
+                    f" (allowed {call.allowed() or 0.0:.1f} s)",
+                    self.instance,
+                ) from exc
+
+    def _infer(
+        self, request: InferRequest, on_chunk: TokenSink | None, call: Call | None
+    ) -> Answer:
         if request.kind == "embed":
             data = self._post("/api/embed", request.ollama_body(stream=False))
             embeddings = data.get("embeddings")
@@ -62,10 +92,15 @@ class OllamaClient:
                 timings=_timings(data),
             )
         path = "/api/chat" if request.kind == "chat" else "/api/generate"
-        return self._stream(path, request.ollama_body(stream=True), request.kind, on_chunk)
+        return self._stream(path, request.ollama_body(stream=True), request.kind, on_chunk, call)
 
     def _stream(
-        self, path: str, body: dict[str, Any], kind: str, on_chunk: TokenSink | None
+        self,
+        path: str,
+        body: dict[str, Any],
+        kind: str,
+        on_chunk: TokenSink | None,
+        call: Call | None,
     ) -> Answer:
         parts: list[str] = []
         # A chat stream's other message fields come in their own chunks, not in the last
@@ -75,6 +110,8 @@ class OllamaClient:
         final: dict[str, Any] | None = None
         with self._request("POST", path, json=body, stream=True) as resp:
             for chunk in self._lines(resp):
+                if call is not None:
+                    call.chunk()
                 if "error" in chunk:
                     raise InstanceFailed(f"error in stream: {chunk['error']}", self.instance)
                 if kind == "chat":

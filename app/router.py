@@ -23,6 +23,7 @@ from kombu.exceptions import OperationalError
 
 from app import limits, metrics
 from app.cache import response_cache
+from app.cancellation import end_revoked, is_revoked
 from app.degradation import degradation, yield_band
 from app.errors import JobRejected
 from app.fleet_state import DONE, fleet_state
@@ -207,6 +208,9 @@ def _reserve_slot(
         if got is None:
             got = fleet.wait_handoff(job, WAIT_POLL_SECONDS)
             if got is None:
+                if is_revoked(job):  # app.cancellation: no longer a waiter, REVOKED
+                    fleet.forget(job, request.model)
+                    end_revoked(job, request, "while it waited for a slot")
                 if shutting_down.is_set():
                     # Back to the broker; the job keeps its place among the waiters.
                     raise Reject("router shutting down", requeue=True)

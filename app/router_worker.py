@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 WATCH_SECONDS = 2.0
 
 _tier: Tier | None = None
+#: The route queues the worker was started with (``configure``'s last answer).
+_started_with: set[str] = set()
 
 
 def configure(tier: Tier) -> list[str]:
@@ -45,6 +47,8 @@ def configure(tier: Tier) -> list[str]:
         # the batch router's threads are the ones no more urgent job waits for. Only once a
         # model is served: until then `corral router` waits, and so does a batch run.
         queues.append(batch_queue())
+    _started_with.clear()
+    _started_with.update(queues)
     return queues
 
 
@@ -56,7 +60,9 @@ def _served_models() -> set[str]:
 def _watch_models(tier: Tier, hostname: str, stop: threading.Event) -> None:
     from app.celery_app import celery_app
 
-    known = set(configure(tier))
+    # The queues the worker consumes, not those of the models served by now: a model first
+    # served between the worker's start and this thread's would otherwise never be consumed.
+    known = set(_started_with)
     while not stop.wait(WATCH_SECONDS):
         try:
             for model in _served_models():

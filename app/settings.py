@@ -149,6 +149,15 @@ class Settings(BaseSettings):
         5.0, ge=0, description="seconds an open circuit breaker stays open"
     )
     breaker_threshold: int = Field(3, ge=1, description="failures in a row that open the breaker")
+    silence_floor_s: float = Field(
+        5.0, gt=0, description="a stream may always be silent this long (learned bounds above it)"
+    )
+    silence_factor: float = Field(
+        10.0, ge=1, description="a stream silent this many times its expected time has failed"
+    )
+    silence_load_factor: float = Field(
+        3.0, ge=1, description="allowance for a cold load: this many times its learned time"
+    )
     tier_delay_seconds: dict[Tier, float] = Field(
         default_factory=lambda: {"interactive": 0.0, "normal": 60.0, "batch": 600.0},
         description="head start of more urgent tiers; a job waiting longer is served as urgent",

@@ -51,6 +51,9 @@ os.environ.update(
         "CORRAL_RETRY_BACKOFF_MAX": "0.5",
         "CORRAL_DOWN_COOLDOWN": "3",
         "CORRAL_REQUEST_TIMEOUT": "10",
+        # Some tests hang or slow every instance on purpose for seconds (chaos): learned
+        # silence bounds are tested on a fleet of their own (test_silence.py), not here.
+        "CORRAL_SILENCE_FLOOR_S": "30",
         "CORRAL_GRANT_LEASE": "20",
         "CORRAL_ROUTER_CONCURRENCY": "16",
         # A burst in one test must not leave the fleet degraded for the next one for long.

@@ -1,8 +1,8 @@
 """One inference call as every API makes it: submit the job, then wait for it or stream it.
 
 Errors leave as :class:`GatewayError` with the status the client should see; a client that
-disconnects while its job waits gets the job revoked if it is still queued (ClientGone ends
-the request quietly).
+disconnects gets its job revoked wherever it is, queued, waiting or running (ClientGone ends
+the request quietly; a stream abandoned after its first chunk is revoked by ``follow``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ async def submit(
 
 def _left(svc: Services, job_id: str, model: str) -> None:
     log.info("client left while job %s waited", job_id)
-    svc.later(svc.jobs.cancel_if_queued(job_id, model))
+    svc.later(svc.jobs.cancel(job_id, model))
 
 
 async def wait(request: Request, job_id: str, model: str) -> InferResult:

@@ -67,7 +67,7 @@ def job_error(exc: BaseException) -> GatewayError:
     * ``JobRejected`` (Ollama refused the request with a 4xx): that 4xx, so a client sees the
       same status as from Ollama itself (e.g. 400 for ``think`` on a model without it);
       502 when no instance answered (the model stopped being served mid-way).
-    * revoked (``DELETE /jobs/{id}``): 409.
+    * revoked (``DELETE /jobs/{id}``, ``AsyncResult.revoke()``, Flower): 409.
     """
     if isinstance(exc, JobRejected):
         statuses = [h.get("status") for h in exc.history if h.get("status")]
@@ -78,7 +78,9 @@ def job_error(exc: BaseException) -> GatewayError:
         return GatewayError(502, exc.message, code="retries_exhausted")
     if isinstance(exc, TaskRevokedError):
         return GatewayError(
-            409, "the job was revoked (DELETE /jobs/{id}) before it ran", code="job_revoked"
+            409,
+            "the job was revoked (DELETE /jobs/{id}, AsyncResult.revoke() or Flower)",
+            code="job_revoked",
         )
     if isinstance(exc, JobFailed):
         return GatewayError(502, exc.message, code="job_failed")

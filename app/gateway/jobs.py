@@ -1,7 +1,8 @@
 """Publishing ``infer`` jobs and getting their outcome, from the event loop without blocking it.
 
 Publishing (validation, a Redis look-up of the served models, an AMQP publish) and revoking
-run in the gateway's thread pool; waiting is a future resolved by the result watcher.
+(``app.cancellation``) run in the gateway's thread pool; waiting is a future resolved by the
+result watcher.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, Literal
 from celery import states
 from celery.exceptions import TaskRevokedError
 
-from app.celery_app import celery_app
+from app import cancellation
 from app.fleet_state import fleet_state
 from app.gateway.errors import GatewayError
 from app.gateway.results import ResultWatcher
@@ -99,22 +100,30 @@ class JobClient:
             ) from None
         return outcome(meta)
 
-    async def cancel_if_queued(self, job_id: str, model: str) -> Place:
-        """Revoke the job if it is still a message in RabbitMQ; returns where it was.
+    async def cancel(self, job_id: str, model: str) -> Place:
+        """Revoke the job wherever it is (``app.cancellation``); returns where it was.
 
-        A job already held by a router thread or running is left alone: Corral cannot stop
-        a running call to Ollama, and revoking a router-held job would only make its
-        instance worker drop it after a slot was granted, idling that slot until its lease
-        expires. Revoking a queued job costs nothing: the worker that receives it acks it
-        without running it, and it never holds a slot.
+        Queued, it never runs; waiting for a slot, it stops waiting; running, its call to
+        Ollama is closed (Ollama stops generating) and its slot goes to the next job.
         """
 
         def revoke() -> Place:
             where = place(job_id, model)
-            if where == "queued":
-                celery_app.control.revoke(job_id)
+            cancellation.cancel(job_id)
             return where
 
         where = await self.blocking(revoke)
-        log.info("job %s: %s", job_id, "revoked" if where == "queued" else f"left {where}")
+        log.info("job %s: revoked (was %s)", job_id, where)
         return where
+
+    def cancel_soon(self, job_id: str) -> None:
+        """Revoke the job from the thread pool, without waiting (a stream being torn down)."""
+        log.info("job %s: revoked (its stream was abandoned)", job_id)
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(self.threads, cancellation.cancel, job_id)
+
+        def failed(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is not None:
+                log.warning("job %s could not be revoked: %s", job_id, future.exception())
+
+        done.add_done_callback(failed)

@@ -2,8 +2,9 @@
 
 ``POST /jobs`` takes exactly ``infer``'s fields and answers at once with the job id;
 ``GET /jobs/{id}`` says where the job is and gives its result or error; ``DELETE /jobs/{id}``
-revokes it while it is still queued. A job is visible only to the agent that submitted it
-(another key gets 404, as for a job that does not exist).
+revokes it wherever it is (queued, waiting for a slot, or running: its call is closed). A job
+is visible only to the agent that submitted it (another key gets 404, as for a job that does
+not exist).
 """
 
 from __future__ import annotations
@@ -140,18 +141,12 @@ async def get(job_id: str, request: Request, who: CallerDep) -> JobView:
 
 @router.delete("/{job_id}")
 async def revoke(job_id: str, request: Request, who: CallerDep) -> Response:
-    """Revoke a queued job (200); 409 once a router or an instance holds it, or it ended."""
+    """Revoke an unfinished job (200, with where it was); 409 once it ended."""
     record = await _record(request, job_id, who)
     view = await _view(request, job_id, record)
     if view.state in FINISHED:
         raise GatewayError(409, f"job {job_id} already ended: {view.state}")
     svc = services(request)
-    where = await svc.jobs.cancel_if_queued(job_id, record["model"])
-    if where != "queued":
-        raise GatewayError(
-            409,
-            f"job {job_id} is {where.replace('_', ' ')} and can no longer be revoked;"
-            " it will finish (GET it for the result)",
-        )
+    where = await svc.jobs.cancel(job_id, record["model"])
     await svc.redis.hset(_record_key(svc, job_id), "revoked", "1")
-    return JSONResponse({"id": job_id, "state": "revoked"})
+    return JSONResponse({"id": job_id, "state": "revoked", "was": where})

@@ -4,7 +4,9 @@ The instance worker appends every Ollama chunk to the job's relay (``app.relay``
 module reads them as they arrive, passes them through :class:`StreamGuard` (no text twice
 across retries) and ends with the last chunk (``done: true``). A job answered from the cache
 relays nothing: its result is turned into one final chunk. A job that fails raises its error,
-after whatever chunks were already yielded.
+after whatever chunks were already yielded. A stream abandoned before its end (the client
+hung up, so the server cancels the response) revokes its job: Ollama stops generating for
+a client that left, and so does Corral.
 
 :func:`open_stream` waits for the first chunk before the response starts, like Ollama,
 which sends its headers with the first token: an error until then gets a real status code.
@@ -42,6 +44,7 @@ async def follow(
     finished.add_done_callback(lambda t: t.cancelled() or t.exception())
     reading: asyncio.Future[Any] | None = None
     after = "0"
+    yielded = False  # before the first chunk, a client that leaves is open_stream's to handle
     try:
         while True:
             if finished.done():
@@ -67,9 +70,14 @@ async def follow(
                 after = entry.id
                 chunk = guard.feed((entry.attempt, entry.run), entry.chunk)
                 if chunk is not None:
+                    yielded = True
                     yield chunk
                     if chunk.get("done"):
                         return
+    except (asyncio.CancelledError, GeneratorExit):
+        if yielded and not finished.done():
+            jobs.cancel_soon(job_id)
+        raise
     finally:
         for task in (reading, finished):
             if task is not None and not task.done():

@@ -88,7 +88,7 @@ class Inference:
                 raise
             # Ours, not the server's: swallow it so uvicorn sees a quiet end of request.
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
-            stats.cancelled_total += 1
+            stats.cancelled()
         finally:
             ex.stop_watching()
             stats.leave()
@@ -370,13 +370,14 @@ class Inference:
     async def _slot(self, runner: Runner, model_stats: ModelStats) -> AsyncIterator[None]:
         await runner.slots.acquire()
         self.s.stats.slot_taken(model_stats)
-        taken = time.time()
+        taken, started = time.time(), perf_counter_ns()
         try:
             yield
         finally:
             runner.slots.release()
-            self.s.stats.slot_freed(model_stats)
-            self.s.stats.span(taken, time.time())
+            held = (perf_counter_ns() - started) / 1e9
+            self.s.stats.slot_freed(model_stats, held)
+            self.s.stats.span(taken, taken + held)
 
     def _maybe_busy(self) -> None:
         if self.s.roll(self.s.cfg.busy_rate):

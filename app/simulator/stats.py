@@ -3,10 +3,16 @@
 ``in_flight`` counts inference requests anywhere inside the server (scheduler queue, load,
 slot queue, generation); ``active`` counts those holding a slot.  A router that respects
 ``num_parallel`` keeps ``peak_in_flight`` at or below the slot count.
+
+``cancelled_total`` counts requests whose client disconnected before the answer was complete
+(the server then stops working on them, as Ollama does), ``last_cancelled_at`` is the wall
+time of the latest, and ``busy_seconds`` adds up the time slots were held: with cancellations
+it shows how much generation nobody waited for.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
@@ -34,6 +40,8 @@ class Stats:
         self.errors_total = 0
         self.rejected_total = 0
         self.cancelled_total = 0
+        self.last_cancelled_at = 0.0
+        self.busy_seconds = 0.0
         self.loads_total = 0
         self.evictions_total = 0
         self.models: dict[str, ModelStats] = {}
@@ -62,9 +70,14 @@ class Stats:
         model.active += 1
         model.peak_active = max(model.peak_active, model.active)
 
-    def slot_freed(self, model: ModelStats) -> None:
+    def slot_freed(self, model: ModelStats, held_s: float = 0.0) -> None:
         self.active -= 1
         model.active -= 1
+        self.busy_seconds += held_s
+
+    def cancelled(self) -> None:
+        self.cancelled_total += 1
+        self.last_cancelled_at = time.time()
 
     def span(self, taken: float, freed: float) -> None:
         self.spans.append((round(taken, 6), round(freed, 6)))
@@ -76,6 +89,7 @@ class Stats:
         self.requests_total = self.errors_total = self.rejected_total = 0
         self.cancelled_total = self.loads_total = self.evictions_total = 0
         self.spans.clear()
+        self.last_cancelled_at = self.busy_seconds = 0.0
         for model in self.models.values():
             model.requests = model.errors = model.loads = 0
             model.peak_active = model.active
@@ -90,6 +104,8 @@ class Stats:
             "errors_total": self.errors_total,
             "rejected_total": self.rejected_total,
             "cancelled_total": self.cancelled_total,
+            "last_cancelled_at": self.last_cancelled_at,
+            "busy_seconds": round(self.busy_seconds, 6),
             "loads_total": self.loads_total,
             "evictions_total": self.evictions_total,
             "models": {name: asdict(m) for name, m in sorted(self.models.items())},

@@ -147,3 +147,33 @@ def test_queues_are_visible_through_the_broker_api(flower: Any, healthy_fleet: L
         return queues if all(isinstance(queues.get(q), int) for q in ours) else None
 
     wait_until(lengths, 30, "Flower to list the fleet's queues with lengths", every=1.0)
+
+
+@pytest.mark.parametrize("terminate", [False, True])
+def test_flowers_revoke_button_stops_a_running_job(
+    flower: Any, healthy_fleet: LocalFleet, terminate: bool
+) -> None:
+    """Flower's revoke (and its terminate, which the threads pool cannot do) is Celery's
+    revoke broadcast: the instance worker closes the call, and the server stops generating."""
+    from celery.exceptions import TaskRevokedError
+
+    from app.gateway.jobs import place
+
+    job = infer.delay(model=CHAT, prompt="revoke me from Flower", options={"num_predict": 2000})
+    wait_until(lambda: place(job.id, CHAT) == "running", 10, "the job to start")
+    time.sleep(0.3)
+    button = requests.post(
+        f"{flower.url}/api/task/revoke/{job.id}",
+        params={"terminate": str(terminate).lower()},
+        auth=flower.auth,
+        timeout=10,
+    )
+    assert button.status_code == 200, button.text
+    with pytest.raises(TaskRevokedError):
+        job.get(timeout=5)
+
+    def cancelled() -> int:
+        return sum(healthy_fleet.sim_stats(n)["cancelled_total"] for n in healthy_fleet.sim_urls)
+
+    wait_until(lambda: cancelled() == 1, 3, "the server to see the call closed")
+    assert sum(healthy_fleet.sim_stats(n)["requests_total"] for n in healthy_fleet.sim_urls) == 1
