@@ -160,6 +160,29 @@ class LocalFleet:
     def sim_stats(self, name: str) -> dict[str, Any]:
         return requests.get(self.sim_urls[name] + "/sim/stats", timeout=5).json()
 
+    def sim_total(self, stat: str) -> float:
+        """One counter of ``/sim/stats`` summed over the simulators."""
+        return sum(self.sim_stats(name)[stat] for name in self.sim_urls)
+
+    def slots_held(self) -> dict[str, int]:
+        """The instances whose slot counter (in Redis) is not 0, with the count."""
+        from app.fleet_state import fleet_state
+
+        counts = {name: fleet_state().in_flight(name) for name in self.sim_urls}
+        return {name: n for name, n in counts.items() if n}
+
+    def waiters(self) -> dict[str, list[str]]:
+        """Jobs waiting for a slot, per model's waiter set (in Redis)."""
+        from app.fleet_state import fleet_state
+
+        state = fleet_state()
+        keys = state.redis.keys(f"{state.ns}:wait:*")
+        return {k: w for k in keys if (w := state.redis.zrange(k, 0, -1))}
+
+    def idle(self) -> bool:
+        """No slot held and no job waiting for one."""
+        return not self.slots_held() and not self.waiters()
+
     def reset_sims(self) -> None:
         for url in self.sim_urls.values():
             requests.post(url + "/sim/reset", timeout=5).raise_for_status()

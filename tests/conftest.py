@@ -139,24 +139,15 @@ def _expect_no_slots_held(fleet: LocalFleet, timeout: float = 20.0) -> None:
     here instead of letting this test wait for a slot that never comes."""
     from app.fleet_state import fleet_state
 
-    state = fleet_state()
-
-    def held() -> dict[str, int]:
-        rows = {n: state.redis.hget(f"{state.ns}:inst:{n}", "in_flight") for n in fleet.sim_urls}
-        return {n: int(v) for n, v in rows.items() if v and int(v) != 0}
-
-    def waiting() -> dict[str, list[str]]:
-        keys = state.redis.keys(f"{state.ns}:wait:*")
-        return {k: w for k in keys if (w := state.redis.zrange(k, 0, -1))}
-
     deadline = time.monotonic() + timeout
-    while (held() or waiting()) and time.monotonic() < deadline:
+    while not fleet.idle() and time.monotonic() < deadline:
         time.sleep(0.2)
-    if held() or waiting():
+    if not fleet.idle():
+        state = fleet_state()
         grants = state.redis.hgetall(f"{state.ns}:grants")
         pytest.fail(
-            f"after {timeout:.0f} s, slots still held: {held()} (grants: {grants}); "
-            f"jobs still waiting for a slot: {waiting()}"
+            f"after {timeout:.0f} s, slots still held: {fleet.slots_held()} (grants: {grants}); "
+            f"jobs still waiting for a slot: {fleet.waiters()}"
         )
 
 

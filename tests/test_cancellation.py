@@ -24,42 +24,31 @@ CHAT = "llama3.2:3b"
 LONG = {"num_predict": 2000}
 
 
-def _total(fleet: LocalFleet, stat: str) -> float:
-    return sum(fleet.sim_stats(name)[stat] for name in fleet.sim_urls)
-
-
-def _slots_free(fleet: LocalFleet) -> bool:
-    state = fleet_state()
-    held = [state.in_flight(name) for name in fleet.sim_urls]
-    waiting = [k for k in state.redis.keys(f"{state.ns}:wait:*") if state.redis.zcard(k)]
-    return not any(held) and not waiting
-
-
 def test_revoking_a_running_job_closes_its_call(healthy_fleet: LocalFleet) -> None:
     dead_before = depth(dead_letter_queue())
     job = infer.delay(model=CHAT, prompt="a long story", options=LONG, cache=False)
     wait_until(lambda: place(job.id, CHAT) == "running", 10, "the job to start")
-    wait_until(lambda: _total(healthy_fleet, "active") == 1, 10, "the server to generate")
+    wait_until(lambda: healthy_fleet.sim_total("active") == 1, 10, "the server to generate")
     time.sleep(0.5)  # well into its generation
     instance = fleet_state().redis.hget(f"{fleet_state().ns}:grants", job.id)
 
     revoked_at = time.time()
     job.revoke()
-    wait_until(lambda: _total(healthy_fleet, "cancelled_total") == 1, 5, "the server to see it")
+    wait_until(lambda: healthy_fleet.sim_total("cancelled_total") == 1, 5, "the server to see it")
     stopped_after = max(
         healthy_fleet.sim_stats(n)["last_cancelled_at"] for n in healthy_fleet.sim_urls
     )
     print(f"\nrevoke() to the server's generation stopping: {stopped_after - revoked_at:.3f} s")
     assert stopped_after - revoked_at < 0.5, f"generation stopped {stopped_after - revoked_at}s"
-    assert _total(healthy_fleet, "active") == 0
+    assert healthy_fleet.sim_total("active") == 0
 
     with pytest.raises(TaskRevokedError):
         job.get(timeout=10)
     assert job.state == "REVOKED"
-    wait_until(lambda: _slots_free(healthy_fleet), 5, "its slot to be freed")
+    wait_until(lambda: healthy_fleet.idle(), 5, "its slot to be freed")
     time.sleep(0.5)  # a retry or a dead letter would have been published by now
     assert depth(dead_letter_queue()) == dead_before
-    assert _total(healthy_fleet, "requests_total") == 1  # not retried anywhere
+    assert healthy_fleet.sim_total("requests_total") == 1  # not retried anywhere
     row = fleet_state().redis.hgetall(f"{fleet_state().ns}:inst:{instance}")
     assert row["breaker"] == "closed" and int(row.get("consecutive", 0)) == 0
     assert int(row["cancelled"]) >= 1  # counted as cancelled, not as a failure
@@ -75,7 +64,7 @@ def test_revoking_a_job_waiting_for_a_slot_means_it_never_runs(
     blockers = [
         infer.delay(model=CHAT, prompt=f"blocker {i}", options=LONG, cache=False) for i in range(6)
     ]
-    wait_until(lambda: _total(healthy_fleet, "active") == 6, 15, "every slot to be busy")
+    wait_until(lambda: healthy_fleet.sim_total("active") == 6, 15, "every slot to be busy")
     target = infer.delay(model=CHAT, prompt="never", cache=False, tier="interactive")
     wait_until(lambda: place(target.id, CHAT) == "waiting_for_slot", 10, "the target to wait")
 
@@ -91,8 +80,8 @@ def test_revoking_a_job_waiting_for_a_slot_means_it_never_runs(
     for job in blockers:
         with pytest.raises(TaskRevokedError):
             job.get(timeout=10)
-    wait_until(lambda: _slots_free(healthy_fleet), 5, "every slot to be freed")
+    wait_until(lambda: healthy_fleet.idle(), 5, "every slot to be freed")
     assert time.monotonic() - started < 3  # not the 5 s their generations would take
     time.sleep(0.5)
-    assert _total(healthy_fleet, "requests_total") == 6  # the target never reached a server
-    assert _total(healthy_fleet, "cancelled_total") == 6
+    assert healthy_fleet.sim_total("requests_total") == 6  # the target never reached a server
+    assert healthy_fleet.sim_total("cancelled_total") == 6

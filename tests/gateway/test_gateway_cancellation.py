@@ -13,7 +13,6 @@ import time
 import httpx
 import pytest
 
-from app.fleet_state import fleet_state
 from app.harness import LocalFleet, wait_until
 from tasks import infer
 from tests.gateway.conftest import Gateway
@@ -24,17 +23,6 @@ MODEL = "llama3.2:3b"
 #: 400 tokens/s on the session's simulators, slowed a little by the other slot: ~4-5 s.
 TOKENS = 1600
 FULL_S = TOKENS / 400
-
-
-def _total(fleet: LocalFleet, stat: str) -> float:
-    return sum(fleet.sim_stats(name)[stat] for name in fleet.sim_urls)
-
-
-def _no_slot_held(fleet: LocalFleet) -> bool:
-    state = fleet_state()
-    held = [state.in_flight(name) for name in fleet.sim_urls]
-    waiting = [k for k in state.redis.keys(f"{state.ns}:wait:*") if state.redis.zcard(k)]
-    return not any(held) and not waiting and _total(fleet, "active") == 0
 
 
 def test_60_streams_that_leave_after_two_lines(gateway: Gateway, healthy_fleet: LocalFleet) -> None:
@@ -69,10 +57,14 @@ def test_60_streams_that_leave_after_two_lines(gateway: Gateway, healthy_fleet: 
     started = time.monotonic()
     asyncio.run(run())
     elapsed = time.monotonic() - started
-    wait_until(lambda: _no_slot_held(healthy_fleet), 10, "every slot to be freed")
+    wait_until(
+        lambda: healthy_fleet.idle() and healthy_fleet.sim_total("active") == 0,
+        10,
+        "every slot to be freed",
+    )
 
-    cancelled = _total(healthy_fleet, "cancelled_total")
-    busy = _total(healthy_fleet, "busy_seconds")
+    cancelled = healthy_fleet.sim_total("cancelled_total")
+    busy = healthy_fleet.sim_total("busy_seconds")
     print(
         f"\n60 streams leaving after 2 lines: {elapsed:.1f} s in all, {cancelled:.0f} cancelled,"
         f" fleet busy {busy:.1f} s (run to the end: ~{clients * FULL_S:.0f} s),"
@@ -113,8 +105,12 @@ def test_a_client_that_leaves_a_running_job_cancels_it(
             with pytest.raises(httpx.ReadTimeout):
                 http.post(path, json=body, timeout=httpx.Timeout(30, read=1.5))
             left_at = time.time()
-    wait_until(lambda: _total(healthy_fleet, "cancelled_total") == 1, 5, "the cancellation")
+    wait_until(lambda: healthy_fleet.sim_total("cancelled_total") == 1, 5, "the cancellation")
     stopped = max(healthy_fleet.sim_stats(n)["last_cancelled_at"] for n in healthy_fleet.sim_urls)
     assert stopped - left_at < 1.0, stopped - left_at
-    wait_until(lambda: _no_slot_held(healthy_fleet), 5, "the slot to be freed")
-    assert _total(healthy_fleet, "requests_total") == 1  # not retried
+    wait_until(
+        lambda: healthy_fleet.idle() and healthy_fleet.sim_total("active") == 0,
+        5,
+        "the slot to be freed",
+    )
+    assert healthy_fleet.sim_total("requests_total") == 1  # not retried
