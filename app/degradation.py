@@ -125,9 +125,12 @@ class Degradation:
         """An interactive job started after waiting ``wait_s``: feed the moving average."""
         if tier != "interactive":
             return
-        old = self.redis.hget(self.key, "interactive_wait_s")
-        new = float(old) * (1 - WAIT_ALPHA) + wait_s * WAIT_ALPHA if old else wait_s
-        self.redis.hset(self.key, mapping={"interactive_wait_s": new, "waited_at": time.time()})
+        with self.redis.pipeline(transaction=False) as pipe:
+            fleet_state().average_into(
+                self.key, {"interactive_wait_s": wait_s}, alpha=WAIT_ALPHA, client=pipe
+            )
+            pipe.hset(self.key, "waited_at", time.time())
+            pipe.execute()
 
     def pin(self, level: int | None) -> None:
         """Hold the fleet at ``level`` (an operator's choice), or give it back to the signals."""

@@ -294,6 +294,18 @@ return #expired
 """
 )
 
+# KEYS[1]: a hash; ARGV: alpha, then field, sample, ...: each field becomes the moving average
+# of its samples (the first sample as it is), in one atomic step.
+_AVERAGE = """
+local alpha = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '')
+  local sample = tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[1], ARGV[i], old and (old * (1 - alpha) + sample * alpha) or sample)
+end
+return 0
+"""
+
 Confirmation = Literal["ok", "dup", "nogrant", "done"]
 
 
@@ -317,6 +329,7 @@ class FleetState:
         self._reclaim = self.redis.register_script(_RECLAIM)
         self._hold = self.redis.register_script(_HOLD)
         self._reconcile = self.redis.register_script(_RECONCILE)
+        self._average = self.redis.register_script(_AVERAGE)
 
     def _inst(self, name: str) -> str:
         return f"{self.ns}:inst:{name}"
@@ -417,11 +430,22 @@ class FleetState:
             },
         )
 
+    def average_into(
+        self,
+        key: str,
+        samples: dict[str, float],
+        alpha: float = EWMA_ALPHA,
+        client: redis.client.Pipeline | None = None,
+    ) -> None:
+        """Fold ``samples`` into the moving averages of the hash ``key`` (one round trip,
+        or part of ``client``'s pipeline)."""
+        if samples:
+            args = [alpha, *(x for item in samples.items() for x in item)]
+            self._average(keys=[key], args=args, client=client)
+
     def record_load(self, name: str, model: str, ms: float) -> None:
         """How long ``model`` took to load on the instance, learned from a cold start."""
-        key, field = self._inst(name), f"load:{model}"
-        old = self.redis.hget(key, field)
-        self.redis.hset(key, field, float(old) * (1 - EWMA_ALPHA) + ms * EWMA_ALPHA if old else ms)
+        self.average_into(self._inst(name), {f"load:{model}": ms})
 
     def silence_stats(self, name: str, model: str) -> dict[str, float | bool | None]:
         """What ``app.silence`` learned of ``model`` on the instance, and whether it is loaded.
@@ -442,18 +466,8 @@ class FleetState:
 
     def record_timing(self, name: str, samples: dict[str, float]) -> None:
         """Fold measured ``{"ttft:<model>": s, "pe:<model>": s, "gap:<model>": s}`` into
-        the instance's moving averages (one read and one write; a lost race loses a sample)."""
-        if not samples:
-            return
-        key = self._inst(name)
-        old = self.redis.hmget(key, list(samples))
-        self.redis.hset(
-            key,
-            mapping={
-                f: float(o) * (1 - EWMA_ALPHA) + v * EWMA_ALPHA if o else v
-                for (f, v), o in zip(samples.items(), old, strict=True)
-            },
-        )
+        the instance's moving averages."""
+        self.average_into(self._inst(name), samples)
 
     def set_version(self, name: str, version: str) -> None:
         self.redis.hset(self._inst(name), "version", version)
@@ -649,4 +663,11 @@ def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:
 
 def fleet_state() -> FleetState:
     s = get_settings()
-    return FleetState(redis_client(s.redis_url), s.namespace)
+    return _fleet_state(s.redis_url, s.namespace)
+
+
+@lru_cache(maxsize=8)
+def _fleet_state(url: str, namespace: str) -> FleetState:
+    # One per Redis and namespace: the job path asks for it many times per job, and each new
+    # one would hash its scripts again.
+    return FleetState(redis_client(url), namespace)
