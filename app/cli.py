@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from app.fleet_cli import fleet_cli, fleet_list, no_registry
-from app.policy_cli import policy_cli
+from app.fleet.cli import fleet_cli, fleet_list, no_registry
+from app.policy.cli import policy_cli
 from app.settings import TIERS, get_settings
 
 cli = typer.Typer(
@@ -24,8 +24,8 @@ cli = typer.Typer(
 
 def _celery_worker(*, queues: list[str], threads: int, node: str, loglevel: str, role: str) -> None:
     """``celery worker`` as every Corral worker runs it: threads pool, prefetch 1, events."""
-    from app import logs, tracing
     from app.celery_app import celery_app
+    from app.ops import logs, tracing
 
     logs.set_role(role)
     tracing.setup(role)
@@ -72,9 +72,9 @@ def worker(
     from pydantic import ValidationError
     from sqlalchemy.exc import SQLAlchemyError
 
-    from app import instance_worker
+    from app.fleet.registry import Registry
+    from app.jobs import instance_worker
     from app.queues import instance_queue
-    from app.registry import Registry
 
     if not (instance or ollama):
         raise typer.BadParameter("give --instance NAME or --ollama URL")
@@ -117,7 +117,7 @@ def router(
     wait: Annotated[float, typer.Option(help="seconds to wait for a first model")] = 120.0,
 ) -> None:
     """Run the router of one tier: it moves jobs from model/tier queues to instances."""
-    from app import router_worker
+    from app.jobs import router_worker
 
     if tier not in TIERS:
         raise typer.BadParameter(f"tier must be one of {', '.join(TIERS)}")
@@ -146,8 +146,8 @@ def beat(
     loglevel: str = "INFO",
 ) -> None:
     """Run celery beat, one per fleet: it submits the `schedules` batch jobs when due."""
-    from app import logs, tracing
     from app.celery_app import celery_app
+    from app.ops import logs, tracing
 
     logs.set_role("beat")
     tracing.setup("beat")
@@ -170,7 +170,7 @@ def degrade(
     auto: Annotated[bool, typer.Option(help="give the level back to the signals")] = False,
 ) -> None:
     """Show the degradation level, pin it (--level N), or release it (--auto)."""
-    from app.degradation import NAMES, degradation
+    from app.policy.degradation import NAMES, degradation
 
     state = degradation()
     if level is not None or auto:
@@ -237,7 +237,7 @@ cli.add_typer(dlq_cli, name="dlq")
 @dlq_cli.command("list")
 def dlq_list() -> None:
     """One line per dead job: id, error, attempts, model."""
-    from app.dead_letters import read_all
+    from app.jobs.dead_letters import read_all
 
     records = read_all()
     for r in records:
@@ -251,7 +251,7 @@ def dlq_list() -> None:
 @dlq_cli.command("show")
 def dlq_show(job_id: str) -> None:
     """A dead job's record: request, error and every attempt, as JSON."""
-    from app.dead_letters import read_all
+    from app.jobs.dead_letters import read_all
 
     for r in read_all():
         if r["job_id"] == job_id:
@@ -266,7 +266,7 @@ def dlq_replay(
     all_: Annotated[bool, typer.Option("--all", help="every dead job")] = False,
 ) -> None:
     """Submit dead jobs again as new jobs; their records leave the queue."""
-    from app.dead_letters import replay
+    from app.jobs.dead_letters import replay
 
     for old, new in replay(_selected(job_ids, all_)):
         typer.echo(f"{old} -> {new}")
@@ -278,7 +278,7 @@ def dlq_purge(
     all_: Annotated[bool, typer.Option("--all", help="every dead job")] = False,
 ) -> None:
     """Delete dead-job records."""
-    from app.dead_letters import purge
+    from app.jobs.dead_letters import purge
 
     typer.echo(f"purged {len(purge(_selected(job_ids, all_)))} record(s)")
 
@@ -303,7 +303,7 @@ def up(
     exit_after_demo: Annotated[bool, typer.Option(help="stop after the demo")] = False,
 ) -> None:
     """Start the whole stack (simulated fleet unless one is configured), run a demo, serve."""
-    from app.stack import run_stack
+    from app.bench.stack import run_stack
 
     raise typer.Exit(run_stack(demo_jobs=demo_jobs, flower=flower, stay=not exit_after_demo))
 
@@ -330,10 +330,10 @@ def bench(
     ] = True,
 ) -> None:
     """Measure Corral against calling Ollama directly and against plain proxies; plot it."""
-    from app import bench_fleet
-    from app.bench import run_benchmark
-    from app.bench_agents import run_agents
-    from app.bench_report import meta, publish  # imports matplotlib: fail before measuring
+    from app.bench import fleet as bench_fleet
+    from app.bench.agents import run_agents
+    from app.bench.overhead import run_benchmark
+    from app.bench.report import meta, publish  # imports matplotlib: fail before measuring
 
     if plot_only is None:
         report = {"meta": meta(sys.argv[1:])}
@@ -350,7 +350,7 @@ def bench(
             typer.echo("\n131 agents of two classes, with limits and a bulkhead")
             report["agents"] = run_agents(**batch)
         if scenario in ("burst", "all"):
-            from app.bench_burst import BURST_JOBS, run_burst
+            from app.bench.burst import BURST_JOBS, run_burst
 
             typer.echo(f"\n{BURST_JOBS} jobs at once, interactive jobs meanwhile")
             report["burst"] = run_burst()
@@ -368,7 +368,7 @@ def metrics(
     host: Annotated[str | None, typer.Option(help="address (default: metrics_host)")] = None,
 ) -> None:
     """Serve Prometheus metrics of the whole fleet: queues, instances, jobs, cache."""
-    from app.metrics_exporter import serve
+    from app.ops.metrics_exporter import serve
 
     s = get_settings()
     host, port = host or s.metrics_host, port or s.metrics_port
@@ -399,7 +399,7 @@ def flower(ctx: typer.Context) -> None:
 
     Every option is Flower's, e.g. ``corral flower --conf=flower/flowerconfig.py --port=5555``.
     """
-    from app.flower import main as run_flower
+    from app.ops.flower import main as run_flower
 
     run_flower(ctx.args)
 

@@ -79,7 +79,7 @@ class InstanceTimeout(OllamaError):
 
 class InstanceSilent(InstanceTimeout):
     """The server said nothing for far longer than it takes this model there (learned from its
-    earlier answers, see ``app.silence``): a hung server, cut long before ``request_timeout``.
+    earlier answers, see ``app.jobs.silence``): a hung server, cut long before ``request_timeout``.
     """
 
 

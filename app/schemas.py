@@ -164,7 +164,7 @@ class InferRequest(BaseModel):
     )
     cache: StrictBool = Field(True, description="False bypasses the response cache")
     stream: StrictBool = Field(
-        False, description="relay tokens as they come (app.relay), e.g. for the gateway"
+        False, description="relay tokens as they come (app.jobs.relay), e.g. for the gateway"
     )
     job_key: StrictStr | None = Field(
         None,
@@ -276,7 +276,7 @@ class RouteState(BaseModel):
     submitted_at: float
     #: Set when a rate limit made the job wait: it may start from this time on.
     start_after: float | None = None
-    #: Its priority inside the tier once lowered for fairness (``app.fairness``).
+    #: Its priority inside the tier once lowered for fairness (``app.policy.fairness``).
     priority: int | None = None
 
     def queue_priority(self, request: InferRequest) -> int:

@@ -41,7 +41,7 @@ Role = Literal["chat", "embedding", "both"]
 
 
 class InstanceConfig(BaseModel):
-    """One Ollama server in the fleet: a row of the registry (``app.registry``), which the
+    """One Ollama server in the fleet: a row of the registry (``app.fleet.registry``), which the
     ``instances`` of the settings seed."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
@@ -92,7 +92,7 @@ def check_class_name(name: str) -> str:
 class AgentClass(BaseModel):
     """Limits shared by a class of agents (README "Rate limits"); unset means no limit.
 
-    The settings only seed them: the policy in force is the registry's (``app.policy``).
+    The settings only seed them: the policy in force is the registry's (``app.policy.live``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -171,8 +171,8 @@ class Settings(BaseSettings):
     # Recurring batch jobs, run by `corral beat` (see app.schedules).
     schedules: Schedules = Field(default_factory=list)
 
-    # Rate limits (app.limits): they seed the live policy (app.policy), which `corral policy`
-    # and the admin API change; a file entry edited later wins again.
+    # Rate limits (app.policy.rate_limits): they seed the live policy (app.policy.live), which
+    # `corral policy` and the admin API change; a file entry edited later wins again.
     agent_classes: dict[str, AgentClass] = Field(
         default_factory=dict, description="per agent class: who is in it, and its limits"
     )
@@ -180,7 +180,7 @@ class Settings(BaseSettings):
         None, gt=0, description="jobs a minute started across every agent"
     )
 
-    # Degradation levels 1-3 (app.degradation): the thresholds to enter each.
+    # Degradation levels 1-3 (app.policy.degradation): the thresholds to enter each.
     degradation_backlog_per_slot: tuple[float, float, float] = Field(
         (10.0, 40.0, 500.0),
         description="interactive and normal jobs waiting per slot to enter levels 1, 2, 3",

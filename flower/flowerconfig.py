@@ -1,7 +1,7 @@
 """Corral's Flower configuration: ``corral flower --conf=flower/flowerconfig.py``.
 
 (``corral flower`` runs Flower with Corral's queues listed in its Broker tab from the start,
-see ``app.flower``.)
+see ``app.ops.flower``.)
 
 Basic auth comes from ``FLOWER_BASIC_AUTH=user:password`` (``corral up`` generates one and
 prints it); Flower refuses to start its API without auth. Note that Flower serves

@@ -37,9 +37,9 @@ def run_jobs(n: int) -> dict[str, float]:
     """Job id -> when its ``.get()`` returned."""
     from opentelemetry import trace
 
-    from app import tracing
-    from app.bench import MODEL, SIMS
-    from app.harness import free_port, own_fleet
+    from app.bench.harness import free_port, own_fleet
+    from app.bench.overhead import MODEL, SIMS
+    from app.ops import tracing
 
     sims = [{**s, "port": free_port()} for s in SIMS]
     returned = {}

@@ -30,10 +30,10 @@ from celery.utils import uuid
 
 from app import queues
 from app.celery_app import celery_app
-from app.fleet_state import redis_client
 from app.schedules import EmbedFolder, PromptFile
 from app.schemas import InferResult
 from app.settings import get_settings
+from app.state.fleet import redis_client
 from tasks.infer import infer, validate
 
 #: One input: its id (a path, a line number, a record's id) and its ``infer`` fields.

@@ -4,8 +4,8 @@
     >>> r.get(timeout=60).text
 
 A job runs in two stages under one task id. On its model/tier queue a router worker picks an
-instance and reserves a slot there (``app.router``); the job then moves to that instance's
-queue, where the instance's worker calls Ollama (``app.executor``). ``.get()`` returns the
+instance and reserves a slot there (``app.jobs.router``); the job then moves to that instance's
+queue, where the instance's worker calls Ollama (``app.jobs.executor``). ``.get()`` returns the
 final :class:`~app.schemas.InferResult` or raises a typed :class:`~app.errors.JobFailed`.
 """
 
@@ -22,15 +22,17 @@ from celery.signals import task_revoked
 from celery.utils import uuid
 from pydantic import ValidationError
 
-from app import executor, fairness, limits, metrics, router
 from app.celery_app import celery_app
-from app.degradation import REFUSE_LEVEL, degradation
 from app.errors import InvalidRequest, ModelNotServed, Overloaded, RateLimited
-from app.fleet_state import fleet_state
-from app.policy import live_policy
+from app.jobs import executor, router
+from app.ops import metrics
+from app.policy import fairness, rate_limits
+from app.policy.degradation import REFUSE_LEVEL, degradation
+from app.policy.live import live_policy
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
 from app.settings import get_settings
+from app.state.fleet import fleet_state
 
 #: How long a process trusts its copy of the set of served models.
 SERVED_MODELS_TTL = 2.0
@@ -131,7 +133,7 @@ class InferTask(Task):
             task_id, ran.instance, ok=True, model=ran.model, service_ms=ran.service_ms
         )
         if ran.cache_key is not None:
-            from app.cache import response_cache
+            from app.jobs.cache import response_cache
 
             response_cache().put(ran.cache_key, retval, task_id)
 
@@ -150,7 +152,7 @@ class InferTask(Task):
         except ValidationError:
             return  # sent by name with bad input: it never claimed anything
         if request.cache and request.deterministic:
-            from app.cache import response_cache
+            from app.jobs.cache import response_cache
 
             response_cache().release(request.cache_key(), task_id)
 
@@ -172,7 +174,7 @@ def _refuse_if_over_limit(request: InferRequest) -> None:
     agent_class, limits_of = live_policy(settings).class_limits(request.agent, request.agent_class)
     if limits_of is None or limits_of.on_limit != "refuse":
         return  # waits its turn in the router, if limited at all
-    wait = limits.take(request.agent, agent_class, refuse=True)
+    wait = rate_limits.take(request.agent, agent_class, refuse=True)
     if wait > 0:
         metrics.rate_limited(agent_class, "refused")
         raise RateLimited(

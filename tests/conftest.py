@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from app.harness import LocalFleet, free_port, instances_env
+from app.bench.harness import LocalFleet, free_port, instances_env
 
 NAMESPACE = f"ct{os.getpid()}"
 SIM_MODELS = [
@@ -94,7 +94,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
     """Three simulated instances of parallelism 2, their workers, and the three routers."""
-    from app.services import ensure_services
+    from app.ops.backing_services import ensure_services
 
     problems = ensure_services()
     assert not problems, problems
@@ -137,7 +137,7 @@ def _expect_no_slots_held(fleet: LocalFleet, timeout: float = 20.0) -> None:
     """An earlier test's jobs may still be finishing; a slot held or a waiter left past that
     is a leak (a waiter nobody serves would be handed this test's freed slots), so say so
     here instead of letting this test wait for a slot that never comes."""
-    from app.fleet_state import fleet_state
+    from app.state.fleet import fleet_state
 
     deadline = time.monotonic() + timeout
     while not fleet.idle() and time.monotonic() < deadline:
@@ -170,7 +170,7 @@ def _fleet_state_dump() -> str:
     """The namespace's queues (ready / unacked / consumers) and slot bookkeeping in Redis."""
     import requests
 
-    from app.fleet_state import fleet_state
+    from app.state.fleet import fleet_state
 
     lines = []
     try:
@@ -197,7 +197,7 @@ def _fleet_state_dump() -> str:
 
 def _close_breakers(fleet: LocalFleet) -> None:
     """Forget earlier tests' failures: every breaker closed, no error counts."""
-    from app.fleet_state import fleet_state
+    from app.state.fleet import fleet_state
 
     state = fleet_state()
     state.redis.hdel(f"{state.ns}:degradation", "override")  # a pinned level, if a test died

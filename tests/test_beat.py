@@ -16,13 +16,13 @@ from celery.schedules import crontab
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from app.bench.harness import LocalFleet, wait_until
+from app.bench.stack import Child
 from app.celery_app import beat_schedule
 from app.cli import cli
-from app.harness import LocalFleet, wait_until
 from app.queues import batch_queue, route_queue
 from app.schedules import PromptFile
 from app.settings import Settings, normalize_model
-from app.stack import Child
 from tasks import infer
 from tasks.batch import _prompts, prompt_file
 
@@ -162,7 +162,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def finished_jobs() -> Counter[tuple[str, str]]:
     """Jobs finished per (model, tier), as the instance workers recorded them in Redis."""
-    from app.fleet_state import fleet_state
+    from app.state.fleet import fleet_state
 
     state = fleet_state()
     counts: Counter[tuple[str, str]] = Counter()

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from app.bench_agents import CLASSES, Done, Job, describe, fair_shares, summarize, workload
-from app.bench_report import meta, publish, render
-from app.bench_sampler import InFlightSampler
+from app.bench.agents import CLASSES, Done, Job, describe, fair_shares, summarize, workload
+from app.bench.report import meta, publish, render
+from app.bench.sampler import InFlightSampler
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -241,7 +241,7 @@ def test_sampler_records_in_flight_per_instance(fake_sim: str) -> None:
 
 
 def test_idle_share_counts_slot_time_unused_while_work_waited() -> None:
-    from app.bench_burst import idle_share
+    from app.bench.burst import idle_share
 
     # 2 slots from t=0; the last job starts at t=10. One slot busy throughout, the other
     # idle from 4 to 6: 2 s idle of 20 slot-seconds.

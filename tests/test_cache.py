@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from app import router
-from app.cache import ResponseCache, response_cache
+from app.jobs import router
+from app.jobs.cache import ResponseCache, response_cache
 from app.schemas import InferRequest, InferResult, RouteState
 
 

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from app.call_guard import Call, Watchdog
 from app.errors import InstanceSilent, JobCancelled
-from app.ollama_client import OllamaClient
+from app.jobs.call_guard import Call, Watchdog
+from app.jobs.ollama_client import OllamaClient
 from app.schemas import InferRequest
 from app.simulator import FleetThread, SimInstance, SimModel
 

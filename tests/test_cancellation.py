@@ -11,10 +11,10 @@ import time
 import pytest
 from celery.exceptions import TaskRevokedError
 
-from app.fleet_state import fleet_state
+from app.bench.harness import LocalFleet, depth, wait_until
 from app.gateway.jobs import place
-from app.harness import LocalFleet, depth, wait_until
 from app.queues import dead_letter_queue
+from app.state.fleet import fleet_state
 from tasks import infer
 
 pytestmark = pytest.mark.fleet

@@ -15,9 +15,9 @@ import time
 import pytest
 from redis import RedisError
 
-from app.harness import LocalFleet, wait_until
+from app.bench.harness import LocalFleet, wait_until
+from app.ops.backing_services import _reachable
 from app.schemas import InferResult
-from app.services import _reachable
 from app.settings import get_settings
 from tasks import infer
 
@@ -60,7 +60,7 @@ def test_redis_restart_with_jobs_queued_loses_no_job(healthy_fleet: LocalFleet) 
     """Redis restarts empty (this machine keeps nothing on disk): slots, waiters, registry
     and the results stored before are gone. Every job not finished before it still ends with
     exactly one result. (The instances hang meanwhile, so none finishes during the restart.)"""
-    from app.services import ensure_services
+    from app.ops.backing_services import ensure_services
 
     for name in healthy_fleet.sim_urls:
         healthy_fleet.faults(name, slow_factor=20.0)  # ~0.4 s a job: a backlog of seconds

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from app.harness import LocalFleet, free_port, own_fleet
+from app.bench.harness import LocalFleet, free_port, own_fleet
 from tasks import infer
 
 pytestmark = pytest.mark.fleet

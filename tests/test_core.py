@@ -9,9 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from celery.signals import before_task_publish
 
-from app.dead_letters import read_all, replay
+from app.bench.harness import LocalFleet, depth, wait_until
 from app.errors import InvalidRequest, ModelNotServed, RetriesExhausted
-from app.harness import LocalFleet, depth, wait_until
+from app.jobs.dead_letters import read_all, replay
 from app.queues import dead_letter_queue, route_queue
 from app.schemas import InferResult
 from tasks import infer
@@ -231,7 +231,7 @@ def test_unknown_model_fails_fast(healthy_fleet: LocalFleet) -> None:
 
 
 def test_streaming_job_relays_tokens_before_it_ends(healthy_fleet: LocalFleet) -> None:
-    from app.relay import token_relay
+    from app.jobs.relay import token_relay
 
     for name in healthy_fleet.sim_urls:
         healthy_fleet.faults(name, slow_factor=20.0)  # ~0.05 s a token
@@ -247,7 +247,7 @@ def test_streaming_job_relays_tokens_before_it_ends(healthy_fleet: LocalFleet) -
 
 
 def test_drained_instance_gets_no_new_jobs(healthy_fleet: LocalFleet) -> None:
-    from app.fleet_state import fleet_state
+    from app.state.fleet import fleet_state
 
     fleet_state().set_enabled("sim-a", False)
     try:
@@ -259,7 +259,7 @@ def test_drained_instance_gets_no_new_jobs(healthy_fleet: LocalFleet) -> None:
 
 
 def test_strategy_changes_live(healthy_fleet: LocalFleet) -> None:
-    from app.fleet_state import fleet_state
+    from app.state.fleet import fleet_state
 
     fleet_state().set_strategy("smart", CHAT)
     try:
@@ -300,7 +300,7 @@ def test_jobs_of_an_instance_whose_worker_died_go_elsewhere(healthy_fleet: Local
 
 
 def test_fleet_state_lost_in_redis_heals_and_loses_no_job(healthy_fleet: LocalFleet) -> None:
-    from app.fleet_state import fleet_state
+    from app.state.fleet import fleet_state
 
     for name in healthy_fleet.sim_urls:
         healthy_fleet.faults(name, slow_factor=20.0)  # ~0.4 s a job

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.degradation import READ_TTL, Signals, degradation, next_level, target_level
+from app.bench.harness import LocalFleet, wait_until
 from app.errors import Overloaded
-from app.harness import LocalFleet, wait_until
+from app.policy.degradation import READ_TTL, Signals, degradation, next_level, target_level
 from app.settings import get_settings
 from tasks import infer
 

@@ -8,9 +8,9 @@ import time
 import pytest
 import requests
 
+from app.bench.harness import LocalFleet, wait_until
 from app.errors import ModelNotServed
-from app.fleet_state import fleet_state
-from app.harness import LocalFleet, wait_until
+from app.state.fleet import fleet_state
 from tasks import infer
 from tasks.infer import SERVED_MODELS_TTL
 

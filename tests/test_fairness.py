@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from app import fairness
-from app.harness import LocalFleet
+from app.bench.harness import LocalFleet
+from app.policy import fairness
 from tasks import infer
 
 CHAT = "llama3.2:3b"

@@ -15,9 +15,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from app.bench.harness import LocalFleet
 from app.celery_app import celery_app
 from app.errors import InvalidRequest
-from app.harness import LocalFleet
 from app.queues import route_queue
 from app.schemas import InferRequest
 from tasks import infer

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from celery.signals import before_task_publish
 
-from app import limits
+from app.bench.harness import LocalFleet, free_port, own_fleet
 from app.errors import RateLimited
-from app.fleet_state import redis_client
-from app.harness import LocalFleet, free_port, own_fleet
-from app.policy import Policy
+from app.policy import rate_limits
+from app.policy.live import Policy
 from app.settings import Settings, get_settings
+from app.state.fleet import redis_client
 from tasks import infer
 
 MODEL = "llama3.2:3b"
@@ -45,18 +45,18 @@ def classes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_a_bucket_gives_its_burst_then_paces_reservations(classes: None) -> None:
-    waits = [limits.take("opus-1", "heavy", refuse=False) for _ in range(13)]
+    waits = [rate_limits.take("opus-1", "heavy", refuse=False) for _ in range(13)]
     assert waits[:10] == [0.0] * 10  # 10 s worth at 1 a second
     # Then one more second per reservation (a little less: time passed meanwhile).
     assert [round(w) for w in waits[10:]] == [1, 2, 3]
     # Another agent of the class has a bucket of its own.
-    assert limits.take("opus-2", "heavy", refuse=False) == 0.0
+    assert rate_limits.take("opus-2", "heavy", refuse=False) == 0.0
 
 
 def test_refusing_takes_nothing(classes: None) -> None:
-    assert limits.take("strict-1", "strict", refuse=True) == 0.0  # burst of 1 (6 a minute)
-    first = limits.take("strict-1", "strict", refuse=True)
-    second = limits.take("strict-1", "strict", refuse=True)
+    assert rate_limits.take("strict-1", "strict", refuse=True) == 0.0  # burst of 1 (6 a minute)
+    first = rate_limits.take("strict-1", "strict", refuse=True)
+    second = rate_limits.take("strict-1", "strict", refuse=True)
     assert 9 < first <= 10 and abs(second - first) < 0.5  # refused twice: nothing taken
 
 

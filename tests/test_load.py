@@ -20,8 +20,8 @@ from typing import Any
 import psutil
 import pytest
 
-from app.bench_burst import burst_through_corral
-from app.harness import LocalFleet
+from app.bench.burst import burst_through_corral
+from app.bench.harness import LocalFleet
 from tasks import infer
 
 CHAT = "llama3.2:3b"

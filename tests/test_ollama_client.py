@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from app.errors import InstanceFailed, RequestRejected
-from app.ollama_client import OllamaClient
+from app.jobs.ollama_client import OllamaClient
 from app.schemas import InferRequest
 
 FINAL = b'{"response":"","done":true,"eval_count":2}\n'

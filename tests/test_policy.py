@@ -20,16 +20,16 @@ import pytest
 import sqlalchemy as sa
 from celery.result import AsyncResult
 
+from app.bench.harness import LocalFleet, free_port, wait_until
+from app.bench.stack import Child
 from app.errors import RateLimited
-from app.fleet_state import redis_client
-from app.harness import LocalFleet, free_port, wait_until
+from app.fleet.registry import Registry
 from app.migrations import upgrade
-from app.policy import READ_TTL, Policy, live_policy, policy_key, publish, published, refresh
-from app.policy_admin import PolicyAdmin
-from app.policy_store import PolicyStore, UnknownClass
-from app.registry import Registry
+from app.policy.admin import PolicyAdmin
+from app.policy.live import READ_TTL, Policy, live_policy, policy_key, publish, published, refresh
+from app.policy.store import PolicyStore, UnknownClass
 from app.settings import AgentClass, Settings, get_settings
-from app.stack import Child
+from app.state.fleet import redis_client
 from tasks import infer
 
 MODEL = "llama3.2:3b"

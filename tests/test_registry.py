@@ -17,15 +17,15 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from app.bench.harness import LocalFleet, free_port, sim_fleet_toml, wait_until
+from app.bench.stack import Child
 from app.celery_app import celery_app
 from app.errors import RetriesExhausted
-from app.fleet_state import fleet_state
-from app.harness import LocalFleet, free_port, sim_fleet_toml, wait_until
+from app.fleet.registry import InstanceExists, Registry, UnknownInstance
 from app.migrations import head, upgrade
 from app.queues import instance_queue
-from app.registry import InstanceExists, Registry, UnknownInstance
 from app.settings import InstanceConfig, Settings
-from app.stack import Child
+from app.state.fleet import fleet_state
 from routing import InstanceStats
 from tasks import infer
 

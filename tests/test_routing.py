@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from routing import STRATEGIES, FleetSnapshot, InstanceStats, rank
-from routing.policy import worth_starting
+from routing.ranking import worth_starting
 
 M = "llama3.2:3b"
 
@@ -129,7 +129,7 @@ def test_higher_priority_levels_come_first_in_every_strategy() -> None:
 
 
 def test_waiters_are_ordered_by_tier_then_priority_then_arrival_and_batch_ages() -> None:
-    from app.router import waiter_score
+    from app.jobs.router import waiter_score
     from app.schemas import InferRequest, RouteState
 
     def score(tier: str, priority: int = 5, waited: float = 0.0, level: int = 0) -> float:

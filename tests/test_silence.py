@@ -1,7 +1,7 @@
 """Silence that learns: a hung server is cut within seconds, a slow first token that is
 legitimate (a long prompt, a cold load) is not.
 
-The learned bounds (``app.silence``) are unit-tested below; the rest runs a fleet of its own
+The learned bounds (``app.jobs.silence``) are unit-tested below; the rest runs a fleet of its own
 (three simulators, workers, routers) with a floor of 1 s, so "within seconds" is measurable.
 """
 
@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.fleet_state import fleet_state
-from app.harness import LocalFleet, free_port, own_fleet, wait_until
+from app.bench.harness import LocalFleet, free_port, own_fleet, wait_until
+from app.jobs.silence import CHARS_PER_TOKEN, budget, prompt_chars, samples
 from app.schemas import Answer, InferRequest, Timings
 from app.settings import Settings
-from app.silence import CHARS_PER_TOKEN, budget, prompt_chars, samples
+from app.state.fleet import fleet_state
 from tasks import infer
 
 CHAT = "llama3.2:3b"

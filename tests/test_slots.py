@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.fleet_state import DONE, FleetState, redis_client
 from app.settings import InstanceConfig, get_settings
+from app.state.fleet import DONE, FleetState, redis_client
 
 M = "m:latest"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import psutil
 import pytest
 
-from app.harness import LocalFleet, queue_counts, wait_until
+from app.bench.harness import LocalFleet, queue_counts, wait_until
 from app.queues import route_queue
 from app.settings import TIERS
 from tasks import infer

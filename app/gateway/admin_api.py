@@ -17,7 +17,7 @@
 
 A key is an admin key when created with ``corral keys add --admin``; any other key gets 403,
 no key 401 (the auth middleware). With ``CORRAL_GATEWAY_AUTH=false`` nobody is admin.
-Changes apply live, exactly as from the CLI (``app.fleet_admin``, ``app.policy_admin``).
+Changes apply live, exactly as from the CLI (``app.fleet.admin``, ``app.policy.admin``).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from app.fleet_admin import Applied, FleetAdmin, FleetConflict
+from app.fleet.admin import Applied, FleetAdmin, FleetConflict
+from app.fleet.registry import InstanceExists, UnknownInstance
 from app.gateway.errors import GatewayError
 from app.gateway.services import services
-from app.policy_admin import PolicyAdmin, PolicyConflict, reason
-from app.policy_store import PolicyStore, UnknownClass
-from app.registry import InstanceExists, UnknownInstance
+from app.policy.admin import PolicyAdmin, PolicyConflict, reason
+from app.policy.store import PolicyStore, UnknownClass
 from app.settings import AgentClass, InstanceConfig
 
 #: Longest ``?wait=`` a DELETE may hold a gateway thread for.

@@ -15,13 +15,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from app import tracing
 from app.gateway import admin_api, dashboard, errors, jobs_api, native, openai_api
 from app.gateway.auth import AuthMiddleware
 from app.gateway.content_type import JsonBodyMiddleware
 from app.gateway.disconnect import ClientGone
 from app.gateway.limits import BodyLimitMiddleware
 from app.gateway.services import Services
+from app.ops import tracing
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

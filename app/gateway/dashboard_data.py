@@ -1,9 +1,9 @@
 """What the fleet dashboard shows, read from Redis and RabbitMQ (blocking: thread pool only).
 
-The instances come from the same Redis snapshot the routers rank (``app.fleet_state``), plus
+The instances come from the same Redis snapshot the routers rank (``app.state.fleet``), plus
 each instance's count of finished jobs (the rates are computed by the caller, between
 reads); the queue depths from RabbitMQ by passive declare over one long-lived connection;
-the failures from ``app.recent_failures``. Nothing here asks a worker anything (no Celery
+the failures from ``app.state.failures``. Nothing here asks a worker anything (no Celery
 ``inspect()``): a read is a few Redis round trips and one declare per queue.
 """
 
@@ -17,11 +17,11 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
-from app import recent_failures
-from app.fleet_state import fleet_state
 from app.queues import dead_letter_queue, route_queue
-from app.recent_failures import Failure
 from app.settings import TIERS, get_settings
+from app.state import failures as recent_failures
+from app.state.failures import Failure
+from app.state.fleet import fleet_state
 from routing import InstanceStats
 
 #: Seconds to reach RabbitMQ before the queues are reported unreadable.

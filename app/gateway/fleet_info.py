@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from app.fleet_state import fleet_state
 from app.gateway.errors import GatewayError
+from app.state.fleet import fleet_state
 
 #: Seconds an instance has to answer a catalogue request.
 ASK_TIMEOUT = 3.0

@@ -1,7 +1,7 @@
 """Publishing ``infer`` jobs and getting their outcome, from the event loop without blocking it.
 
 Publishing (validation, a Redis look-up of the served models, an AMQP publish) and revoking
-(``app.cancellation``) run in the gateway's thread pool; waiting is a future resolved by the
+(``app.jobs.cancellation``) run in the gateway's thread pool; waiting is a future resolved by the
 result watcher.
 """
 
@@ -18,12 +18,12 @@ from typing import Any, Literal
 from celery import states
 from celery.exceptions import TaskRevokedError
 
-from app import cancellation
-from app.fleet_state import fleet_state
 from app.gateway.errors import GatewayError
 from app.gateway.results import ResultWatcher
-from app.logs import current_job
+from app.jobs import cancellation
+from app.ops.logs import current_job
 from app.schemas import InferResult
+from app.state.fleet import fleet_state
 from tasks import infer
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ Place = Literal["queued", "waiting_for_slot", "running"]
 
 
 def place(job_id: str, model: str) -> Place:
-    """Where an unfinished job is, from the slot bookkeeping of ``app.fleet_state``.
+    """Where an unfinished job is, from the slot bookkeeping of ``app.state.fleet``.
 
     A job holding a grant is running (or about to); one in its model's waiter set is held by
     a router thread until a slot frees; anything else is a message in RabbitMQ (a route
@@ -101,7 +101,7 @@ class JobClient:
         return outcome(meta)
 
     async def cancel(self, job_id: str, model: str) -> Place:
-        """Revoke the job wherever it is (``app.cancellation``); returns where it was.
+        """Revoke the job wherever it is (``app.jobs.cancellation``); returns where it was.
 
         Queued, it never runs; waiting for a slot, it stops waiting; running, its call to
         Ollama is closed (Ollama stops generating) and its slot goes to the next job.

@@ -17,12 +17,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
-from app import metrics
 from app.gateway import calls, shapes
 from app.gateway.auth import Caller, CallerDep
 from app.gateway.errors import GatewayError
 from app.gateway.services import services
 from app.gateway.streaming import stream_error
+from app.ops import metrics
 from app.schemas import split_options
 from app.settings import normalize_model
 

@@ -1,6 +1,6 @@
 """Following a streaming job: its relayed chunks as they come, then its outcome.
 
-The instance worker appends every Ollama chunk to the job's relay (``app.relay``); this
+The instance worker appends every Ollama chunk to the job's relay (``app.jobs.relay``); this
 module reads them as they arrive, passes them through :class:`StreamGuard` (no text twice
 across retries) and ends with the last chunk (``done: true``). A job answered from the cache
 relays nothing: its result is turned into one final chunk. A job that fails raises its error,
@@ -25,7 +25,7 @@ from app.gateway.dedup import StreamDiverged, StreamGuard
 from app.gateway.disconnect import ClientGone, unless_gone
 from app.gateway.errors import GatewayError, job_error
 from app.gateway.jobs import JobClient
-from app.relay import AsyncTokenRelay
+from app.jobs.relay import AsyncTokenRelay
 
 T = TypeVar("T")
 

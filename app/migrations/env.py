@@ -5,8 +5,6 @@ from __future__ import annotations
 from alembic import context
 
 # Importing a module registers its tables on Base.metadata.
-import app.gateway.keys
-import app.registry  # noqa: F401
 from app.db import Base, engine
 from app.settings import get_settings
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from pytest_celery import CeleryTestSetup
 
-from app.harness import LocalFleet
+from app.bench.harness import LocalFleet
 from app.queues import route_queue
 from app.settings import get_settings
 

@@ -23,10 +23,10 @@ from celery import states
 from celery.events.event import get_exchange
 from kombu import Connection, Consumer, Queue
 
+from app.bench.harness import LocalFleet, free_port, wait_until
+from app.bench.stack import Child
 from app.celery_app import celery_app
-from app.harness import LocalFleet, free_port, wait_until
 from app.settings import get_settings
-from app.stack import Child
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

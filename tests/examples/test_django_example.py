@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from app.harness import LocalFleet
+from app.bench.harness import LocalFleet
 from app.queues import route_queue
 from app.settings import get_settings
 from tasks import infer

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from app.harness import LocalFleet
+from app.bench.harness import LocalFleet
 from app.queues import route_queue
 from app.settings import get_settings
 from tests.examples.conftest import EXAMPLES, Published, Server

@@ -29,8 +29,8 @@ def main() -> None:
     args = parser.parse_args()
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from app.bench import SIMS
-    from app.harness import LocalFleet, free_port, instances_env
+    from app.bench.harness import LocalFleet, free_port, instances_env
+    from app.bench.overhead import SIMS
 
     sims = [{**s, "port": free_port()} for s in SIMS]
     workdir = Path(tempfile.mkdtemp(prefix="corral-gw-bench-"))
@@ -43,7 +43,7 @@ def main() -> None:
         }
     )
     # Imported only now: settings are read from the environment set above.
-    from app.bench import MODEL, percentile
+    from app.bench.overhead import MODEL, percentile
     from app.gateway.keys import KeyStore
     from tests.gateway.conftest import start_gateway
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from app.harness import LocalFleet, free_port, wait_until
-from app.stack import Child
+from app.bench.harness import LocalFleet, free_port, wait_until
+from app.bench.stack import Child
 
 #: Small enough that a test can exceed it cheaply.
 MAX_BODY = 64 * 1024

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.fleet_state import fleet_state
-from app.harness import LocalFleet
-from app.metrics import IGNORED_OPTIONS
+from app.bench.harness import LocalFleet
+from app.ops.metrics import IGNORED_OPTIONS
+from app.state.fleet import fleet_state
 from tests.gateway.conftest import Gateway
 
 pytestmark = pytest.mark.fleet

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from app.bench.harness import LocalFleet, wait_until
 from app.gateway.dashboard import RateMeter
-from app.harness import LocalFleet, wait_until
 from tasks import infer
 from tests.gateway.conftest import Gateway
 

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from app.fleet_state import fleet_state
+from app.bench.harness import LocalFleet
+from app.fleet.registry import Registry
 from app.gateway.keys import KeyStore
-from app.harness import LocalFleet
-from app.registry import Registry
+from app.state.fleet import fleet_state
 from tests.gateway.conftest import Gateway
 
 

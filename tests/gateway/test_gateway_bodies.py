@@ -14,9 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.bench.harness import LocalFleet
 from app.errors import InvalidRequest
 from app.gateway.content_type import is_json
-from app.harness import LocalFleet
 from tasks import infer
 from tests.gateway.conftest import Gateway, start_gateway
 

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from app.harness import LocalFleet, wait_until
+from app.bench.harness import LocalFleet, wait_until
 from tasks import infer
 from tests.gateway.conftest import Gateway
 

@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 
-from app.harness import LocalFleet
+from app.bench.harness import LocalFleet
 from tests.gateway.conftest import MAX_BODY, Gateway
 
 MODEL = "llama3.2:3b"

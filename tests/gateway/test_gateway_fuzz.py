@@ -13,7 +13,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.harness import LocalFleet
+from app.bench.harness import LocalFleet
 from tests.gateway.conftest import Gateway
 
 pytestmark = pytest.mark.fleet

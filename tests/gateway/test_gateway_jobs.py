@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from app.harness import LocalFleet, wait_until
+from app.bench.harness import LocalFleet, wait_until
 from tests.gateway.conftest import Gateway
 
 MODEL = "llama3.2:3b"
@@ -88,7 +88,7 @@ def test_queued_job_can_be_revoked_and_never_runs(
     assert http.get(f"/jobs/{target}").json()["state"] == "queued"
     revoked = http.delete(f"/jobs/{target}")
     assert revoked.status_code == 200 and revoked.json()["state"] == "revoked"
-    # A running job is revoked too: its call to Ollama is closed (app.cancellation).
+    # A running job is revoked too: its call to Ollama is closed (app.jobs.cancellation).
     running = next(j for j in blockers if http.get(f"/jobs/{j}").json()["state"] == "running")
     stopped = http.delete(f"/jobs/{running}")
     assert stopped.status_code == 200 and stopped.json() == {

@@ -12,8 +12,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from app.bench.harness import LocalFleet, wait_until
 from app.gateway.keys import KeyStore, digest
-from app.harness import LocalFleet, wait_until
 from app.migrations import head, upgrade
 from tests.gateway.conftest import Gateway, start_gateway
 

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from app.harness import LocalFleet, wait_until
+from app.bench.harness import LocalFleet, wait_until
 from tasks import infer
 from tests.gateway.conftest import Gateway
 

@@ -8,7 +8,7 @@ import httpx
 import ollama
 import pytest
 
-from app.harness import LocalFleet
+from app.bench.harness import LocalFleet
 from tests.gateway.conftest import Gateway
 
 MODEL = "llama3.2:3b"

@@ -7,7 +7,7 @@ import time
 import openai
 import pytest
 
-from app.harness import LocalFleet
+from app.bench.harness import LocalFleet
 from tests.gateway.conftest import Gateway
 
 MODEL = "llama3.2:3b"

@@ -8,9 +8,9 @@ import uuid
 import httpx
 import pytest
 
+from app.bench.harness import LocalFleet
 from app.gateway.dedup import StreamDiverged, StreamGuard
-from app.harness import LocalFleet
-from app.relay import token_relay
+from app.jobs.relay import token_relay
 from tasks import infer
 from tests.gateway.conftest import Gateway
 

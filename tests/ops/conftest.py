@@ -18,8 +18,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.harness import free_port, wait_until
-from app.stack import FLOWER_CONFIG, Child
+from app.bench.harness import free_port, wait_until
+from app.bench.stack import FLOWER_CONFIG, Child
 
 MANAGEMENT_URL = "http://127.0.0.1:15672/api/"
 

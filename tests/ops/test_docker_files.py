@@ -20,8 +20,8 @@ import typer
 import yaml
 from typer.core import TyperGroup
 
+from app.bench.harness import LocalFleet
 from app.cli import cli
-from app.harness import LocalFleet
 from app.settings import TIERS, Settings
 
 ROOT = Path(__file__).resolve().parents[2]

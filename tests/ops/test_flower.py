@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import requests
 
+from app.bench.harness import LocalFleet, wait_until
 from app.errors import RetriesExhausted
-from app.harness import LocalFleet, wait_until
 from app.queues import batch_queue, dead_letter_queue, instance_queue, route_queue
 from app.settings import TIERS
 from tasks import infer

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from app.bench.harness import LocalFleet
 from app.errors import RetriesExhausted
-from app.harness import LocalFleet
 from tasks import infer
 
 pytestmark = pytest.mark.fleet

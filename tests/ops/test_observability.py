@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 
-from app.harness import LocalFleet, free_port, own_fleet, wait_until
+from app.bench.harness import LocalFleet, free_port, own_fleet, wait_until
 from tests.gateway.conftest import start_gateway
 
 pytestmark = pytest.mark.fleet

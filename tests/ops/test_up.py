@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from app.harness import ROOT, wait_until
+from app.bench.harness import ROOT, wait_until
 
 pytestmark = pytest.mark.fleet
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from app.harness import ROOT, LocalFleet, free_port, wait_until
-from app.stack import Child
+from app.bench.harness import ROOT, LocalFleet, free_port, wait_until
+from app.bench.stack import Child
 
 LLM_VENV = ROOT / ".venv-llm"
 CHAT_MODEL = "smollm2:135m"
@@ -101,9 +101,9 @@ def real_backend(fleet: LocalFleet, tmp_path_factory: pytest.TempPathFactory) ->
         wait_until(answers, 60, "the real backend")
         worker.start()
         children.append(worker)
-        from app.fleet_state import fleet_state
-        from app.harness import queue_counts
+        from app.bench.harness import queue_counts
         from app.queues import route_queue
+        from app.state.fleet import fleet_state
 
         wait_until(
             lambda: any(

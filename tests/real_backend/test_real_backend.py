@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import ollama
 import pytest
 
-from app.relay import token_relay
+from app.jobs.relay import token_relay
 from tasks import infer
 from tests.gateway.conftest import start_gateway
 

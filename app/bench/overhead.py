@@ -1,0 +1,227 @@
+"""``corral bench``: what the whole path costs, side by side with calling Ollama directly.
+
+It starts its own stack (a zero-latency simulated fleet of 3 instances of parallelism 2, their
+workers and the routers) under a namespace of its own, measures, and stops it. Figures from
+one run are compared with each other only: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+import typer
+
+MODEL = "bench:latest"
+SIMS = [
+    {
+        "name": f"bench-{c}",
+        "num_parallel": 2,
+        "preloaded": [MODEL],
+        "models": [
+            {
+                "name": MODEL,
+                "kind": "chat",
+                "tokens_per_second": 0.0,
+                "prompt_tokens_per_second": 0.0,
+                "default_num_predict": 4,
+                "load_seconds": 0.0,
+            }
+        ],
+    }
+    for c in "abc"
+]
+
+
+def percentile(values: list[float], q: int) -> float:
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+        if len(values) > 1
+        else (values[0] if values else 0.0)
+    )
+
+
+def _summary(ms: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(percentile(ms, 50), 2),
+        "p95_ms": round(percentile(ms, 95), 2),
+        "mean_ms": round(statistics.mean(ms), 2),
+        "n": len(ms),
+    }
+
+
+def _direct_call(session: requests.Session, url: str, i: int) -> None:
+    body = {"model": MODEL, "prompt": f"direct {i}", "stream": True}
+    with session.post(f"{url}/api/generate", json=body, stream=True, timeout=30) as resp:
+        for _ in resp.iter_lines():
+            pass
+
+
+def measure_latency(urls: list[str], n: int) -> dict[str, Any]:
+    """Sequential round trips: direct HTTP, then the same through Corral."""
+    from tasks import infer
+
+    session = requests.Session()
+    direct, corral = [], []
+    for i in range(20):
+        _direct_call(session, urls[0], i)
+        infer.delay(model=MODEL, prompt=f"warm {i}", tier="interactive").get(timeout=30)
+    for i in range(n):
+        t = time.perf_counter()
+        _direct_call(session, urls[i % len(urls)], i)
+        direct.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        infer.delay(model=MODEL, prompt=f"seq {i}", tier="interactive").get(timeout=30)
+        corral.append((time.perf_counter() - t) * 1000)
+    d, c = _summary(direct), _summary(corral)
+    overhead = {k: round(c[k] - d[k], 2) for k in ("p50_ms", "p95_ms", "mean_ms")}
+    return {"direct": d, "corral": c, "overhead": overhead}
+
+
+def measure_throughput(urls: list[str], n: int) -> dict[str, Any]:
+    """Many jobs at once through Corral, and the same number straight at the simulators."""
+    from tasks import infer
+
+    def direct_worker(k: int) -> None:
+        session = requests.Session()
+        for i in range(k, n, 6):
+            _direct_call(session, urls[i % len(urls)], i)
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(direct_worker, range(6)))
+    direct_rate = n / (time.perf_counter() - t)
+
+    t = time.perf_counter()
+    pending = [infer.delay(model=MODEL, prompt=f"burst {i}", tier="batch") for i in range(n)]
+    published = time.perf_counter() - t
+    results = [r.get(timeout=300) for r in pending]
+    elapsed = time.perf_counter() - t
+    assert len({r.id for r in results}) == n
+    return {
+        "jobs": n,
+        "corral_jobs_per_s": round(n / elapsed, 1),
+        "publish_per_s": round(n / published, 1),
+        "direct_requests_per_s": round(direct_rate, 1),
+    }
+
+
+def measure_decision_time(samples: int = 2000) -> dict[str, Any]:
+    """``routing.rank`` on a 50-instance, 20-model fleet, per strategy."""
+    import random
+
+    from routing import STRATEGIES, FleetSnapshot, InstanceStats, rank
+
+    rng = random.Random(1)
+    models = [f"model-{m}:latest" for m in range(20)]
+    snap = FleetSnapshot(
+        tuple(
+            InstanceStats(
+                name=f"i{k}",
+                capacity=2,
+                in_flight=rng.randint(0, 2),
+                models=frozenset(rng.sample(models, 8)),
+                loaded=frozenset(rng.sample(models, 3)),
+                ewma_ms=rng.uniform(100, 900),
+                recent_errors=rng.randint(0, 2),
+            )
+            for k in range(50)
+        ),
+        time.time(),
+    )
+    out = {}
+    for strategy in STRATEGIES:
+        times = []
+        for i in range(samples):
+            t = time.perf_counter()
+            rank(snap, models[i % 20], strategy=strategy, tick=i)
+            times.append((time.perf_counter() - t) * 1e6)
+        out[strategy] = {
+            "p50_us": round(percentile(times, 50), 1),
+            "p95_us": round(percentile(times, 95), 1),
+        }
+    return out
+
+
+def run_benchmark(jobs: int = 400, sequential: int = 200) -> dict[str, Any]:
+    from app.bench.harness import LocalFleet, free_port, instances_env, queue_counts, wait_until
+    from app.queues import route_queue
+
+    sims = [{**s, "port": free_port()} for s in SIMS]
+    namespace = f"bench{os.getpid()}"
+    os.environ.update(
+        {
+            "CORRAL_NAMESPACE": namespace,
+            "CORRAL_INSTANCES": instances_env(sims),
+            "CORRAL_CACHE_ENABLED": "false",
+        }
+    )
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    workdir = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    fleet = LocalFleet(workdir, dict(os.environ), sims)
+    typer.echo(f"starting a benchmark stack (logs in {workdir})")
+    try:
+        fleet.start()
+        urls = list(fleet.sim_urls.values())
+        report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+        typer.echo("latency: sequential jobs, direct HTTP vs Corral...")
+        report["latency"] = measure_latency(urls, sequential)
+        fleet.reset_sims()
+        typer.echo(f"throughput: {jobs} jobs at once...")
+        report["throughput"] = measure_throughput(urls, jobs)
+        # The throughput jobs are batch jobs: what a second router of that tier adds.
+        fleet.start_router("batch", name="router-batch-2")
+        wait_until(lambda: queue_counts(route_queue(MODEL, "batch"))[1] == 2, 60, "router 2")
+        typer.echo(f"throughput with two batch routers: {jobs} jobs at once...")
+        report["throughput_two_routers"] = measure_throughput(urls, jobs)
+        report["peak_in_flight"] = {
+            name: {"peak": fleet.sim_stats(name)["peak_in_flight"], "parallelism": 2}
+            for name in fleet.sim_urls
+        }
+        report["decision_time"] = measure_decision_time()
+    finally:
+        fleet.stop()
+        fleet.purge()
+    _print(report)
+    return report
+
+
+def _print(r: dict[str, Any]) -> None:
+    lat = r["latency"]
+    typer.echo("\nper-job latency, sequential, zero-latency backend")
+    typer.echo(
+        f"  direct HTTP   p50 {lat['direct']['p50_ms']:7.2f} ms  p95 "
+        f"{lat['direct']['p95_ms']:7.2f} ms"
+    )
+    typer.echo(
+        f"  Corral        p50 {lat['corral']['p50_ms']:7.2f} ms  p95 "
+        f"{lat['corral']['p95_ms']:7.2f} ms"
+    )
+    typer.echo(
+        f"  overhead      p50 {lat['overhead']['p50_ms']:7.2f} ms  p95 "
+        f"{lat['overhead']['p95_ms']:7.2f} ms"
+    )
+    t = r["throughput"]
+    typer.echo(
+        f"\nthroughput, {t['jobs']} jobs: Corral {t['corral_jobs_per_s']} jobs/s "
+        f"(publish {t['publish_per_s']}/s); direct HTTP {t['direct_requests_per_s']} req/s"
+    )
+    t2 = r.get("throughput_two_routers")
+    if t2:
+        typer.echo(f"  with two batch routers: Corral {t2['corral_jobs_per_s']} jobs/s")
+    typer.echo(
+        "peak in flight: "
+        + ", ".join(f"{n} {v['peak']}/{v['parallelism']}" for n, v in r["peak_in_flight"].items())
+    )
+    typer.echo(
+        "routing decision, 50 instances x 20 models: "
+        + ", ".join(f"{s} p50 {v['p50_us']} us" for s, v in r["decision_time"].items())
+    )

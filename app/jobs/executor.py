@@ -1,0 +1,311 @@
+"""The execution stage of a job: run it on the instance whose slot it holds.
+
+Before calling Ollama the worker confirms, in Redis, that this job holds a slot on this
+instance and that no other copy of it is running: a redelivered or duplicated message can
+then never put more requests on the server than it has slots. A transient failure frees the
+slot, excludes the instance, and sends the job back through the router after a backoff
+(``Task.retry`` to the model/tier queue, never to this instance's queue). A permanent failure,
+or the last allowed attempt, writes a dead letter and fails with a typed error.
+
+The call runs under the worker's watchdog (``app.jobs.call_guard``), with the silence it may keep
+as learned for this instance and model (``app.jobs.silence``): a revoked job's call is closed and
+the job ends REVOKED (no retry, no dead letter, the slot freed without a failure counted);
+a silent call is a transient failure like any other, and opens the breaker at once when
+every call on the instance is silent.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from celery.exceptions import Ignore
+from kombu import Queue
+
+from app.celery_app import MAX_PRIORITY
+from app.errors import (
+    InstanceSilent,
+    InstanceUnavailable,
+    JobCancelled,
+    JobFailed,
+    JobRejected,
+    OllamaError,
+    RetriesExhausted,
+)
+from app.jobs import silence
+from app.jobs.call_guard import Call
+from app.jobs.cancellation import end_revoked, is_revoked
+from app.jobs.instance_worker import InstanceAgent, current_agent
+from app.jobs.relay import token_relay
+from app.ops import metrics
+from app.ops.tracing import record_queue_wait, tracer
+from app.policy.degradation import degradation
+from app.queues import dead_letter_queue, route_queue
+from app.schemas import Answer, InferRequest, InferResult, RouteState, RoutingInfo
+from app.settings import get_settings
+from app.state import failures as recent_failures
+from app.state.failures import Failure
+from app.state.fleet import fleet_state
+
+if TYPE_CHECKING:
+    from celery import Task
+
+
+#: A load_duration longer than this means the model was loaded for this job.
+COLD_LOAD_S = 0.2
+
+
+def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any]:
+    job = task.request.id
+    instance = state.instance
+    assert instance is not None
+    agent = current_agent()
+    if agent is None or agent.name != instance:
+        # Delivered to a worker that does not serve this instance: route it again.
+        return _reroute(task, state, countdown=0)
+
+    verdict = fleet_state().confirm(job, instance, agent.token)
+    if verdict in ("done", "dup"):
+        raise Ignore(f"job {job} is {'finished' if verdict == 'done' else 'already running'}")
+    if verdict == "nogrant":
+        # Its slot lease ran out while the message waited (e.g. the worker was down).
+        return _reroute(task, state, countdown=0)
+
+    if is_revoked(job):  # revoked after the worker took the message, before the call
+        _cancelled(task, request, agent)
+
+    started = time.time()
+    attempt = state.attempts + 1
+    record_queue_wait(state.submitted_at, model=request.model, tier=request.tier)
+    degradation().record_wait(request.tier, started - state.submitted_at)
+    chars = silence.prompt_chars(request)
+    bounds = silence.Budget(None, None)
+    if request.kind != "embed":
+        stats = fleet_state().silence_stats(instance, request.model)
+        bounds = silence.budget(stats, chars, get_settings())
+    call = Call(job, bounds.first_s, bounds.gap_s)
+    agent.job_started(job)
+    relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
+    try:
+        with (
+            tracer.start_as_current_span(
+                f"ollama.{request.kind}",
+                attributes={"instance": instance, "model": request.model, "attempt": attempt},
+            ),
+            agent.watchdog.watching(call),
+        ):
+            reply = agent.client.infer(request, on_chunk=relay, call=call)
+    except JobCancelled:
+        _cancelled(task, request, agent)
+    except OllamaError as exc:
+        silent_box = isinstance(exc, InstanceSilent) and call.all_silent
+        _on_failure(task, request, state, agent, exc, open_now=silent_box)
+    finally:
+        agent.job_ended(job)
+    finished = time.time()
+    if reply.timings.load_s > COLD_LOAD_S:
+        # It loaded the model first: what `smart` expects a cold start here to cost.
+        fleet_state().record_load(instance, request.model, reply.timings.load_s * 1000)
+    _learn_timing(instance, request.model, reply, call)
+    result = InferResult(
+        **reply.model_dump(),
+        id=job,
+        kind=request.kind,
+        model=request.model,
+        routing=RoutingInfo(
+            instance=instance,
+            queue=task.request.delivery_info.get("routing_key"),
+            attempts=state.attempts + 1,
+            wait_s=round(started - state.submitted_at, 6),
+            service_s=round(finished - started, 6),
+            finished_at=finished,
+            strategy=state.strategy,
+            score=state.score,
+            excluded=state.excluded,
+        ),
+    )
+    # The slot is freed in InferTask.on_success, after the result is stored.
+    cacheable = request.cache and request.deterministic and get_settings().cache_enabled
+    task.request.corral_ran = Ran(
+        instance,
+        request.model,
+        result.routing.service_s * 1000,
+        request.cache_key() if cacheable else None,
+    )
+    return result.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What ``InferTask.on_success`` needs of a job that ran, kept on its request context."""
+
+    instance: str
+    model: str
+    service_ms: float
+    cache_key: str | None
+
+
+def _learn_timing(instance: str, model: str, reply: Answer, call: Call) -> None:
+    """Fold this answer's time to first token and gaps into the instance's silence stats."""
+    if call.first_at is None or call.last_at is None:
+        return
+    first_s = call.first_at - call.started
+    # The gaps between chunks, from the first to the last (two chunks or fewer: no gap).
+    gap_s = (call.last_at - call.first_at) / (call.chunks - 1) if call.chunks > 2 else None
+    fleet_state().record_timing(instance, silence.samples(model, reply, first_s, gap_s))
+
+
+def _cancelled(task: Task, request: InferRequest, agent: InstanceAgent) -> NoReturn:
+    """The job was revoked while it held a slot here: end it REVOKED, hand the slot on.
+
+    Not a failure of the instance (no error counted, the breaker as it was), never retried,
+    never dead-lettered.
+    """
+    job = task.request.id
+    agent.job_ended(job)
+    fleet_state().finish(job, agent.name, ok=False, model=request.model, cancelled=True)
+    end_revoked(job, request, "while it ran")
+
+
+def _on_failure(
+    task: Task,
+    request: InferRequest,
+    state: RouteState,
+    agent: InstanceAgent,
+    exc: OllamaError,
+    *,
+    open_now: bool = False,
+) -> NoReturn:
+    settings = get_settings()
+    job = task.request.id
+    # Before the slot goes: the agent's heartbeat re-grants the slot of every job it still
+    # counts as running (that is how a grant lost in a Redis restart comes back), and a
+    # re-grant here would leave the retry pinned to this instance, and dropped as a duplicate.
+    agent.job_ended(job)
+    fleet_state().finish(
+        job,
+        agent.name,
+        ok=False,
+        model=request.model,
+        open_breaker=open_now or isinstance(exc, InstanceUnavailable),
+    )
+    history = [
+        *state.history,
+        {
+            "instance": agent.name,
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "status": exc.status,
+            "at": time.time(),
+        },
+    ]
+    attempts = state.attempts + 1
+    # The instance's own retry budget wins over the fleet-wide one; read from Redis, where a
+    # change through `corral fleet update` lands at once.
+    config = fleet_state().instance_config(agent.name) or agent.config
+    budget = config.retry_attempts or settings.max_attempts
+    recent_failures.record(
+        Failure(
+            at=history[-1]["at"],
+            job_id=job,
+            instance=agent.name,
+            error=type(exc).__name__,
+            message=str(exc),
+            model=request.model,
+            tier=request.tier,
+            attempt=attempts,
+            gave_up=not exc.transient or attempts >= budget,
+        )
+    )
+    failed = state.model_copy(update={"attempts": attempts, "history": history, "instance": None})
+    if not exc.transient:
+        _give_up(task, request, failed, JobRejected, f"{request.model}: {exc}")
+    if attempts >= budget:
+        _give_up(
+            task,
+            request,
+            failed,
+            RetriesExhausted,
+            f"gave up after {attempts} attempts; last: {exc}",
+        )
+    failed.excluded = sorted({*state.excluded, agent.name})
+    # Exponential backoff with full jitter (Celery's own helper takes whole seconds only).
+    countdown = random.uniform(
+        0, min(settings.retry_backoff_max, settings.retry_backoff * 2 ** (attempts - 1))
+    )
+    raise task.retry(
+        exc=exc,
+        countdown=countdown,
+        queue=route_queue(request.model, request.tier),
+        kwargs={**task.request.kwargs, "_route": failed.model_dump()},
+        max_retries=None,
+        ignore_result=True,
+    )
+
+
+def _reroute(task: Task, state: RouteState, *, countdown: float) -> NoReturn:
+    request = InferRequest.model_validate(
+        {k: v for k, v in task.request.kwargs.items() if k != "_route"}
+    )
+    back = state.model_copy(update={"instance": None})
+    sig = task.signature(
+        kwargs={**task.request.kwargs, "_route": back.model_dump()},
+        queue=route_queue(request.model, request.tier),
+        priority=back.queue_priority(request),
+        countdown=countdown,
+        ignore_result=True,
+    )
+    raise task.replace(sig)
+
+
+def _give_up(
+    task: Task,
+    request: InferRequest,
+    state: RouteState,
+    error: type[JobFailed],
+    message: str,
+) -> NoReturn:
+    job = task.request.id
+    details = {
+        "job_id": job,
+        "model": request.model,
+        "attempts": state.attempts,
+        "history": state.history,
+    }
+    dead_letter(job, request, state, error.__name__, message)
+    raise error(message, details)
+
+
+def dead_letter(
+    job: str, request: InferRequest, state: RouteState, error: str, message: str
+) -> None:
+    """Publish the job, its error and its history to the dead-letter queue."""
+    from app.celery_app import celery_app
+
+    record = {
+        "job_id": job,
+        "error": error,
+        "message": message,
+        "request": request.model_dump(mode="json", exclude_none=True),
+        "attempts": state.attempts,
+        "history": state.history,
+        "submitted_at": state.submitted_at,
+        "dead_at": time.time(),
+    }
+    name = dead_letter_queue()
+    queue = Queue(name, routing_key=name, queue_arguments={"x-max-priority": MAX_PRIORITY})
+    with celery_app.producer_pool.acquire(block=True) as producer:
+        producer.publish(
+            json.dumps(record),
+            exchange="",
+            routing_key=name,
+            declare=[queue],
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            retry=True,
+        )
+    metrics.dead_lettered(request.model, request.tier, error)

@@ -1,0 +1,250 @@
+"""The agent inside an instance worker: registers its Ollama server and keeps its stats live.
+
+An instance worker is ``celery worker -Q <ns>.instance.<name> -P threads -c <parallelism>
+--prefetch-multiplier 1``. Besides running jobs, its agent thread every few seconds asks the
+server what is loaded (``/api/ps``, timed), whether it is up, and (when the registry does not
+list the models) what it serves (``/api/tags``); it reports its host's CPU and memory use,
+extends the leases of the jobs it is running, frees slots whose lease ran out anywhere in the
+fleet, and (one worker per heartbeat) re-pushes the rate-limit policy from the database.
+Every few heartbeats it re-reads its instance's registry row and applies what changed, so an
+edit made any way (CLI, admin API, SQL) needs no restart, with one exception: the worker's
+thread count is fixed at its start, so a parallelism raised above it takes effect only when
+the worker restarts (until then the instance gets that many jobs at once).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import psutil
+from celery.signals import worker_ready, worker_shutdown
+from opentelemetry.instrumentation.utils import suppress_instrumentation
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.errors import OllamaError
+from app.fleet.registry import Registry
+from app.jobs.call_guard import Watchdog
+from app.jobs.cancellation import is_revoked
+from app.jobs.ollama_client import OllamaClient
+from app.jobs.stranded import rescue_stranded
+from app.policy import live
+from app.settings import InstanceConfig, get_settings, normalize_model
+from app.state.fleet import fleet_state
+
+log = logging.getLogger(__name__)
+
+#: Re-read /api/tags every this many heartbeats when models are discovered.
+DISCOVER_EVERY = 5
+#: Re-read the instance's registry row every this many heartbeats.
+REREAD_EVERY = 3
+#: CPU or memory use (percent) below which a host is not the bottleneck: no pressure.
+PRESSURE_FROM = 50.0
+
+
+def host_load() -> tuple[float, float, float]:
+    """(pressure, CPU %, memory %) of this host; pressure goes from 0 at ``PRESSURE_FROM``
+    to 1 when CPU or memory is saturated (the ``smart`` strategy then counts the instance
+    as twice as slow)."""
+    cpu = psutil.cpu_percent(interval=None)  # since the previous call: no sleep
+    mem = psutil.virtual_memory().percent
+    return max(0.0, max(cpu, mem) - PRESSURE_FROM) / (100 - PRESSURE_FROM), cpu, mem
+
+
+@dataclass
+class InstanceAgent:
+    config: InstanceConfig
+    registry: Registry
+    token: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
+    running: set[str] = field(default_factory=set)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        #: The worker's thread count (celery -c), fixed for its lifetime.
+        self.threads = self.config.parallelism
+        #: Removed from the registry: the agent stops registering and heartbeating.
+        self.removed = False
+        self.client = self._client()
+        #: Closes the calls of revoked jobs, and silent ones (``app.jobs.call_guard``).
+        self.watchdog = Watchdog(is_revoked)
+        self._lock = threading.Lock()
+        psutil.cpu_percent(interval=None)  # the first heartbeat measures from here
+
+    def _client(self) -> OllamaClient:
+        s = get_settings()
+        return OllamaClient(
+            self.config.name,
+            self.config.url,
+            connect_timeout=s.connect_timeout,
+            read_timeout=self.config.request_timeout or s.request_timeout,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def start(self) -> None:
+        with suppress_instrumentation():  # registration and health checks are not jobs
+            self._register()
+            self.beat(discover=False)
+        threading.Thread(target=self._loop, name=f"corral-agent-{self.name}", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if not self.removed:
+            # Mark the instance stale at once, so routers stop sending it jobs.
+            fleet_state().redis.hset(f"{get_settings().namespace}:inst:{self.name}", "last_seen", 0)
+
+    def job_started(self, job: str) -> None:
+        with self._lock:
+            self.running.add(job)
+
+    def job_ended(self, job: str) -> None:
+        with self._lock:
+            self.running.discard(job)
+
+    def _register(self) -> None:
+        models = self.config.models
+        if models is None:
+            try:
+                models = [normalize_model(m) for m in self.client.tags()]
+            except OllamaError as exc:  # keep the models Redis has
+                log.warning("cannot list models of %s yet: %s", self.name, exc)
+        capacity = fleet_state().register(self.config, threads=self.threads, models=models)
+        if capacity < self.config.parallelism:
+            log.warning(
+                "instance %s: parallelism is %d but this worker runs %d threads, so it takes"
+                " %d jobs at once; restart the worker (corral worker --instance %s) to use %d",
+                self.name,
+                self.config.parallelism,
+                self.threads,
+                capacity,
+                self.name,
+                self.config.parallelism,
+            )
+
+    def reread(self) -> None:
+        """Apply the instance's registry row if it changed since the last look."""
+        try:
+            row = self.registry.get(self.name)
+        except SQLAlchemyError as exc:  # the registry being down must not stop the fleet
+            log.warning("instance %s keeps its configuration: %s", self.name, exc)
+            return
+        if row is None:
+            if not self.removed:
+                log.error(
+                    "instance %s was removed from the registry: this worker gets no new jobs;"
+                    " stop it (or `corral fleet add` the instance again)",
+                    self.name,
+                )
+                self.removed = True
+                fleet_state().unregister(self.name)  # the row may have been deleted by hand
+            return
+        if not self.removed and row == self.config:
+            return
+        changed = {k: v for k, v in row.model_dump().items() if getattr(self.config, k) != v}
+        log.info("instance %s: registry row applied: %s", self.name, changed or "added back")
+        url_or_timeout = (row.url, row.request_timeout) != (
+            self.config.url,
+            self.config.request_timeout,
+        )
+        self.config, self.removed = row, False
+        if url_or_timeout:
+            self.client = self._client()
+        self._register()
+
+    def beat(self, *, discover: bool, reread: bool = False) -> None:
+        fleet = fleet_state()
+        if reread or self.removed:
+            self.reread()
+        if not self.removed and not fleet.is_registered(self.name):
+            # Redis lost its state (restarted), or the instance was just removed.
+            self.reread()
+            if not self.removed:
+                log.warning("instance %s was not registered; registering again", self.name)
+                self._register()
+        if self.removed:
+            return
+        started = time.perf_counter()
+        try:
+            loaded = [normalize_model(m) for m in self.client.loaded()]
+            probe_ms = (time.perf_counter() - started) * 1000
+            if discover:
+                fleet.set_models(self.name, [normalize_model(m) for m in self.client.tags()])
+                fleet.set_version(self.name, self.client.version())
+            healthy = True
+        except OllamaError as exc:
+            log.warning("instance %s unhealthy: %s", self.name, exc)
+            loaded, healthy, probe_ms = [], False, 0.0
+        pressure, cpu, mem = host_load()
+        fleet.report_health(
+            self.name,
+            healthy=healthy,
+            loaded=loaded,
+            host_pressure=pressure,
+            host_cpu=cpu,
+            host_mem=mem,
+            probe_ms=probe_ms,
+        )
+        with self._lock:
+            running = list(self.running)
+        fleet.hold(self.name, self.token, running)
+        wrong = fleet.reconcile(self.name)
+        if wrong is not None:
+            log.warning(
+                "instance %s: slot counter said %d, not its grants; fixed", self.name, wrong
+            )
+        fleet.reclaim_expired()
+        rescue_stranded(self.name)
+        try:
+            live.refresh()  # one worker per heartbeat re-pushes the database's policy
+        except SQLAlchemyError as exc:
+            log.warning("the rate-limit policy in force stays as it is: %s", exc)
+
+    def _loop(self) -> None:
+        interval = get_settings().heartbeat_interval
+        beats = 0
+        while not self._stop.wait(interval):
+            beats += 1
+            discover = self.config.models is None and beats % DISCOVER_EVERY == 0
+            try:
+                with suppress_instrumentation():
+                    self.beat(discover=discover, reread=beats % REREAD_EVERY == 0)
+            except Exception:  # the agent must outlive a Redis blip
+                log.exception("heartbeat of %s failed", self.name)
+
+
+_agent: InstanceAgent | None = None
+
+
+def configure(config: InstanceConfig, registry: Registry) -> InstanceAgent:
+    """Make this process the worker of ``config``'s instance (called by ``corral worker``)."""
+    from app.celery_app import celery_app, use_worker_publish_policy
+
+    global _agent
+    _agent = InstanceAgent(config, registry)
+    use_worker_publish_policy(celery_app)
+    return _agent
+
+
+def current_agent() -> InstanceAgent | None:
+    return _agent
+
+
+@worker_ready.connect
+def _start_agent(**_: object) -> None:
+    if _agent is not None:
+        _agent.start()
+
+
+@worker_shutdown.connect
+def _stop_agent(**_: object) -> None:
+    if _agent is not None:
+        _agent.stop()

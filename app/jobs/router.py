@@ -1,0 +1,312 @@
+"""The router stage of a job: answer from cache, or wait for a slot and move the job there.
+
+A router thread holds one job at a time. It ranks the instances (``routing.rank``), reserves
+a slot on the best one with room, and if none has room it waits for a finishing job to hand
+it a slot. Waiting jobs are ordered by tier, then priority, then arrival, so the next free
+slot goes to the most urgent job however many batch jobs are queued. The job then moves to
+that instance's queue with ``Task.replace``: the caller's task id and ``.get()`` stay valid.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import threading
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from amqp.exceptions import AMQPError
+from celery import states
+from celery.exceptions import Ignore, Reject
+from kombu.exceptions import OperationalError
+
+from app.errors import JobRejected
+from app.jobs.cache import response_cache
+from app.jobs.cancellation import end_revoked, is_revoked
+from app.ops import metrics
+from app.ops.tracing import tracer
+from app.policy import rate_limits
+from app.policy.degradation import degradation, yield_band
+from app.policy.live import live_policy
+from app.queues import delay_queue, instance_queue, queue_counts, route_queue
+from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
+from app.settings import TIERS, get_settings
+from app.state.fleet import DONE, fleet_state
+from routing import FleetSnapshot, rank
+
+if TYPE_CHECKING:
+    from celery import Task
+
+#: How long a waiting job sleeps on its hand-off before it looks at the fleet again.
+WAIT_POLL_SECONDS = 1.0
+
+#: Heartbeats a model may go unserved before its waiting jobs are rejected.
+UNSERVED_GRACE_BEATS = 10
+
+#: Set when the worker is shutting down: waiting jobs go back to the broker.
+shutting_down = threading.Event()
+_ticks = itertools.count()
+
+
+def waiter_score(request: InferRequest, state: RouteState, level: int = 0) -> float:
+    """A virtual deadline: the free slot goes to the waiting job with the earliest.
+
+    A job's deadline is its arrival plus its tier's head start (``tier_delay_seconds``) plus
+    a second per priority step below 9 (its priority as lowered for fairness, see
+    ``app.policy.fairness``). So a fresh interactive job goes before any batch job
+    that arrived less than the batch head start ago, and a batch job that has waited longer
+    than that competes as if it were interactive: batch work ages, it never starves. Under
+    a degradation ``level`` that makes its tier yield, the deadline moves behind every
+    more urgent tier's (``app.policy.degradation.yield_band``): the order changes, the job still
+    takes any slot nobody more urgent can use.
+    """
+    s = get_settings()
+    return (
+        state.submitted_at
+        + s.tier_delay_seconds[request.tier]
+        + (9 - state.queue_priority(request)) * s.priority_step_seconds
+        + yield_band(request.tier, level)
+    )
+
+
+def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any]:
+    job = task.request.id
+    if request.cache and request.deterministic and get_settings().cache_enabled:
+        cached = _from_cache(job, request, state)
+        metrics.cache_lookup(request.model, hit=cached is not None)
+        if cached is not None:
+            # This stage stores no result of its own (ignore_result), so store the answer.
+            task.backend.store_result(job, cached, states.SUCCESS)
+            return cached
+
+    start_after = _rate_limited_until(request, state)
+    if start_after is not None:
+        return _park(task, request, state, start_after)
+    with tracer.start_as_current_span("corral.route", attributes={"model": request.model}) as span:
+        instance, choice_score, strategy = _reserve_slot(job, request, state)
+        span.set_attributes({"instance": instance, "strategy": strategy})
+    metrics.routed(strategy, instance)
+    routed = state.model_copy(
+        update={
+            "instance": instance,
+            "routed_at": time.time(),
+            "strategy": strategy,
+            "score": choice_score,
+        }
+    )
+    sig = task.signature(
+        kwargs={**task.request.kwargs, "_route": routed.model_dump()},
+        queue=instance_queue(instance),
+        priority=state.queue_priority(request),
+        ignore_result=False,
+    )
+    try:
+        return task.replace(sig)
+    except OperationalError as exc:
+        # The broker stayed away through every publish retry: this job keeps its slot
+        # (a redelivered router finds the grant) and goes back to its queue, not to FAILURE.
+        raise Reject(exc, requeue=True) from exc
+
+
+def _rate_limited_until(request: InferRequest, state: RouteState) -> float | None:
+    """Take the job's token (``app.policy.rate_limits``); the time it is due, or None to start
+    it now."""
+    start_after = state.start_after
+    if start_after is None:
+        settings = get_settings()
+        agent_class, limits_of = live_policy(settings).class_limits(
+            request.agent, request.agent_class
+        )
+        if limits_of is not None and limits_of.on_limit == "refuse":
+            return None  # took its token when it was submitted
+        wait = rate_limits.take(request.agent, agent_class, refuse=False)
+        if wait <= 0:
+            return None
+        metrics.rate_limited(agent_class, "delayed")
+        start_after = time.time() + wait
+    remaining = start_after - time.time()
+    if remaining < 1:
+        time.sleep(max(remaining, 0))  # shorter than the shortest delay queue
+        return None
+    return start_after
+
+
+def _park(task: Task, request: InferRequest, state: RouteState, start_after: float) -> Any:
+    """Send the job to wait in a delay queue, from which RabbitMQ returns it to this router
+    (no thread waits for it meanwhile). A long wait takes several stays, halving each time."""
+    remaining = start_after - time.time()
+    seconds = min(2 ** int(math.log2(max(remaining, 1))), MAX_DELAY_SECONDS)
+    sig = task.signature(
+        kwargs={
+            **task.request.kwargs,
+            "_route": state.model_copy(update={"start_after": start_after}).model_dump(),
+        },
+        queue=delay_queue(route_queue(request.model, request.tier), seconds),
+        priority=state.queue_priority(request),
+        ignore_result=True,
+    )
+    return task.replace(sig)
+
+
+#: The longest single stay in a delay queue; a longer wait takes several.
+MAX_DELAY_SECONDS = 1024
+
+
+def _reserve_slot(
+    job: str, request: InferRequest, state: RouteState
+) -> tuple[str, dict[str, float], str]:
+    fleet = fleet_state()
+    settings = get_settings()
+    agent_class, limits_of = live_policy(settings).class_limits(request.agent, request.agent_class)
+    class_cap = (limits_of.max_in_flight if limits_of else None) or 0
+    unserved_since: float | None = None
+    give_back_at = time.monotonic() + settings.broker_consumer_timeout / 2
+    levels = degradation()
+    first = True
+    while True:
+        # A job back from waiting shares the process's latest reading of the fleet: dozens of
+        # waiting threads each reading it every second cost the router the CPU it needs to
+        # move the jobs that were just handed a slot.
+        snapshot = fleet.snapshot() if first else _recent_snapshot()
+        first = False
+        if not snapshot.serving(request.model):
+            # Either the model is gone, or the registry is (Redis restarted and the
+            # instance workers have not re-registered yet): wait a few heartbeats first.
+            unserved_since = unserved_since or snapshot.now
+            if snapshot.now - unserved_since > UNSERVED_GRACE_BEATS * settings.heartbeat_interval:
+                fleet.forget(job, request.model)  # no longer a waiter, nor holding a slot
+                raise JobRejected(
+                    f"model {request.model!r} is no longer served by any instance",
+                    {"job_id": job, "history": state.history},
+                )
+            time.sleep(WAIT_POLL_SECONDS)
+            continue
+        unserved_since = None
+        strategy = snapshot.strategy_for(request.model, settings.strategy)
+        if strategy == "smart":
+            snapshot = replace(snapshot, backlog={request.model: _backlog(request.model)})
+        choices = rank(
+            snapshot,
+            request.model,
+            strategy=strategy,
+            exclude=state.excluded,
+            tick=next(_ticks),
+            kind=request.kind,
+        )
+        candidates = [c.instance for c in choices]
+        got = fleet.acquire(
+            job,
+            request.model,
+            # Recomputed each round: a level that changed while the job waited reorders it.
+            score=waiter_score(request, state, levels.level()),
+            candidates=candidates,
+            # While it waits, a job is handed a slot only on an instance it ranked.
+            exclude=[i.name for i in snapshot.serving(request.model) if i.name not in candidates],
+            agent_class=agent_class,
+            class_cap=class_cap,
+            now=snapshot.now,
+        )
+        if got is None:
+            got = fleet.wait_handoff(job, WAIT_POLL_SECONDS)
+            if got is None:
+                if is_revoked(job):  # app.jobs.cancellation: no longer a waiter, REVOKED
+                    fleet.forget(job, request.model)
+                    end_revoked(job, request, "while it waited for a slot")
+                if shutting_down.is_set():
+                    # Back to the broker; the job keeps its place among the waiters.
+                    raise Reject("router shutting down", requeue=True)
+                if time.monotonic() > give_back_at:
+                    # RabbitMQ closes the channel of a delivery unacked for its consumer
+                    # timeout, and every job this router holds would be redelivered. Give this
+                    # one back first: it keeps its place among the waiters, and a slot handed
+                    # to it meanwhile waits for it under its lease.
+                    raise Reject("waited half the broker's consumer timeout", requeue=True)
+                continue
+        if got == DONE:
+            raise Ignore("job already finished")
+        chosen = next((c.score for c in choices if c.instance == got), {})
+        return got, chosen, strategy
+
+
+class _RecentSnapshot:
+    """The fleet as read at most ``SNAPSHOT_TTL`` seconds ago, shared by the router's threads.
+
+    Good enough to rank instances for a job that has been waiting: the slot counts that
+    matter are checked again, atomically, by ``acquire``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._at = -SNAPSHOT_TTL
+        self._snapshot: FleetSnapshot | None = None
+
+    def __call__(self) -> FleetSnapshot:
+        with self._lock:
+            if self._snapshot is None or time.monotonic() - self._at > SNAPSHOT_TTL:
+                self._snapshot = fleet_state().snapshot()
+                self._at = time.monotonic()
+            return self._snapshot
+
+
+#: Seconds a waiting job's reading of the fleet is reused.
+SNAPSHOT_TTL = 0.5
+_recent_snapshot = _RecentSnapshot()
+
+
+class _Backlog:
+    """Jobs of a model waiting to start: held by router threads, or still in a route queue.
+
+    The queue depths come from the broker (a passive declare per tier), read at most every
+    ``BACKLOG_TTL`` seconds per model by one thread while the others use the last reading.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: dict[str, tuple[float, int]] = {}
+
+    def __call__(self, model: str) -> int:
+        at, queued = self._queued.get(model, (-BACKLOG_TTL, 0))
+        if time.monotonic() - at > BACKLOG_TTL and self._lock.acquire(blocking=False):
+            try:
+                counts = queue_counts([route_queue(model, t) for t in TIERS])
+                queued = sum(ready for ready, _ in counts.values())
+                self._queued[model] = (time.monotonic(), queued)
+            except (OSError, OperationalError, AMQPError):
+                pass  # routing goes on with the last reading
+            finally:
+                self._lock.release()
+        return queued + fleet_state().waiting(model)
+
+
+#: Seconds a reading of the route queues' depths is reused.
+BACKLOG_TTL = 0.5
+_backlog = _Backlog()
+
+
+def _from_cache(job: str, request: InferRequest, state: RouteState) -> dict[str, Any] | None:
+    cache = response_cache()
+    digest = request.cache_key()
+    hit = cache.get(digest)
+    if hit is None:
+        s = get_settings()
+        budget = s.request_timeout * s.max_attempts
+        leader = cache.claim(digest, job, budget)
+        if leader == job:
+            # The previous leader may have stored its answer (and dropped its claim) between
+            # the look-up above and this claim.
+            hit = cache.get(digest)
+            if hit is None:
+                return None
+            cache.release(digest, job)
+        else:
+            hit = cache.wait_for_leader(digest, time.time() + budget)
+        if hit is None:
+            return None
+    result = InferResult.model_validate(hit)
+    result.id = job
+    now = time.time()
+    result.routing = RoutingInfo(
+        cache_hit=True, attempts=state.attempts, wait_s=now - state.submitted_at, finished_at=now
+    )
+    return result.model_dump(mode="json")

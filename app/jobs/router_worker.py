@@ -1,0 +1,100 @@
+"""The router worker: consumes the model/tier queues of one tier.
+
+One router process per tier, because a worker consuming several queues takes them in turn,
+without priority between them, and a router thread waiting for a slot for a batch job is a
+thread an interactive job cannot use. The queues of models that appear later (a model pulled
+onto an instance, a new instance) are added while the worker runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import worker_ready, worker_shutting_down
+
+from app.jobs.router import shutting_down
+from app.queues import batch_queue, route_queue
+from app.settings import Tier, get_settings
+from app.state.fleet import fleet_state
+
+log = logging.getLogger(__name__)
+
+#: Seconds between looks for newly served models.
+WATCH_SECONDS = 2.0
+
+_tier: Tier | None = None
+#: The route queues the worker was started with (``configure``'s last answer).
+_started_with: set[str] = set()
+
+
+def configure(tier: Tier) -> list[str]:
+    """Make this process the router of ``tier``; returns the queues to consume at start."""
+    global _tier
+    _tier = tier
+    # The router stage is not the job's outcome: only the instance worker reports the job's
+    # states (received, started, retried, succeeded, failed) to Flower, so a job routed but
+    # not yet run never looks finished.
+    from app.celery_app import celery_app, use_worker_publish_policy
+    from tasks import infer
+
+    infer.send_events = False
+    celery_app.conf.task_send_sent_event = False  # the job was reported sent by its caller
+    use_worker_publish_policy(celery_app)
+    queues = [route_queue(m, tier) for m in sorted(_served_models())]
+    if tier == "batch" and queues:
+        # Scheduled batch runs and their result callbacks (tasks.batch) need a consumer;
+        # the batch router's threads are the ones no more urgent job waits for. Only once a
+        # model is served: until then `corral router` waits, and so does a batch run.
+        queues.append(batch_queue())
+    _started_with.clear()
+    _started_with.update(queues)
+    return queues
+
+
+def _served_models() -> set[str]:
+    configured = {m for i in get_settings().instances for m in (i.models or ())}
+    return fleet_state().served_models() | configured
+
+
+def _watch_models(tier: Tier, hostname: str, stop: threading.Event) -> None:
+    from app.celery_app import celery_app
+
+    # The queues the worker consumes, not those of the models served by now: a model first
+    # served between the worker's start and this thread's would otherwise never be consumed.
+    known = set(_started_with)
+    while not stop.wait(WATCH_SECONDS):
+        try:
+            for model in _served_models():
+                queue = route_queue(model, tier)
+                if queue not in known:
+                    celery_app.control.add_consumer(queue, destination=[hostname], reply=False)
+                    known.add(queue)
+                    log.info("router %s now consumes %s", tier, queue)
+        except Exception:
+            log.exception("watching for new models failed")
+
+
+def _evaluate_degradation(stop: threading.Event) -> None:
+    from app.policy.degradation import degradation
+
+    while not stop.wait(get_settings().heartbeat_interval):
+        try:
+            degradation().evaluate()
+        except Exception:
+            log.exception("evaluating the degradation level failed")
+
+
+@worker_ready.connect
+def _start_watch(sender: object = None, **_: object) -> None:
+    if _tier is not None:
+        hostname = getattr(sender, "hostname", "")
+        threading.Thread(
+            target=_watch_models, args=(_tier, hostname, shutting_down), daemon=True
+        ).start()
+        threading.Thread(target=_evaluate_degradation, args=(shutting_down,), daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _stop_waiting(**_: object) -> None:
+    shutting_down.set()

@@ -1,0 +1,1 @@
+"""Operating Corral: metrics, logs, traces, Flower, the backing services."""

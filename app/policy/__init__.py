@@ -1,0 +1,2 @@
+"""Who may run what, and when: rate limits, fairness inside a tier, degradation levels, and the
+live policy that ``corral policy`` changes."""
