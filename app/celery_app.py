@@ -19,22 +19,12 @@ from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+#: The name of Corral's one job task (``tasks.infer``), for code that sends or recognises it
+#: without importing the task.
+INFER_TASK = "corral.infer"
+
 #: Priority levels inside one tier queue (RabbitMQ recommends few levels; 0-9 matches Celery's).
 MAX_PRIORITY = 9
-
-
-#: Workers publish the next stage of jobs they hold: through a broker restart, keep trying
-#: (about a minute) rather than fail a job that is only waiting for the broker.
-WORKER_PUBLISH_RETRY_POLICY = {
-    "max_retries": 40,
-    "interval_start": 0.2,
-    "interval_step": 0.5,
-    "interval_max": 2.0,
-}
-
-
-def use_worker_publish_policy(app: Celery) -> None:
-    app.conf.task_publish_retry_policy = WORKER_PUBLISH_RETRY_POLICY
 
 
 def beat_schedule(schedules: list[EmbedFolder | PromptFile]) -> dict[str, dict[str, Any]]:
@@ -56,6 +46,7 @@ def beat_schedule(schedules: list[EmbedFolder | PromptFile]) -> dict[str, dict[s
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    """What every process shares: the client's configuration, and the base of every role's."""
     return {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
@@ -97,8 +88,58 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "worker_disable_rate_limits": True,
         "worker_hijack_root_logger": False,
-        "beat_schedule": beat_schedule(settings.schedules),
     }
+
+
+#: Workers publish the next stage of jobs they hold: through a broker restart, keep trying
+#: (about a minute) rather than fail a job that is only waiting for the broker.
+WORKER_PUBLISH_RETRY_POLICY = {
+    "max_retries": 40,
+    "interval_start": 0.2,
+    "interval_step": 0.5,
+    "interval_max": 2.0,
+}
+
+
+def _worker_config(settings: Settings, threads: int) -> dict[str, Any]:
+    """Every Corral worker: a thread per job it may hold, one message prefetched per thread,
+    task events on (Flower), and patience with the broker when publishing a job's next stage."""
+    return celery_config(settings) | {
+        "worker_pool": "threads",
+        "worker_concurrency": threads,
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_publish_retry_policy": WORKER_PUBLISH_RETRY_POLICY,
+    }
+
+
+def router_config(settings: Settings, threads: int) -> dict[str, Any]:
+    """``corral router``: ``threads`` jobs held at once, each waiting for a slot.
+
+    The router stage is not the job's outcome: only the instance worker reports the job's
+    states (received, started, retried, succeeded, failed) to Flower, so a job routed but not
+    yet run never looks finished; and the job was reported sent by its caller already.
+    """
+    return _worker_config(settings, threads) | {
+        "task_send_sent_event": False,
+        "task_annotations": {INFER_TASK: {"send_events": False}},
+    }
+
+
+def instance_worker_config(settings: Settings, parallelism: int) -> dict[str, Any]:
+    """``corral worker``: one thread per request the instance runs at once (its parallelism)."""
+    return _worker_config(settings, parallelism)
+
+
+def beat_config(settings: Settings) -> dict[str, Any]:
+    """``corral beat``: the client's configuration and the ``schedules`` setting's entries."""
+    return celery_config(settings) | {"beat_schedule": beat_schedule(settings.schedules)}
+
+
+def use_role_config(config: dict[str, Any]) -> None:
+    """Give this process its role's configuration: ``corral router``, ``worker`` and ``beat``
+    call this once, before the worker or beat starts; nothing changes it after."""
+    celery_app.config_from_object(config, force=True)
 
 
 #: Settings that every Corral process must share, and that a job's safety rests on: a web

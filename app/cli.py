@@ -7,12 +7,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from app.fleet.cli import fleet_cli, fleet_list, no_registry
-from app.policy.cli import policy_cli
+from app.fleet.policy_cli import policy_cli
 from app.settings import TIERS, get_settings
 
 cli = typer.Typer(
@@ -22,28 +22,23 @@ cli = typer.Typer(
 )
 
 
-def _celery_worker(*, queues: list[str], threads: int, node: str, loglevel: str, role: str) -> None:
-    """``celery worker`` as every Corral worker runs it: threads pool, prefetch 1, events."""
-    from app.celery_app import celery_app
-    from app.ops import logs, tracing
+def _celery_worker(
+    *, config: dict[str, Any], queues: list[str], node: str, loglevel: str, role: str
+) -> None:
+    """``celery worker`` with the role's configuration (``app.celery_app``), on ``queues``."""
+    from app.celery_app import celery_app, use_role_config
+    from app.observe import logs, tracing
 
     logs.set_role(role)
     tracing.setup(role)
-
+    use_role_config(config)
     celery_app.worker_main(
         [
             "worker",
             "-Q",
             ",".join(queues),
-            "-P",
-            "threads",
-            "-c",
-            str(threads),
-            "--prefetch-multiplier",
-            "1",
             "-n",
             node,
-            "-E",
             "--loglevel",
             loglevel,
             "--without-mingle",
@@ -72,6 +67,7 @@ def worker(
     from pydantic import ValidationError
     from sqlalchemy.exc import SQLAlchemyError
 
+    from app.celery_app import instance_worker_config
     from app.fleet.registry import Registry
     from app.jobs import instance_worker
     from app.queues import instance_queue
@@ -97,12 +93,13 @@ def worker(
             f" `corral fleet add {instance} --url URL`, or use --ollama URL"
         )
     instance_worker.configure(config, registry)
-    ns = get_settings().namespace
+    settings = get_settings()
+    ns = settings.namespace
     # One worker per instance: a second one for the same instance fails to start (its
     # node name, and so its control queue, is taken).
     _celery_worker(
+        config=instance_worker_config(settings, config.parallelism),
         queues=[instance_queue(config.name)],
-        threads=config.parallelism,
         node=f"{ns}.{config.name}@%h",
         loglevel=loglevel,
         role=f"worker-{config.name}",
@@ -117,6 +114,7 @@ def router(
     wait: Annotated[float, typer.Option(help="seconds to wait for a first model")] = 120.0,
 ) -> None:
     """Run the router of one tier: it moves jobs from model/tier queues to instances."""
+    from app.celery_app import router_config
     from app.jobs import router_worker
 
     if tier not in TIERS:
@@ -127,11 +125,11 @@ def router(
             typer.echo("no instance has registered a model; start an instance worker", err=True)
             raise typer.Exit(1)
         time.sleep(0.5)
-    threads = concurrency or get_settings().router_concurrency
-    ns = get_settings().namespace
+    settings = get_settings()
+    ns = settings.namespace
     _celery_worker(
+        config=router_config(settings, concurrency or settings.router_concurrency),
         queues=queues,
-        threads=threads,
         node=f"{ns}.router-{tier}.{os.getpid()}@%h",
         loglevel=loglevel,
         role=f"router-{tier}",
@@ -146,8 +144,8 @@ def beat(
     loglevel: str = "INFO",
 ) -> None:
     """Run celery beat, one per fleet: it submits the `schedules` batch jobs when due."""
-    from app.celery_app import celery_app
-    from app.ops import logs, tracing
+    from app.celery_app import beat_config, celery_app, use_role_config
+    from app.observe import logs, tracing
 
     logs.set_role("beat")
     tracing.setup("beat")
@@ -159,6 +157,7 @@ def beat(
     for s in schedules:
         typer.echo(f"{s.name}: {s.job} {f'every {s.every:g} s' if s.every else f'cron {s.cron}'}")
     schedule_file.parent.mkdir(parents=True, exist_ok=True)
+    use_role_config(beat_config(get_settings()))
     celery_app.start(["beat", "--schedule", str(schedule_file), "--loglevel", loglevel])
 
 
@@ -237,7 +236,7 @@ cli.add_typer(dlq_cli, name="dlq")
 @dlq_cli.command("list")
 def dlq_list() -> None:
     """One line per dead job: id, error, attempts, model."""
-    from app.jobs.dead_letters import read_all
+    from app.ops.dead_letters import read_all
 
     records = read_all()
     for r in records:
@@ -251,7 +250,7 @@ def dlq_list() -> None:
 @dlq_cli.command("show")
 def dlq_show(job_id: str) -> None:
     """A dead job's record: request, error and every attempt, as JSON."""
-    from app.jobs.dead_letters import read_all
+    from app.ops.dead_letters import read_all
 
     for r in read_all():
         if r["job_id"] == job_id:
@@ -266,7 +265,7 @@ def dlq_replay(
     all_: Annotated[bool, typer.Option("--all", help="every dead job")] = False,
 ) -> None:
     """Submit dead jobs again as new jobs; their records leave the queue."""
-    from app.jobs.dead_letters import replay
+    from app.ops.dead_letters import replay
 
     for old, new in replay(_selected(job_ids, all_)):
         typer.echo(f"{old} -> {new}")
@@ -278,7 +277,7 @@ def dlq_purge(
     all_: Annotated[bool, typer.Option("--all", help="every dead job")] = False,
 ) -> None:
     """Delete dead-job records."""
-    from app.jobs.dead_letters import purge
+    from app.ops.dead_letters import purge
 
     typer.echo(f"purged {len(purge(_selected(job_ids, all_)))} record(s)")
 

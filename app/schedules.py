@@ -18,6 +18,8 @@ from typing import Annotated, Any, Literal
 from celery.schedules import ParseException, crontab
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.options import Options
+
 #: What the ``cron`` field holds, in crontab's order (times are UTC, Celery's default).
 CRON_FIELDS = "minute hour day-of-month month day-of-week"
 
@@ -93,9 +95,6 @@ class PromptFile(_Schedule):
     @field_validator("options")
     @classmethod
     def _known_options(cls, options: dict[str, Any] | None) -> dict[str, Any] | None:
-        # Imported here: app.schemas imports app.settings, which imports this module.
-        from app.schemas import Options
-
         if options is not None:
             Options.model_validate(options)
         return options

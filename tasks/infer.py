@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from app.celery_app import celery_app
 from app.errors import InvalidRequest, ModelNotServed, Overloaded, RateLimited
 from app.jobs import executor, router
-from app.ops import metrics
+from app.observe import metrics
 from app.policy import fairness, rate_limits
 from app.policy.degradation import REFUSE_LEVEL, degradation
 from app.policy.live import live_policy

@@ -11,7 +11,7 @@ from celery.signals import before_task_publish
 
 from app.bench.harness import LocalFleet, depth, wait_until
 from app.errors import InvalidRequest, ModelNotServed, RetriesExhausted
-from app.jobs.dead_letters import read_all, replay
+from app.ops.dead_letters import read_all, replay
 from app.queues import dead_letter_queue, route_queue
 from app.schemas import InferResult
 from tasks import infer

@@ -23,11 +23,11 @@ from celery.result import AsyncResult
 from app.bench.harness import LocalFleet, free_port, wait_until
 from app.bench.stack import Child
 from app.errors import RateLimited
+from app.fleet.policy_admin import PolicyAdmin
+from app.fleet.policy_store import PolicyStore, UnknownClass
 from app.fleet.registry import Registry
 from app.migrations import upgrade
-from app.policy.admin import PolicyAdmin
 from app.policy.live import READ_TTL, Policy, live_policy, policy_key, publish, published, refresh
-from app.policy.store import PolicyStore, UnknownClass
 from app.settings import AgentClass, Settings, get_settings
 from app.state.fleet import redis_client
 from tasks import infer

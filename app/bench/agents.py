@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import typer
 
 from app.bench.fleet import MIX, Proxy, _stack, backlog_fleet
-from app.bench.overhead import percentile
+from app.bench.stats import percentile
 
 WINDOW_S = 40.0  # live traffic; the backlog drains after it
 STEADY_PERIOD_S = 30.0

@@ -30,7 +30,7 @@ import requests
 import typer
 
 from app.bench.fleet import MIX, Proxy, _stack, backlog_fleet
-from app.bench.overhead import percentile
+from app.bench.stats import percentile
 
 BURST_JOBS = 700
 SERVICE_S = 0.1

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import requests
 import typer
 
-from app.bench.overhead import percentile
+from app.bench.stats import percentile
 from app.schemas import InferResult
 from app.settings import get_settings
 

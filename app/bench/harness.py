@@ -23,7 +23,7 @@ import requests
 from app.bench.stack import Child
 from app.settings import TIERS, get_settings, normalize_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

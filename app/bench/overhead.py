@@ -18,6 +18,8 @@ from typing import Any
 import requests
 import typer
 
+from app.bench.stats import percentile
+
 MODEL = "bench:latest"
 SIMS = [
     {
@@ -37,14 +39,6 @@ SIMS = [
     }
     for c in "abc"
 ]
-
-
-def percentile(values: list[float], q: int) -> float:
-    return (
-        statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-        if len(values) > 1
-        else (values[0] if values else 0.0)
-    )
 
 
 def _summary(ms: list[float]) -> dict[str, float]:

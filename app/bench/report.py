@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from app.bench.overhead import percentile
+from app.bench.stats import percentile
 
 CORRAL, BASELINE = "#1f6fb4", "#e0701b"
 TIERS = ("interactive", "batch")

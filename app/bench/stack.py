@@ -20,7 +20,7 @@ LOG_DIR = Path(".corral/logs")
 #: Absolute, so `corral up` works from any directory of a source checkout.
 #: Ollama's own port: clients reach the gateway with no change but OLLAMA_HOST.
 GATEWAY_PORT = 11434
-FLOWER_CONFIG = Path(__file__).resolve().parents[1] / "flower" / "flowerconfig.py"
+FLOWER_CONFIG = Path(__file__).resolve().parents[2] / "flower" / "flowerconfig.py"
 #: The demo's simulated Ollama servers listen here and on the next two ports.
 DEMO_SIM_PORT = 11501
 

@@ -12,7 +12,7 @@ The ``instances`` of the settings (the fleet file) seed the registry, and the la
 wins: :meth:`Registry.seed_from_settings` adds an entry the registry lacks, replaces a row
 whose file entry changed since it was last seeded (the file was edited), and leaves the row
 alone when the entry did not change, so changes made through ``corral fleet`` or the admin
-API survive restarts. The same database holds the rate-limit policy (``app.policy.store``),
+API survive restarts. The same database holds the rate-limit policy (``app.fleet.policy_store``),
 seeded along with the instances.
 """
 
@@ -28,10 +28,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, sessions
-from app.policy.live import publish, published
 
 # Also registers the policy's tables, for Alembic (migrations/env.py imports this module).
-from app.policy.store import PolicyStore
+from app.fleet.policy_store import PolicyStore
+from app.policy.live import publish, published
 from app.settings import InstanceConfig, Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -108,11 +108,15 @@ class Registry:
         registry.seed_policy()
         return registry
 
+    def policy(self) -> PolicyStore:
+        """The rate-limit policy, kept in the same database and namespace."""
+        return PolicyStore(self.url, self.namespace)
+
     def seed_policy(self) -> None:
         """Seed the rate-limit policy from the settings, and put it in force (Redis) when that
         changed it or Redis has none yet; else the instance workers' re-push keeps Redis in
         step with the database (``app.policy.live``)."""
-        store = PolicyStore(self.url, self.namespace)
+        store = self.policy()
         written = store.seed_from_settings()
         try:
             if written or not published(self.namespace):

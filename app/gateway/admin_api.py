@@ -17,7 +17,7 @@
 
 A key is an admin key when created with ``corral keys add --admin``; any other key gets 403,
 no key 401 (the auth middleware). With ``CORRAL_GATEWAY_AUTH=false`` nobody is admin.
-Changes apply live, exactly as from the CLI (``app.fleet.admin``, ``app.policy.admin``).
+Changes apply live, exactly as from the CLI (``app.fleet.admin``, ``app.fleet.policy_admin``).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from app.fleet.admin import Applied, FleetAdmin, FleetConflict
+from app.fleet.policy_admin import PolicyAdmin, PolicyConflict, reason
+from app.fleet.policy_store import PolicyStore, UnknownClass
 from app.fleet.registry import InstanceExists, UnknownInstance
 from app.gateway.errors import GatewayError
 from app.gateway.services import services
-from app.policy.admin import PolicyAdmin, PolicyConflict, reason
-from app.policy.store import PolicyStore, UnknownClass
 from app.settings import AgentClass, InstanceConfig
 
 #: Longest ``?wait=`` a DELETE may hold a gateway thread for.

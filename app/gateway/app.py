@@ -21,7 +21,7 @@ from app.gateway.content_type import JsonBodyMiddleware
 from app.gateway.disconnect import ClientGone
 from app.gateway.limits import BodyLimitMiddleware
 from app.gateway.services import Services
-from app.ops import tracing
+from app.observe import tracing
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from celery.exceptions import TaskRevokedError
 from app.gateway.errors import GatewayError
 from app.gateway.results import ResultWatcher
 from app.jobs import cancellation
-from app.ops.logs import current_job
+from app.observe.logs import current_job
 from app.schemas import InferResult
 from app.state.fleet import fleet_state
 from tasks import infer

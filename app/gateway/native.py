@@ -22,8 +22,8 @@ from app.gateway.auth import Caller, CallerDep
 from app.gateway.errors import GatewayError
 from app.gateway.services import services
 from app.gateway.streaming import stream_error
-from app.ops import metrics
-from app.schemas import split_options
+from app.observe import metrics
+from app.options import split_options
 from app.settings import normalize_model
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uvicorn
 
 from app.gateway.app import create_app
-from app.ops import logs, tracing
+from app.observe import logs, tracing
 
 
 def serve(host: str, port: int, *, log_level: str = "info", access_log: bool = True) -> None:

@@ -45,7 +45,7 @@ def end_revoked(job_id: str, request: InferRequest, where: str) -> NoReturn:
     is given back: its fairness share and cache claim go too, REVOKED is stored (as Celery
     stores it for a message it drops on arrival), and ``Ignore`` acks the message."""
     from app.celery_app import celery_app
-    from app.ops import metrics
+    from app.observe import metrics
     from app.policy import fairness
     from app.settings import get_settings
 

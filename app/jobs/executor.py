@@ -40,8 +40,8 @@ from app.jobs.call_guard import Call
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.instance_worker import InstanceAgent, current_agent
 from app.jobs.relay import token_relay
-from app.ops import metrics
-from app.ops.tracing import record_queue_wait, tracer
+from app.observe import metrics
+from app.observe.tracing import record_queue_wait, tracer
 from app.policy.degradation import degradation
 from app.queues import dead_letter_queue, route_queue
 from app.schemas import Answer, InferRequest, InferResult, RouteState, RoutingInfo

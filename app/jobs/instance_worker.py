@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psutil
 from celery.signals import worker_ready, worker_shutdown
@@ -28,7 +29,6 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import OllamaError
-from app.fleet.registry import Registry
 from app.jobs.call_guard import Watchdog
 from app.jobs.cancellation import is_revoked
 from app.jobs.ollama_client import OllamaClient
@@ -36,6 +36,10 @@ from app.jobs.stranded import rescue_stranded
 from app.policy import live
 from app.settings import InstanceConfig, get_settings, normalize_model
 from app.state.fleet import fleet_state
+
+if TYPE_CHECKING:
+    # Given by `corral worker` (app.cli): the job path does not open the registry itself.
+    from app.fleet.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +208,8 @@ class InstanceAgent:
         fleet.reclaim_expired()
         rescue_stranded(self.name)
         try:
-            live.refresh()  # one worker per heartbeat re-pushes the database's policy
+            # One worker per heartbeat re-pushes the database's policy.
+            live.refresh(self.registry.policy())
         except SQLAlchemyError as exc:
             log.warning("the rate-limit policy in force stays as it is: %s", exc)
 
@@ -226,11 +231,8 @@ _agent: InstanceAgent | None = None
 
 def configure(config: InstanceConfig, registry: Registry) -> InstanceAgent:
     """Make this process the worker of ``config``'s instance (called by ``corral worker``)."""
-    from app.celery_app import celery_app, use_worker_publish_policy
-
     global _agent
     _agent = InstanceAgent(config, registry)
-    use_worker_publish_policy(celery_app)
     return _agent
 
 

@@ -24,8 +24,8 @@ from kombu.exceptions import OperationalError
 from app.errors import JobRejected
 from app.jobs.cache import response_cache
 from app.jobs.cancellation import end_revoked, is_revoked
-from app.ops import metrics
-from app.ops.tracing import tracer
+from app.observe import metrics
+from app.observe.tracing import tracer
 from app.policy import rate_limits
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy

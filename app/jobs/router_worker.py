@@ -32,15 +32,6 @@ def configure(tier: Tier) -> list[str]:
     """Make this process the router of ``tier``; returns the queues to consume at start."""
     global _tier
     _tier = tier
-    # The router stage is not the job's outcome: only the instance worker reports the job's
-    # states (received, started, retried, succeeded, failed) to Flower, so a job routed but
-    # not yet run never looks finished.
-    from app.celery_app import celery_app, use_worker_publish_policy
-    from tasks import infer
-
-    infer.send_events = False
-    celery_app.conf.task_send_sent_event = False  # the job was reported sent by its caller
-    use_worker_publish_policy(celery_app)
     queues = [route_queue(m, tier) for m in sorted(_served_models())]
     if tier == "batch" and queues:
         # Scheduled batch runs and their result callbacks (tasks.batch) need a consumer;

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 
-from app.celery_app import celery_app
+from app.celery_app import INFER_TASK, celery_app
 from app.queues import instance_queue, route_queue
 from app.settings import get_settings
 from app.state.fleet import fleet_state
@@ -37,8 +37,6 @@ def requeue(instance: str) -> int:
     """Move the jobs waiting on the instance's queue back to the router; returns how many."""
     from amqp.exceptions import NotFound
 
-    from tasks import infer
-
     moved = 0
     with celery_app.connection_for_write() as conn:
         channel = conn.default_channel
@@ -49,9 +47,12 @@ def requeue(instance: str) -> int:
                 job = headers["id"]
                 fleet_state().release([job])
                 kwargs["_route"] = {**kwargs["_route"], "instance": None}
-                infer.apply_async(
+                # By name: the job path does not import the task that drives it.
+                celery_app.send_task(
+                    INFER_TASK,
                     kwargs=kwargs,
                     task_id=job,
+                    kwargsrepr=headers.get("kwargsrepr"),
                     queue=route_queue(kwargs["model"], kwargs.get("tier", "normal")),
                     priority=kwargs.get("priority", 5),
                     ignore_result=True,

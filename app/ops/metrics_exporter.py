@@ -1,7 +1,7 @@
 """``corral metrics``: one Prometheus target for the whole fleet.
 
 It serves the fleet gauges (``app.ops.metrics_fleet``) and the job metrics every router and
-instance worker summed in Redis (``app.ops.metrics``), both read at scrape time, so any number
+instance worker summed in Redis (``app.observe.metrics``), both read at scrape time, so any number
 of exporters may run (e.g. one per Prometheus replica) and restarting one loses nothing.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from app.ops.metrics import job_store
+from app.observe.metrics import job_store
 from app.ops.metrics_fleet import FleetCollector
 
 

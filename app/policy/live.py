@@ -2,7 +2,7 @@
 
 Three places hold it, each for a reason:
 
-* the registry database (``app.policy.store``) is what the policy *should* be: seeded from the
+* the registry database (``app.fleet.policy_store``) is what the policy *should* be: seeded from the
   settings' ``agent_classes`` and ``global_rate_per_minute`` (the latest change wins, as for
   instances), changed with ``corral policy`` or the admin API;
 * Redis (``<ns>:policy``, one JSON value) is the policy *in force*: what :func:`live_policy`
@@ -10,7 +10,7 @@ Three places hold it, each for a reason:
 * this process, for :data:`READ_TTL` seconds: ``infer.delay()`` and the routers look the
   policy up for every job, and must not ask Redis each time.
 
-A change is written to the database, then pushed here (``app.policy.admin``), so it applies
+A change is written to the database, then pushed here (``app.fleet.policy_admin``), so it applies
 everywhere within ``READ_TTL``. A row edited in the database by any other means applies within
 a heartbeat: every instance worker (the processes that reach the database) runs
 :func:`refresh` each heartbeat, and one of them per heartbeat (whichever takes the turn in
@@ -23,16 +23,13 @@ from __future__ import annotations
 import logging
 import time
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import WatchError
 
 from app.settings import AgentClass, Settings, get_settings
 from app.state.fleet import redis_client
-
-if TYPE_CHECKING:
-    from app.policy.store import PolicyStore
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +135,20 @@ def published(namespace: str | None = None) -> bool:
     return bool(redis_client(s.redis_url).exists(policy_key(namespace or s.namespace)))
 
 
-def refresh(store: PolicyStore | None = None) -> bool:
-    """This heartbeat's re-push of the database's policy (default: the configured database
-    and namespace), unless another process took the turn; returns whether Redis changed (a
-    row edited in the database behind the CLI's and the API's back)."""
-    from app.policy.store import PolicyStore
+class PolicySource(Protocol):
+    """Where the policy that should be in force is kept (``app.fleet.policy_store``)."""
 
+    @property
+    def namespace(self) -> str: ...
+
+    def load(self) -> Policy: ...
+
+
+def refresh(store: PolicySource) -> bool:
+    """This heartbeat's re-push of the database's policy, unless another process took the
+    turn; returns whether Redis changed (a row edited in the database behind the CLI's and
+    the API's back)."""
     s = get_settings()
-    store = store or PolicyStore()
     key = policy_key(store.namespace)
     redis = redis_client(s.redis_url)
     if not redis.set(f"{key}:turn", 1, nx=True, px=max(1, int(s.heartbeat_interval * 1000))):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.bench.harness import LocalFleet
-from app.ops.metrics import IGNORED_OPTIONS
+from app.observe.metrics import IGNORED_OPTIONS
 from app.state.fleet import fleet_state
 from tests.gateway.conftest import Gateway
 

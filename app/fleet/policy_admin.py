@@ -1,6 +1,6 @@
 """Changes to the rate-limit policy, as ``corral policy`` and the gateway's admin API make them.
 
-Each change is written to the database (``app.policy.store``) and then the whole policy is
+Each change is written to the database (``app.fleet.policy_store``) and then the whole policy is
 pushed into Redis (``app.policy.live``), so every process applies it within a second, without a
 restart. A class listed in the settings file cannot be removed here: the next start would
 seed it again.
@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from app.fleet.policy_store import PolicyStore, UnknownClass
 from app.policy.live import Policy, live_policy, publish
-from app.policy.store import PolicyStore, UnknownClass
 from app.settings import AgentClass, check_class_name, get_settings
 
 

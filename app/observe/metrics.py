@@ -11,7 +11,7 @@ Recorded where the fact is known, with no change to the task's own code beyond t
 * ``ignored_options``, called by the gateway for options Ollama would ignore
   (``app.gateway.native``).
 
-Why Redis rather than a /metrics port per worker: see ``app.ops.metrics_store``. ``corral
+Why Redis rather than a /metrics port per worker: see ``app.observe.metrics_store``. ``corral
 metrics`` serves these sums next to the fleet gauges of ``app.ops.metrics_fleet``. Recording
 never fails a job: with Redis unreachable the sample is dropped and a warning logged (the
 job itself needs Redis anyway). ``CORRAL_METRICS_ENABLED=false`` turns recording off.
@@ -26,15 +26,14 @@ import redis
 from celery import Task
 from celery.signals import task_failure, task_retry, task_success
 
-from app.ops.metrics_store import Batch, MetricSpec, MetricStore
-from app.schemas import OBSOLETE_OPTIONS, RoutingInfo
+from app.celery_app import INFER_TASK
+from app.observe.metrics_store import Batch, MetricSpec, MetricStore
+from app.options import OBSOLETE_OPTIONS
+from app.schemas import RoutingInfo
 from app.settings import get_settings
 from app.state.fleet import redis_client
 
 log = logging.getLogger(__name__)
-
-#: The infer task's name (``tasks.infer`` imports this module, so it cannot be imported here).
-INFER_TASK = "corral.infer"
 
 #: Seconds: from a cache answer (milliseconds) to a long generation (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

@@ -1,7 +1,7 @@
 """``corral policy``: look at the rate-limit policy and change it live.
 
 Every change goes to the registry database (``CORRAL_DATABASE_URL``) and into Redis at once
-(see ``app.policy.admin``); every process applies it within a second, without a restart.
+(see ``app.fleet.policy_admin``); every process applies it within a second, without a restart.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from app.policy.admin import ClassView, PolicyAdmin
+    from app.fleet.policy_admin import ClassView, PolicyAdmin
     from app.settings import AgentClass
 
 policy_cli = typer.Typer(
@@ -62,7 +62,7 @@ def _limit(option: str, value: str, kind: type[float] | type[int]) -> float | in
 
 def _admin() -> PolicyAdmin:
     from app.fleet.cli import opened
-    from app.policy.admin import PolicyAdmin
+    from app.fleet.policy_admin import PolicyAdmin
 
     return opened(PolicyAdmin.ready)
 
@@ -70,8 +70,8 @@ def _admin() -> PolicyAdmin:
 @contextmanager
 def _refused() -> Iterator[None]:
     """A change the policy refuses: its message, exit status 1."""
-    from app.policy.admin import PolicyConflict, reason
-    from app.policy.store import UnknownClass
+    from app.fleet.policy_admin import PolicyConflict, reason
+    from app.fleet.policy_store import UnknownClass
 
     try:
         yield
