@@ -416,7 +416,7 @@ def keys_add(
     admin: Annotated[bool, typer.Option(help="may also change the fleet (/admin API)")] = False,
 ) -> None:
     """Create a key and print it: it is shown this once, only its hash is stored."""
-    from app.gateway.keys import KeyStore
+    from app.gateway.api_keys import KeyStore
 
     try:
         key, info = KeyStore.ready().add(agent, agent_class, tiers, default_tier, admin=admin)
@@ -436,7 +436,7 @@ def keys_list(
     revoked: Annotated[bool, typer.Option("--revoked", help="include revoked keys")] = False,
 ) -> None:
     """One line per key: id, prefix, agent, class, tiers, default tier, created, admin."""
-    from app.gateway.keys import KeyStore
+    from app.gateway.api_keys import KeyStore
 
     infos = KeyStore.ready().all(include_revoked=revoked)
     for k in infos:
@@ -454,7 +454,7 @@ def keys_revoke(
     ref: Annotated[str, typer.Argument(help="the key's id, its prefix (crl_...) or the key")],
 ) -> None:
     """Revoke a key; gateways refuse it within gateway_key_cache_ttl seconds."""
-    from app.gateway.keys import KeyStore
+    from app.gateway.api_keys import KeyStore
 
     info = KeyStore.ready().revoke(ref)
     if info is None:

@@ -295,7 +295,7 @@ def policy_gateway(
 ) -> Iterator[tuple[str, str, str]]:
     """A gateway on the session's own database (the one the workers re-push from), with an
     admin key and another key: (URL, admin key, other key)."""
-    from app.gateway.keys import KeyStore
+    from app.gateway.api_keys import KeyStore
 
     store = KeyStore.ready(get_settings().database_url)
     admin_key, _ = store.add("ops", "admin", "normal", admin=True)

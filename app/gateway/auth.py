@@ -17,8 +17,8 @@ from typing import Annotated, Any, get_args
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.gateway.api_keys import KeyInfo, KeyStore
 from app.gateway.errors import GatewayError, error_response
-from app.gateway.keys import KeyInfo, KeyStore
 from app.settings import TIERS, Tier, get_settings
 
 #: Paths that answer without a key: the health checks load balancers and clients probe, and

@@ -18,10 +18,10 @@ from starlette.requests import Request
 
 from app.celery_app import celery_app
 from app.fleet.admin import FleetAdmin
+from app.gateway.api_keys import KeyStore
 from app.gateway.auth import KeyCache
 from app.gateway.fleet_info import FleetInfo
 from app.gateway.jobs import JobClient
-from app.gateway.keys import KeyStore
 from app.gateway.results import ResultWatcher, blocking_pool
 from app.jobs.relay import AsyncTokenRelay
 from app.settings import Settings

@@ -45,7 +45,7 @@ def main() -> None:
     # Imported only now: settings are read from the environment set above.
     from app.bench.overhead import MODEL
     from app.bench.stats import percentile
-    from app.gateway.keys import KeyStore
+    from app.gateway.api_keys import KeyStore
     from tests.gateway.conftest import start_gateway
 
     fleet = LocalFleet(workdir, dict(os.environ), sims)

@@ -70,7 +70,7 @@ def start_gateway(workdir: Path, name: str, **env: str) -> tuple[Child, str]:
 
 @pytest.fixture(scope="session")
 def gateway(fleet: LocalFleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    from app.gateway.keys import KeyStore
+    from app.gateway.api_keys import KeyStore
 
     workdir = tmp_path_factory.mktemp("gateway")
     db_url = f"sqlite:///{workdir}/corral.db"

@@ -10,7 +10,7 @@ import pytest
 
 from app.bench.harness import LocalFleet
 from app.fleet.registry import Registry
-from app.gateway.keys import KeyStore
+from app.gateway.api_keys import KeyStore
 from app.state.fleet import fleet_state
 from tests.gateway.conftest import Gateway
 

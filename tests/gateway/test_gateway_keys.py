@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from app.bench.harness import LocalFleet, wait_until
-from app.gateway.keys import KeyStore, digest
+from app.gateway.api_keys import KeyStore, digest
 from app.migrations import head, upgrade
 from tests.gateway.conftest import Gateway, start_gateway
 
