@@ -50,10 +50,10 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from celery import states
 from pydantic import ValidationError
@@ -185,9 +185,6 @@ class Lifecycle:
 
     def __init__(self, middleware: Sequence[Middleware]) -> None:
         self.middleware = tuple(middleware)
-
-    def __iter__(self) -> Iterator[Middleware]:
-        return iter(self.middleware)
 
     def before_publish(self, sub: Submission) -> Handled | None:
         for m in self.middleware:
@@ -502,7 +499,7 @@ def _claim_job_key(key: str, task_id: str) -> str | None:
     name = f"{fleet.ns}:jobkey:{key}"
     if fleet.redis.set(name, task_id, nx=True, ex=get_settings().result_expires):
         return None
-    return fleet.redis.get(name)
+    return cast("str | None", fleet.redis.get(name))  # a client that decodes responses
 
 
 class Fairness(Middleware):
