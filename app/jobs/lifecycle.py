@@ -36,14 +36,16 @@ Why this order (``InferTask.middleware``)? What matters today, and is kept:
   ``RateLimits``;
 * at the end: the slot goes first (the scarce resource, handed to the next waiter at once),
   then the cache answer is stored or the claim dropped, then the fairness share; a revoked
-  job's cancellation is counted after all of it.
+  job's cancellation is counted after all of it, and REVOKED stored last. (Before this list
+  the fairness share went first on success, failure and revoke-on-arrival: the two are apart
+  in Redis and nothing reads one to change the other, so their order is not observable.)
 
 What stays outside: choosing an instance and reserving or handing on its slot (the router),
 confirming the slot and recording each attempt's outcome for the breaker (the executor, also
 on a transient failure that is retried), the spans around routing and the Ollama call (they
 wrap the work rather than mark a transition), and the outcome counters of ``app.ops.metrics``,
-which stay on Celery's own signals: ``task_failure`` also fires for a job whose worker was lost
-or hit its hard time limit, where ``Task.on_failure`` is not called.
+which stay on Celery's own signals: ``task_failure`` also fires for a job whose worker was lost,
+or that rejected its message without requeueing, where ``Task.on_failure`` is not called.
 """
 
 from __future__ import annotations
