@@ -23,19 +23,29 @@ from celery.utils import uuid
 from pydantic import ValidationError
 
 from app.celery_app import celery_app
-from app.errors import InvalidRequest, ModelNotServed, Overloaded, RateLimited
-from app.jobs import executor, router
-from app.observe import metrics
-from app.policy import fairness, rate_limits
-from app.policy.degradation import REFUSE_LEVEL, degradation
-from app.policy.live import live_policy
+from app.errors import InvalidRequest
+from app.jobs import executor, lifecycle, router
+from app.jobs.lifecycle import (
+    SERVED_MODELS_TTL,
+    Degradation,
+    Fairness,
+    Idempotency,
+    Job,
+    Lifecycle,
+    Metrics,
+    Ran,
+    RateLimits,
+    ResponseCache,
+    ServedModels,
+    Slots,
+    Submission,
+    Tracing,
+)
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
-from app.settings import get_settings
 from app.state.fleet import fleet_state
 
-#: How long a process trusts its copy of the set of served models.
-SERVED_MODELS_TTL = 2.0
+__all__ = ["SERVED_MODELS_TTL", "InferAsyncResult", "InferTask", "infer", "validate"]
 
 
 class InferAsyncResult(AsyncResult):
@@ -45,28 +55,25 @@ class InferAsyncResult(AsyncResult):
         return InferResult.model_validate(super().get(*args, **kwargs))
 
 
-class _ServedModels:
-    """The fleet's models, refreshed from Redis at most every ``SERVED_MODELS_TTL`` seconds."""
-
-    def __init__(self) -> None:
-        self._models: set[str] = set()
-        self._at = 0.0
-
-    def __contains__(self, model: str) -> bool:
-        if model not in self._models or time.monotonic() - self._at > SERVED_MODELS_TTL:
-            configured = {m for i in get_settings().instances for m in (i.models or ())}
-            self._models = fleet_state().served_models() | configured
-            self._at = time.monotonic()
-        return model in self._models
-
-    def listing(self) -> str:
-        return ", ".join(sorted(self._models)) or "none (is any instance worker running?)"
-
-
 class InferTask(Task):
     name = "corral.infer"
     typing = False
-    _served = _ServedModels()
+
+    #: What happens to a job at each transition, one concern per class, hooks called in this
+    #: order (``app.jobs.lifecycle`` says why this order). A new policy is one more class here.
+    middleware = Lifecycle(
+        [
+            Tracing(),
+            ServedModels(),
+            Degradation(),
+            Slots(),
+            ResponseCache(),
+            RateLimits(),
+            Idempotency(),
+            Fairness(),
+            Metrics(),
+        ]
+    )
 
     def AsyncResult(self, task_id: str, **kwargs: Any) -> InferAsyncResult:
         return InferAsyncResult(task_id, backend=self.backend, task_name=self.name, app=self.app)
@@ -84,22 +91,16 @@ class InferTask(Task):
         if args:
             raise InvalidRequest("infer takes keyword arguments only, e.g. infer.delay(model=...)")
         request = validate(kwargs)
-        if request.model not in self._served:
-            raise ModelNotServed(
-                f"no instance serves model {request.model!r}; served: {self._served.listing()}"
-            )
-        _refuse_if_overloaded(request)
-        _refuse_if_over_limit(request)
-        if request.job_key is not None:
-            first = _claim_job_key(request.job_key, options.setdefault("task_id", uuid()))
-            if first is not None:
-                return self.AsyncResult(first)
-        job = options.setdefault("task_id", uuid())
-        priority = fairness.fair_priority(job, request.tier, request.agent, request.priority)
+        sub = Submission(self, request, options.setdefault("task_id", uuid()), request.priority)
+        handled = self.middleware.before_publish(sub)
+        if handled is not None:
+            answer: InferAsyncResult = handled.value
+            return answer
         options.setdefault("queue", route_queue(request.model, request.tier))
-        options.setdefault("priority", priority)
+        options.setdefault("priority", sub.priority)
         accepted = request.model_dump(mode="json", exclude_none=True)
-        accepted["_route"] = RouteState(submitted_at=time.time(), priority=priority).model_dump()
+        route = RouteState(submitted_at=time.time(), priority=sub.priority)
+        accepted["_route"] = route.model_dump()
         result = super().apply_async((), accepted, ignore_result=True, **options)
         # The router stage stores nothing; the caller waits for the execution stage's result.
         result.ignored = False
@@ -122,66 +123,15 @@ class InferTask(Task):
         return None
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: dict[str, Any]) -> None:
-        # Runs after the result is stored: only now may the slot (and the duplicate guard
-        # that comes with it) go, so a crash in between redelivers rather than loses.
-        if isinstance(retval, dict):  # the job's answer (not a router stage that moved it)
-            fairness.job_ended(task_id, kwargs.get("tier"), kwargs.get("agent"))
-        ran: executor.Ran | None = getattr(self.request, "corral_ran", None)
-        if ran is None:  # the router stage, or a cache hit
+        if not isinstance(retval, dict):  # a router stage that moved the job on
             return
-        fleet_state().finish(
-            task_id, ran.instance, ok=True, model=ran.model, service_ms=ran.service_ms
-        )
-        if ran.cache_key is not None:
-            from app.jobs.cache import response_cache
-
-            response_cache().put(ran.cache_key, retval, task_id)
+        ran: Ran | None = getattr(self.request, "corral_ran", None)  # None: a cache answer
+        self.middleware.after_success(Job(task_id, kwargs), retval, ran)
 
     def on_failure(
         self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: Any
     ) -> None:
-        fairness.job_ended(task_id, kwargs.get("tier"), kwargs.get("agent"))
-        # Safety net for errors the stages did not expect: never leak the slot.
-        instance = (kwargs.get("_route") or {}).get("instance")
-        if instance is not None:
-            fleet_state().finish(task_id, instance, ok=False)
-        try:
-            request = InferRequest.model_validate(
-                {k: v for k, v in kwargs.items() if k != "_route"}
-            )
-        except ValidationError:
-            return  # sent by name with bad input: it never claimed anything
-        if request.cache and request.deterministic:
-            from app.jobs.cache import response_cache
-
-            response_cache().release(request.cache_key(), task_id)
-
-
-def _refuse_if_overloaded(request: InferRequest) -> None:
-    if request.tier == "normal" and degradation().level() >= REFUSE_LEVEL:
-        hold = get_settings().degradation_hold
-        raise Overloaded(
-            f"Corral is overloaded and refuses new normal jobs for now: retry after"
-            f" {hold:.0f} s, or submit at the batch tier to wait in the queue"
-            " (interactive and batch jobs are still taken)",
-            hold,
-        )
-
-
-def _refuse_if_over_limit(request: InferRequest) -> None:
-    """For a class that refuses over its limit: take the job's token now, or raise."""
-    settings = get_settings()
-    agent_class, limits_of = live_policy(settings).class_limits(request.agent, request.agent_class)
-    if limits_of is None or limits_of.on_limit != "refuse":
-        return  # waits its turn in the router, if limited at all
-    wait = rate_limits.take(request.agent, agent_class, refuse=True)
-    if wait > 0:
-        metrics.rate_limited(agent_class, "refused")
-        raise RateLimited(
-            f"agent {request.agent!r} (class {agent_class!r}) is over its rate limit:"
-            f" retry in {wait:.1f} s",
-            wait,
-        )
+        self.middleware.after_failure(Job(task_id, kwargs), exc)
 
 
 @task_revoked.connect
@@ -189,19 +139,9 @@ def _free_revoked_job(sender: Any = None, request: Any = None, **_: Any) -> None
     """A revoked job is dropped by the worker that receives it: give back what it held."""
     if request is None or getattr(sender, "name", None) != InferTask.name:
         return
-    kwargs = getattr(request, "kwargs", None) or {}
-    fairness.job_ended(request.id, kwargs.get("tier"), kwargs.get("agent"))
-    if kwargs.get("model"):
-        fleet_state().forget(request.id, kwargs["model"])
-
-
-def _claim_job_key(key: str, task_id: str) -> str | None:
-    """Bind an idempotency key to ``task_id``; returns the earlier job's id if it was bound."""
-    fleet = fleet_state()
-    name = f"{fleet.ns}:jobkey:{key}"
-    if fleet.redis.set(name, task_id, nx=True, ex=get_settings().result_expires):
-        return None
-    return fleet.redis.get(name)
+    InferTask.middleware.after_revoke(
+        Job(request.id, getattr(request, "kwargs", None)), lifecycle.ON_ARRIVAL
+    )
 
 
 def _display(value: Any, limit: int = 80) -> str:

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from app.jobs import router
+from app.jobs import lifecycle
 from app.jobs.cache import ResponseCache, response_cache
 from app.schemas import InferRequest, InferResult, RouteState
 
@@ -37,7 +37,7 @@ def test_a_claim_won_just_after_the_leader_stored_its_answer_uses_that_answer(
         return real_get(self, key)
 
     monkeypatch.setattr(ResponseCache, "get", leader_finishes_after_first_look_up)
-    out = router._from_cache("duplicate", request, RouteState(submitted_at=time.time()))
+    out = lifecycle._from_cache("duplicate", request, RouteState(submitted_at=time.time()))
 
     assert out is not None and out["routing"]["cache_hit"] and out["id"] == "duplicate"
     assert out["embeddings"] == [[0.5]]

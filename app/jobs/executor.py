@@ -12,6 +12,12 @@ as learned for this instance and model (``app.jobs.silence``): a revoked job's c
 the job ends REVOKED (no retry, no dead letter, the slot freed without a failure counted);
 a silent call is a transient failure like any other, and opens the breaker at once when
 every call on the instance is silent.
+
+The job's ``before_run`` hooks (``app.jobs.lifecycle``) run just before the call; what a
+finished job gives back (its slot, its cache claim, its fairness share) is given back by its
+``after_success`` / ``after_failure`` / ``after_revoke`` hooks. Confirming the slot and
+recording each failed attempt for the breaker (``fleet_state().finish``, also before a retry)
+stay here, next to the call.
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Ignore
@@ -39,10 +44,10 @@ from app.jobs import silence
 from app.jobs.call_guard import Call
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.instance_worker import InstanceAgent, current_agent
+from app.jobs.lifecycle import WHILE_RUNNING, Ran, cacheable
 from app.jobs.relay import token_relay
 from app.observe import metrics
-from app.observe.tracing import record_queue_wait, tracer
-from app.policy.degradation import degradation
+from app.observe.tracing import tracer
 from app.queues import dead_letter_queue, route_queue
 from app.schemas import Answer, InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import get_settings
@@ -53,12 +58,14 @@ from app.state.fleet import fleet_state
 if TYPE_CHECKING:
     from celery import Task
 
+    from tasks.infer import InferTask
+
 
 #: A load_duration longer than this means the model was loaded for this job.
 COLD_LOAD_S = 0.2
 
 
-def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any]:
+def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[str, Any]:
     job = task.request.id
     instance = state.instance
     assert instance is not None
@@ -79,8 +86,7 @@ def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, A
 
     started = time.time()
     attempt = state.attempts + 1
-    record_queue_wait(state.submitted_at, model=request.model, tier=request.tier)
-    degradation().record_wait(request.tier, started - state.submitted_at)
+    task.middleware.before_run(request, state, started)
     chars = silence.prompt_chars(request)
     bounds = silence.Budget(None, None)
     if request.kind != "embed":
@@ -127,25 +133,14 @@ def execute(task: Task, request: InferRequest, state: RouteState) -> dict[str, A
             excluded=state.excluded,
         ),
     )
-    # The slot is freed in InferTask.on_success, after the result is stored.
-    cacheable = request.cache and request.deterministic and get_settings().cache_enabled
+    # The slot is freed by the after_success hooks, once the result is stored.
     task.request.corral_ran = Ran(
         instance,
         request.model,
         result.routing.service_s * 1000,
-        request.cache_key() if cacheable else None,
+        request.cache_key() if cacheable(request) else None,
     )
     return result.model_dump(mode="json")
-
-
-@dataclass(frozen=True)
-class Ran:
-    """What ``InferTask.on_success`` needs of a job that ran, kept on its request context."""
-
-    instance: str
-    model: str
-    service_ms: float
-    cache_key: str | None
 
 
 def _learn_timing(instance: str, model: str, reply: Answer, call: Call) -> None:
@@ -158,16 +153,15 @@ def _learn_timing(instance: str, model: str, reply: Answer, call: Call) -> None:
     fleet_state().record_timing(instance, silence.samples(model, reply, first_s, gap_s))
 
 
-def _cancelled(task: Task, request: InferRequest, agent: InstanceAgent) -> NoReturn:
+def _cancelled(task: InferTask, request: InferRequest, agent: InstanceAgent) -> NoReturn:
     """The job was revoked while it held a slot here: end it REVOKED, hand the slot on.
 
     Not a failure of the instance (no error counted, the breaker as it was), never retried,
     never dead-lettered.
     """
-    job = task.request.id
-    agent.job_ended(job)
-    fleet_state().finish(job, agent.name, ok=False, model=request.model, cancelled=True)
-    end_revoked(job, request, "while it ran")
+    # Before the slot goes (the after_revoke hooks): see _on_failure.
+    agent.job_ended(task.request.id)
+    end_revoked(task, request, WHILE_RUNNING)
 
 
 def _on_failure(

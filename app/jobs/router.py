@@ -1,4 +1,8 @@
-"""The router stage of a job: answer from cache, or wait for a slot and move the job there.
+"""The router stage of a job: wait for a slot and move the job there.
+
+Before it seeks a slot, the job's ``before_route`` hooks run (``app.jobs.lifecycle``): the
+response cache may answer it, a rate limit may park it in a delay queue. Once it holds a
+slot, its ``after_route`` hooks run (the routed counter).
 
 A router thread holds one job at a time. It ranks the instances (``routing.rank``), reserves
 a slot on the best one with room, and if none has room it waits for a finishing job to hand
@@ -10,33 +14,29 @@ that instance's queue with ``Task.replace``: the caller's task id and ``.get()``
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from amqp.exceptions import AMQPError
-from celery import states
 from celery.exceptions import Ignore, Reject
 from kombu.exceptions import OperationalError
 
 from app.errors import JobRejected
-from app.jobs.cache import response_cache
 from app.jobs.cancellation import end_revoked, is_revoked
-from app.observe import metrics
+from app.jobs.lifecycle import WHILE_WAITING
 from app.observe.tracing import tracer
-from app.policy import rate_limits
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy
-from app.queues import delay_queue, instance_queue, queue_counts, route_queue
-from app.schemas import InferRequest, InferResult, RouteState, RoutingInfo
+from app.queues import instance_queue, queue_counts, route_queue
+from app.schemas import InferRequest, RouteState
 from app.settings import TIERS, get_settings
 from app.state.fleet import DONE, fleet_state
 from routing import FleetSnapshot, rank
 
 if TYPE_CHECKING:
-    from celery import Task
+    from tasks.infer import InferTask
 
 #: How long a waiting job sleeps on its hand-off before it looks at the fleet again.
 WAIT_POLL_SECONDS = 1.0
@@ -70,23 +70,14 @@ def waiter_score(request: InferRequest, state: RouteState, level: int = 0) -> fl
     )
 
 
-def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any]:
-    job = task.request.id
-    if request.cache and request.deterministic and get_settings().cache_enabled:
-        cached = _from_cache(job, request, state)
-        metrics.cache_lookup(request.model, hit=cached is not None)
-        if cached is not None:
-            # This stage stores no result of its own (ignore_result), so store the answer.
-            task.backend.store_result(job, cached, states.SUCCESS)
-            return cached
-
-    start_after = _rate_limited_until(request, state)
-    if start_after is not None:
-        return _park(task, request, state, start_after)
+def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str, Any]:
+    # The response cache may answer, a rate limit may park the job (app.jobs.lifecycle).
+    handled = task.middleware.before_route(task, request, state)
+    if handled is not None:
+        return handled.value
     with tracer.start_as_current_span("corral.route", attributes={"model": request.model}) as span:
-        instance, choice_score, strategy = _reserve_slot(job, request, state)
+        instance, choice_score, strategy = _reserve_slot(task, request, state)
         span.set_attributes({"instance": instance, "strategy": strategy})
-    metrics.routed(strategy, instance)
     routed = state.model_copy(
         update={
             "instance": instance,
@@ -95,6 +86,7 @@ def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any
             "score": choice_score,
         }
     )
+    task.middleware.after_route(request, routed)
     sig = task.signature(
         kwargs={**task.request.kwargs, "_route": routed.model_dump()},
         queue=instance_queue(instance),
@@ -109,53 +101,10 @@ def route(task: Task, request: InferRequest, state: RouteState) -> dict[str, Any
         raise Reject(exc, requeue=True) from exc
 
 
-def _rate_limited_until(request: InferRequest, state: RouteState) -> float | None:
-    """Take the job's token (``app.policy.rate_limits``); the time it is due, or None to start
-    it now."""
-    start_after = state.start_after
-    if start_after is None:
-        settings = get_settings()
-        agent_class, limits_of = live_policy(settings).class_limits(
-            request.agent, request.agent_class
-        )
-        if limits_of is not None and limits_of.on_limit == "refuse":
-            return None  # took its token when it was submitted
-        wait = rate_limits.take(request.agent, agent_class, refuse=False)
-        if wait <= 0:
-            return None
-        metrics.rate_limited(agent_class, "delayed")
-        start_after = time.time() + wait
-    remaining = start_after - time.time()
-    if remaining < 1:
-        time.sleep(max(remaining, 0))  # shorter than the shortest delay queue
-        return None
-    return start_after
-
-
-def _park(task: Task, request: InferRequest, state: RouteState, start_after: float) -> Any:
-    """Send the job to wait in a delay queue, from which RabbitMQ returns it to this router
-    (no thread waits for it meanwhile). A long wait takes several stays, halving each time."""
-    remaining = start_after - time.time()
-    seconds = min(2 ** int(math.log2(max(remaining, 1))), MAX_DELAY_SECONDS)
-    sig = task.signature(
-        kwargs={
-            **task.request.kwargs,
-            "_route": state.model_copy(update={"start_after": start_after}).model_dump(),
-        },
-        queue=delay_queue(route_queue(request.model, request.tier), seconds),
-        priority=state.queue_priority(request),
-        ignore_result=True,
-    )
-    return task.replace(sig)
-
-
-#: The longest single stay in a delay queue; a longer wait takes several.
-MAX_DELAY_SECONDS = 1024
-
-
 def _reserve_slot(
-    job: str, request: InferRequest, state: RouteState
+    task: InferTask, request: InferRequest, state: RouteState
 ) -> tuple[str, dict[str, float], str]:
+    job = task.request.id
     fleet = fleet_state()
     settings = get_settings()
     agent_class, limits_of = live_policy(settings).class_limits(request.agent, request.agent_class)
@@ -211,8 +160,7 @@ def _reserve_slot(
             got = fleet.wait_handoff(job, WAIT_POLL_SECONDS)
             if got is None:
                 if is_revoked(job):  # app.jobs.cancellation: no longer a waiter, REVOKED
-                    fleet.forget(job, request.model)
-                    end_revoked(job, request, "while it waited for a slot")
+                    end_revoked(task, request, WHILE_WAITING)
                 if shutting_down.is_set():
                     # Back to the broker; the job keeps its place among the waiters.
                     raise Reject("router shutting down", requeue=True)
@@ -282,31 +230,3 @@ class _Backlog:
 #: Seconds a reading of the route queues' depths is reused.
 BACKLOG_TTL = 0.5
 _backlog = _Backlog()
-
-
-def _from_cache(job: str, request: InferRequest, state: RouteState) -> dict[str, Any] | None:
-    cache = response_cache()
-    digest = request.cache_key()
-    hit = cache.get(digest)
-    if hit is None:
-        s = get_settings()
-        budget = s.request_timeout * s.max_attempts
-        leader = cache.claim(digest, job, budget)
-        if leader == job:
-            # The previous leader may have stored its answer (and dropped its claim) between
-            # the look-up above and this claim.
-            hit = cache.get(digest)
-            if hit is None:
-                return None
-            cache.release(digest, job)
-        else:
-            hit = cache.wait_for_leader(digest, time.time() + budget)
-        if hit is None:
-            return None
-    result = InferResult.model_validate(hit)
-    result.id = job
-    now = time.time()
-    result.routing = RoutingInfo(
-        cache_hit=True, attempts=state.attempts, wait_s=now - state.submitted_at, finished_at=now
-    )
-    return result.model_dump(mode="json")

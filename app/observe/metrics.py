@@ -5,8 +5,9 @@ Recorded where the fact is known, with no change to the task's own code beyond t
 * Celery signals in the worker that ran the stage: ``task_success`` (outcome, and the wait,
   service and total latency from ``InferResult.routing``), ``task_failure`` and
   ``task_retry`` (one per transient failure sent back through the router);
-* ``routed``, ``cache_lookup`` and ``rate_limited``, called by the router stage
-  (``app.jobs.router``) and, for refused jobs, at the call (``tasks.infer``);
+* ``routed``, ``cache_lookup``, ``rate_limited`` and ``cancelled``, called by the job's
+  lifecycle middleware (``app.jobs.lifecycle``: ``Metrics``, ``ResponseCache``, ``RateLimits``)
+  in the router stage, at the call (refused jobs) and when a revoked job ends;
 * ``dead_lettered``, called when a job is written to the dead-letter queue (``app.jobs.executor``);
 * ``ignored_options``, called by the gateway for options Ollama would ignore
   (``app.gateway.native``).

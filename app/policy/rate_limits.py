@@ -8,8 +8,8 @@ global one), in one Lua call. A bucket refills at its rate and holds at most
   gateway answers 429), naming when to retry; nothing is queued.
 * ``wait`` (default): the router reserves the job's token anyway (a bucket may go below
   zero: the queue of reservations), and the job starts when its token is due. It waits in
-  RabbitMQ meanwhile, not in a router thread (``app.jobs.router``), so a limited agent never holds
-  back anyone else's jobs.
+  RabbitMQ meanwhile, not in a router thread (``app.jobs.lifecycle.RateLimits``), so a limited
+  agent never holds back anyone else's jobs.
 
 The rates and each class's choice come from the live policy (``app.policy.live``): a change made
 with ``corral policy`` or the admin API applies to the next job, within a second.
