@@ -200,7 +200,13 @@ def configure_from(obj: Any, namespace: str | None = None, *, app: Celery | None
     corral = celery_config(get_settings())
 
     def keep_corral(source: ConfigurationView, **_: Any) -> None:
-        framework = ConfigurationView({}, [app.loader.conf], prefix=app.namespace)
+        # celery-types is wrong twice here: ConfigurationView takes a list of default mappings
+        # (it chains them), and Celery sets app.namespace in __init__ (config_from_object too).
+        framework = ConfigurationView(
+            {},
+            [app.loader.conf],  # type: ignore[arg-type]
+            prefix=app.namespace,  # type: ignore[attr-defined]
+        )
         source.update(_over_framework(corral, framework))
 
     # Connected first: config_from_object loads at once if the app is already configured.

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -120,7 +120,7 @@ def router(
     if tier not in TIERS:
         raise typer.BadParameter(f"tier must be one of {', '.join(TIERS)}")
     deadline = time.time() + wait
-    while not (queues := router_worker.configure(tier)):  # type: ignore[arg-type]
+    while not (queues := router_worker.configure(tier)):
         if time.time() > deadline:
             typer.echo("no instance has registered a model; start an instance worker", err=True)
             raise typer.Exit(1)
@@ -174,7 +174,8 @@ def degrade(
     state = degradation()
     if level is not None or auto:
         state.pin(None if auto else level)
-    now = state.redis.hgetall(state.key)
+    # The client decodes responses (redis-py types a reply as bytes or str).
+    now = cast(dict[str, str], state.redis.hgetall(state.key))
     current = state.level(fresh=True)
     pinned = " (pinned; --auto releases it)" if "override" in now else ""
     typer.echo(f"degradation level {current}: {NAMES[current]}{pinned}")
@@ -211,7 +212,7 @@ def submit(
     """Submit one job and print its result as JSON."""
     from tasks import infer
 
-    fields: dict = {"model": model, "tier": tier, "priority": priority, "agent": agent}
+    fields: dict[str, Any] = {"model": model, "tier": tier, "priority": priority, "agent": agent}
     if embed:
         fields |= {"kind": "embed", "input": embed}
     elif message:
@@ -334,7 +335,8 @@ def bench(
     from app.bench.overhead import run_benchmark
     from app.bench.report import meta, publish  # imports matplotlib: fail before measuring
 
-    if plot_only is None:
+    report_file = plot_only
+    if report_file is None:
         report = {"meta": meta(sys.argv[1:])}
         batch = {} if backlog is None else {"batch": backlog}
         if scenario in ("overhead", "all"):
@@ -353,11 +355,11 @@ def bench(
 
             typer.echo(f"\n{BURST_JOBS} jobs at once, interactive jobs meanwhile")
             report["burst"] = run_burst()
-        out = out or Path(f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2))
-        typer.echo(f"report written to {out}")
-    png = publish(plot_only or out, Path("docs/bench.png") if docs_plot else None)
+        report_file = out or Path(f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}.json")
+        report_file.parent.mkdir(parents=True, exist_ok=True)
+        report_file.write_text(json.dumps(report, indent=2))
+        typer.echo(f"report written to {report_file}")
+    png = publish(report_file, Path("docs/bench.png") if docs_plot else None)
     typer.echo(f"plot written to {png}" + (" and docs/bench.png" if docs_plot else ""))
 
 
@@ -484,4 +486,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import Engine, create_engine, make_url
-from sqlalchemy.orm import DeclarativeBase, sessionmaker
+from sqlalchemy import CursorResult, Engine, Result, create_engine, make_url
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 
 class Base(DeclarativeBase):
@@ -33,5 +34,11 @@ def shown_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def sessions(url: str) -> sessionmaker:
+def sessions(url: str) -> sessionmaker[Session]:
     return sessionmaker(engine(url), expire_on_commit=False)
+
+
+def rows_changed(result: Result[*tuple[Any, ...]]) -> int:
+    """The rows an UPDATE or DELETE changed. ``Session.execute`` types its result as a Result;
+    a DML statement's is a CursorResult, which counts them (SQLAlchemy documents the cast)."""
+    return cast("CursorResult[*tuple[Any, ...]]", result).rowcount

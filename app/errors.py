@@ -114,7 +114,8 @@ class JobFailed(CorralError):
 
     @property
     def history(self) -> list[dict[str, Any]]:
-        return self.details.get("history", [])
+        history: list[dict[str, Any]] = self.details.get("history", [])
+        return history
 
     @property
     def job_id(self) -> str | None:

@@ -14,13 +14,41 @@ agree in every process (see ``app.celery_app``).
 
 from __future__ import annotations
 
+from typing import Protocol, cast
+
 from amqp.exceptions import NotFound
 from kombu import Connection, Exchange, Queue
+from kombu.transport.base import StdChannel
 
 from app.settings import Tier, get_settings
 
 #: Seconds to reach RabbitMQ before a depth reading gives up (a Prometheus scrape waits 10).
 BROKER_CONNECT_TIMEOUT = 2.0
+
+
+class QueueDeclareOk(Protocol):
+    """The reply to a queue declare (py-amqp's ``queue_declare_ok_t``)."""
+
+    queue: str
+    message_count: int
+    consumer_count: int
+
+
+class BrokerChannel(Protocol):
+    """The queue methods of a channel to RabbitMQ (py-amqp's ``Channel``, which kombu's
+    pyamqp transport uses), as Corral calls them."""
+
+    def queue_declare(self, queue: str, *, passive: bool) -> QueueDeclareOk: ...
+
+    def queue_delete(self, queue: str) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def broker_channel(channel: StdChannel) -> BrokerChannel:
+    """``channel`` with its queue methods: kombu types a connection's channels as its
+    abstract ``StdChannel``, which declares none of them."""
+    return cast(BrokerChannel, channel)
 
 
 def route_queue(model: str, tier: Tier) -> str:
@@ -44,14 +72,15 @@ def queue_counts(queues: list[str]) -> dict[str, tuple[int, int]]:
 
     About a millisecond a queue; no management plugin needed.
     """
-    counts = {}
+    counts: dict[str, tuple[int, int]] = {}
     with Connection(get_settings().broker_url, connect_timeout=BROKER_CONNECT_TIMEOUT) as conn:
         conn.connect()
         for queue in queues:
             # A passive declare of a missing queue closes its channel: one channel each.
-            channel = conn.channel()
+            channel = broker_channel(conn.channel())
             try:
-                _, ready, consumers = channel.queue_declare(queue, passive=True)
+                declared = channel.queue_declare(queue, passive=True)
+                ready, consumers = declared.message_count, declared.consumer_count
             except NotFound:
                 ready, consumers = 0, 0
             finally:

@@ -125,7 +125,7 @@ class InferRequest(BaseModel):
 
     def ollama_body(self, *, stream: bool) -> dict[str, Any]:
         """The JSON body for Ollama's native endpoint of this kind."""
-        body = self.model_dump(exclude_none=True, exclude=CORRAL_FIELDS)
+        body = self.model_dump(exclude_none=True, exclude=set(CORRAL_FIELDS))
         if self.kind != "embed":
             body["stream"] = stream
         return body
@@ -133,7 +133,7 @@ class InferRequest(BaseModel):
     def cache_key(self) -> str:
         """Canonical hash of what determines the answer (not tier, agent or keep_alive)."""
         semantic = self.model_dump(
-            exclude_none=True, exclude=(CORRAL_FIELDS - {"kind"}) | {"keep_alive"}
+            exclude_none=True, exclude=set(CORRAL_FIELDS - {"kind"}) | {"keep_alive"}
         )
         canonical = json.dumps(semantic, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

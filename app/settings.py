@@ -112,6 +112,10 @@ class AgentClass(BaseModel):
     )
 
 
+def _tier_delays() -> dict[Tier, float]:
+    return {"interactive": 0.0, "normal": 60.0, "batch": 600.0}
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="CORRAL_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -159,7 +163,7 @@ class Settings(BaseSettings):
         3.0, ge=1, description="allowance for a cold load: this many times its learned time"
     )
     tier_delay_seconds: dict[Tier, float] = Field(
-        default_factory=lambda: {"interactive": 0.0, "normal": 60.0, "batch": 600.0},
+        default_factory=_tier_delays,
         description="head start of more urgent tiers; a job waiting longer is served as urgent",
     )
     priority_step_seconds: float = Field(1.0, ge=0, description="head start per priority step")

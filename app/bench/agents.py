@@ -94,6 +94,18 @@ class Done(NamedTuple):
     received_s: float = 0.0
 
     @property
+    def start(self) -> float:
+        """When a job that ran started."""
+        assert self.started is not None
+        return self.started
+
+    @property
+    def end(self) -> float:
+        """When a job that ran finished."""
+        assert self.finished is not None
+        return self.finished
+
+    @property
     def wait(self) -> float:
         """Until the job started; for one given up, until then (a lower bound)."""
         if self.gave_up_at is not None:
@@ -343,7 +355,7 @@ def summarize(
         "single_max_wait_s": max((s["wait_s"] for s in singles), default=0.0),
         "single_max_x_fair_share": max((s["x_fair_share"] for s in singles), default=0.0),
         "batch_queued_at_interactive": _batch_queued(done),
-        "makespan_s": round(max((d.finished for d in ok), default=0.0), 2),
+        "makespan_s": round(max((d.end for d in ok), default=0.0), 2),
         "refused": sum(d.refused for d in done),
         "lost": lost,
         # Impatient agents: answers they gave up waiting for (and asked again), and jobs
@@ -434,11 +446,11 @@ def _class_figures(done: list[Done], agent_class: str, service_s: float) -> dict
     limits = CLASSES[agent_class]
     if not mine:
         return {"jobs": 0, "limits": limits}
-    span = max(d.finished for d in mine) - min(d.submitted for d in mine)
-    starts = [d.started for d in mine]
+    span = max(d.end for d in mine) - min(d.submitted for d in mine)
+    starts = [d.start for d in mine]
     per_agent: dict[str, list[float]] = {}
     for d in mine:
-        per_agent.setdefault(d.job.agent, []).append(d.started)
+        per_agent.setdefault(d.job.agent, []).append(d.start)
     cap = limits.get("max_in_flight")
     return {
         "jobs": len(mine),

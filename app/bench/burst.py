@@ -23,13 +23,14 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import requests
 import typer
+from celery.result import AsyncResult
 
-from app.bench.fleet import MIX, Proxy, _stack, backlog_fleet
+from app.bench.fleet import MIX, Proxy, ProxyCall, _stack, backlog_fleet
 from app.bench.stats import percentile
 
 BURST_JOBS = 700
@@ -44,7 +45,7 @@ BURSTS: dict[str, dict[str, int]] = {
 Span = tuple[float, float]
 
 
-def idle_share(spans: dict[str, list[Span]], slots: dict[str, int], since: float) -> dict:
+def idle_share(spans: dict[str, list[Span]], slots: dict[str, int], since: float) -> dict[str, Any]:
     """The share of slot-time idle while work waited (pure).
 
     Work waits from ``since`` (the burst's first submission) until the last request that
@@ -119,7 +120,7 @@ def burst_through_corral(
             for tier, n in per_tier.items()
             for i in range(n)
         ]
-        probes = []
+        probes: list[AsyncResult[Any]] = []
         while not all(j.ready() for j in burst[-10:]) and time.time() - t0 < timeout:
             probes.append(
                 infer.delay(model=model, prompt=f"probe {len(probes)}", tier="interactive")
@@ -144,7 +145,7 @@ def burst_through_proxy(proxy: Proxy, jobs: int, urls: dict[str, str]) -> dict[s
     with ThreadPoolExecutor(jobs + 200) as pool:
         t0 = time.time()
         burst = [pool.submit(proxy.call, f"pburst {i}") for i in range(jobs)]
-        probes = []
+        probes: list[Future[ProxyCall]] = []
         while not all(f.done() for f in burst[-10:]) and len(probes) < 200:
             probes.append(pool.submit(proxy.call, f"pprobe {len(probes)}"))
             time.sleep(PROBE_EVERY_S)

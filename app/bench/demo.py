@@ -7,6 +7,7 @@ import statistics
 import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import requests
 import typer
@@ -19,7 +20,7 @@ CHAT_MODELS = ("llama3.2:3b", "qwen2.5:7b")
 EMBED_MODEL = "nomic-embed-text"
 
 
-def _job(i: int, tier: str) -> dict:
+def _job(i: int, tier: str) -> dict[str, Any]:
     agent = f"{tier}-agent-{i % 8}"
     if i % 10 == 0:
         return {
@@ -40,8 +41,8 @@ def _job(i: int, tier: str) -> dict:
     }
 
 
-def sim_stats(urls: list[str]) -> dict[str, dict]:
-    out = {}
+def sim_stats(urls: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
     for url in urls:
         try:
             out[url] = requests.get(f"{url}/sim/stats", timeout=2).json()
@@ -71,7 +72,8 @@ def run_demo(n_jobs: int, *, sim_urls: list[str]) -> list[InferResult]:
         i, tier = i_tier
         if tier != "batch":
             time.sleep(rng.random() * 3)  # interactive and normal agents arrive over time
-        return infer.delay(**_job(i, tier)).get(timeout=300)
+        result: InferResult = infer.delay(**_job(i, tier)).get(timeout=300)
+        return result
 
     with ThreadPoolExecutor(max_workers=64) as pool:
         results = list(pool.map(one, enumerate(batch_first)))

@@ -159,7 +159,7 @@ class Proxy:
 
 
 def _ideal(sims: list[dict[str, Any]], jobs: int) -> float:
-    capacity = sum(s["num_parallel"] * s.get("speed", 1.0) / FAST_S for s in sims)
+    capacity: float = sum(s["num_parallel"] * s.get("speed", 1.0) / FAST_S for s in sims)
     return jobs / capacity
 
 
@@ -184,7 +184,9 @@ def run_mixed(jobs: int = 500, short: int = SHORT_BATCH) -> dict[str, Any]:
         proxies = {p: Proxy(list(urls.values()), p) for p in ("round_robin", "least_connections")}
         by_url = {u: n for n, u in urls.items()}
 
-        def run(label: str, n: int, into: dict[str, Any], send: Callable[[int], Counter]) -> None:
+        def run(
+            label: str, n: int, into: dict[str, Any], send: Callable[[int], Counter[str]]
+        ) -> None:
             _unload(urls["cold-1"])
             fleet.reset_sims()
             t = time.perf_counter()
@@ -203,8 +205,8 @@ def run_mixed(jobs: int = 500, short: int = SHORT_BATCH) -> dict[str, Any]:
                 f" {dict(sorted(served.items()))}"
             )
 
-        def through(proxy: Proxy) -> Callable[[int], Counter]:
-            def send(n: int) -> Counter:
+        def through(proxy: Proxy) -> Callable[[int], Counter[str]]:
+            def send(n: int) -> Counter[str]:
                 with ThreadPoolExecutor(64) as pool:
                     hits = list(pool.map(proxy.call, (f"proxy {i}" for i in range(n))))
                 return Counter(by_url[h.url] for h in hits)
@@ -220,14 +222,14 @@ def run_mixed(jobs: int = 500, short: int = SHORT_BATCH) -> dict[str, Any]:
     return out
 
 
-def _corral_batch(strategy: str, jobs: int) -> Counter:
+def _corral_batch(strategy: str, jobs: int) -> Counter[str]:
     from tasks import infer
 
     pending = [infer.delay(model=MIX, prompt=f"{strategy} {i}", tier="batch") for i in range(jobs)]
     return Counter(r.get(timeout=600).routing.instance for r in pending)
 
 
-def run_backlog(batch: int = 500, interactive: int = 20, service_s: float = 0.25) -> dict:
+def run_backlog(batch: int = 500, interactive: int = 20, service_s: float = 0.25) -> dict[str, Any]:
     """Interactive jobs arriving every ``ARRIVAL_S`` behind ``batch`` jobs submitted at once."""
     sims = backlog_fleet(service_s)
     parallelism = {s["name"]: s["num_parallel"] for s in sims}

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import requests
 
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
@@ -101,7 +103,7 @@ class LocalFleet:
         fleet_file.write_text(sim_fleet_toml(self.sims))
         self._start("sim", [sys.executable, "-m", "app.simulator", "--fleet", str(fleet_file)])
         for name, url in self.sim_urls.items():
-            wait_until(lambda url=url: _answers(url + "/api/version"), 30, f"simulator {name}")
+            wait_until(partial(_answers, url + "/api/version"), 30, f"simulator {name}")
         for s in self.sims:
             self.start_worker(s["name"])
         if self.routers:
@@ -158,11 +160,13 @@ class LocalFleet:
             child.stop()
 
     def sim_stats(self, name: str) -> dict[str, Any]:
-        return requests.get(self.sim_urls[name] + "/sim/stats", timeout=5).json()
+        stats: dict[str, Any] = requests.get(self.sim_urls[name] + "/sim/stats", timeout=5).json()
+        return stats
 
     def sim_total(self, stat: str) -> float:
         """One counter of ``/sim/stats`` summed over the simulators."""
-        return sum(self.sim_stats(name)[stat] for name in self.sim_urls)
+        total: float = sum(self.sim_stats(name)[stat] for name in self.sim_urls)
+        return total
 
     def slots_held(self) -> dict[str, int]:
         """The instances whose slot counter (in Redis) is not 0, with the count."""
@@ -176,8 +180,9 @@ class LocalFleet:
         from app.state.fleet import fleet_state
 
         state = fleet_state()
-        keys = state.redis.keys(f"{state.ns}:wait:*")
-        return {k: w for k in keys if (w := state.redis.zrange(k, 0, -1))}
+        # The client decodes responses (redis-py types a reply as bytes or str).
+        keys = cast(list[str], state.redis.keys(f"{state.ns}:wait:*"))
+        return {k: w for k in keys if (w := cast(list[str], state.redis.zrange(k, 0, -1)))}
 
     def idle(self) -> bool:
         """No slot held and no job waiting for one."""
@@ -206,7 +211,13 @@ class LocalFleet:
     def purge(self) -> None:
         """Delete the namespace's Redis keys and queues."""
         from app.celery_app import celery_app
-        from app.queues import batch_queue, dead_letter_queue, instance_queue, route_queue
+        from app.queues import (
+            batch_queue,
+            broker_channel,
+            dead_letter_queue,
+            instance_queue,
+            route_queue,
+        )
         from app.state.fleet import fleet_state
 
         redis = fleet_state().redis
@@ -217,7 +228,7 @@ class LocalFleet:
         queues += [route_queue(m, t) for m in models for t in TIERS]
         with celery_app.connection_for_write() as conn:
             for q in queues:
-                conn.default_channel.queue_delete(q)
+                broker_channel(conn.default_channel).queue_delete(q)
 
 
 def _answers(url: str) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure, SubFigure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from app.bench.stats import percentile
@@ -330,7 +331,7 @@ def _limits(limits: dict[str, Any]) -> str:
 
 def _top(ax: Axes) -> float:
     """The tallest bar drawn on ``ax`` so far."""
-    return max((p.get_height() for p in ax.patches), default=1.0)
+    return max((p.get_height() for p in ax.patches if isinstance(p, Rectangle)), default=1.0)
 
 
 # -- mixed fleet and overhead ----------------------------------------------------------------

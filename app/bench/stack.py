@@ -33,7 +33,7 @@ class Child:
     argv: list[str]
     env: dict[str, str]
     log_dir: Path = LOG_DIR
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     log: Path = field(init=False)
 

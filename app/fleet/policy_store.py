@@ -22,7 +22,7 @@ from sqlalchemy import JSON, DateTime, Select, String, UniqueConstraint, delete,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base, sessions
+from app.db import Base, rows_changed, sessions
 from app.policy.live import Policy
 from app.settings import AgentClass, Settings, check_class_name, get_settings
 
@@ -94,10 +94,10 @@ class PolicyStore:
         self.namespace = namespace or s.namespace
         self._sessions = sessions(self.url)
 
-    def _mine(self) -> Select[tuple[AgentClassRow]]:
+    def _mine(self) -> Select[AgentClassRow]:
         return select(AgentClassRow).where(AgentClassRow.namespace == self.namespace)
 
-    def _global(self) -> Select[tuple[GlobalLimitsRow]]:
+    def _global(self) -> Select[GlobalLimitsRow]:
         return select(GlobalLimitsRow).where(GlobalLimitsRow.namespace == self.namespace)
 
     def classes(self) -> dict[str, AgentClass]:
@@ -154,7 +154,7 @@ class PolicyStore:
                     AgentClassRow.namespace == self.namespace, AgentClassRow.name == name
                 )
             )
-            return gone.rowcount > 0
+            return rows_changed(gone) > 0
 
     def set_global_rate(self, rate: float | None) -> float | None:
         rate = _rate(rate)

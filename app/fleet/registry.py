@@ -18,6 +18,7 @@ seeded along with the instances.
 
 from __future__ import annotations
 
+import builtins
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,7 @@ from sqlalchemy import JSON, DateTime, Select, String, UniqueConstraint, delete,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.db import Base, sessions
+from app.db import Base, rows_changed, sessions
 
 # Also registers the policy's tables, for Alembic (migrations/env.py imports this module).
 from app.fleet.policy_store import PolicyStore
@@ -129,7 +130,7 @@ class Registry:
 
         upgrade(self.url)
 
-    def _mine(self) -> Select[tuple[Instance]]:
+    def _mine(self) -> Select[Instance]:
         return select(Instance).where(Instance.namespace == self.namespace)
 
     def list(self) -> list[InstanceConfig]:
@@ -181,9 +182,10 @@ class Registry:
             gone = session.execute(
                 delete(Instance).where(Instance.namespace == self.namespace, Instance.name == name)
             )
-            return gone.rowcount > 0
+            return rows_changed(gone) > 0
 
-    def seed_from_settings(self, settings: Settings | None = None) -> list[str]:
+    # builtins.list: ``list`` in this class is the method above.
+    def seed_from_settings(self, settings: Settings | None = None) -> builtins.list[str]:
         """Write the settings' instances that are new or changed since they were last
         seeded (see the module's docstring); returns their names.
 

@@ -23,7 +23,7 @@ Changes apply live, exactly as from the CLI (``app.fleet.admin``, ``app.fleet.po
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -59,6 +59,24 @@ async def require_admin(request: Request) -> None:
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
+T = TypeVar("T")
+
+
+class _Changes(BaseModel):
+    """The base of a PATCH body: a misspelt field is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _changes(name: str, model: type[BaseModel], *, skip: str | None = None) -> type[_Changes]:
+    """A PATCH body for ``model``: each of its fields (but ``skip``) optional, default None."""
+    fields: dict[str, Any] = {}
+    for field_name, field in model.model_fields.items():
+        if field_name != skip:
+            assert field.annotation is not None  # every field of a model class is annotated
+            fields[field_name] = (field.annotation | None, None)
+    return create_model(name, __base__=_Changes, **fields)
+
 
 class NewInstance(InstanceConfig):
     """The body of ``POST /admin/instances``: a misspelt field is an error, not ignored."""
@@ -66,19 +84,18 @@ class NewInstance(InstanceConfig):
     model_config = ConfigDict(extra="forbid")
 
 
-#: The body of ``PATCH /admin/instances/{name}``: any registry field but the name.
-InstanceChanges = create_model(
-    "InstanceChanges",
-    __config__=ConfigDict(extra="forbid"),
-    **{
-        name: (field.annotation | None, None)
-        for name, field in InstanceConfig.model_fields.items()
-        if name != "name"
-    },
-)
+if TYPE_CHECKING:
+    # Models built at run time are no types to mypy: it sees their base.
+    InstanceChanges = _Changes
+    ClassChanges = _Changes
+else:
+    #: The body of ``PATCH /admin/instances/{name}``: any registry field but the name.
+    InstanceChanges = _changes("InstanceChanges", InstanceConfig, skip="name")
+    #: The body of ``PATCH /admin/classes/{name}``: any field of a class; null lifts a limit.
+    ClassChanges = _changes("ClassChanges", AgentClass)
 
 
-async def _run(request: Request, change: Callable[[FleetAdmin], Any]) -> Any:
+async def _run(request: Request, change: Callable[[FleetAdmin], T]) -> T:
     """Run ``change`` in the gateway's thread pool; its refusals as HTTP errors."""
     svc = services(request)
     try:
@@ -145,13 +162,6 @@ async def remove_instance(
 
 # Agent classes and the global rate ----------------------------------------------------------
 
-#: The body of ``PATCH /admin/classes/{name}``: any field of a class; null lifts a limit.
-ClassChanges = create_model(
-    "ClassChanges",
-    __config__=ConfigDict(extra="forbid"),
-    **{name: (field.annotation | None, None) for name, field in AgentClass.model_fields.items()},
-)
-
 
 class GlobalRate(BaseModel):
     """The body of ``PUT /admin/global-rate``; null lifts the global limit."""
@@ -161,7 +171,7 @@ class GlobalRate(BaseModel):
     global_rate_per_minute: float | None = Field(gt=0)
 
 
-async def _policy(request: Request, change: Callable[[PolicyAdmin], Any]) -> Any:
+async def _policy(request: Request, change: Callable[[PolicyAdmin], T]) -> T:
     """Run ``change`` in the gateway's thread pool; its refusals as HTTP errors. The database
     was migrated and seeded at the gateway's start (``FleetAdmin.ready``)."""
     svc = services(request)

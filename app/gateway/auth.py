@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.gateway.api_keys import KeyInfo, KeyStore
+from app.gateway.blocking import Blocking
 from app.gateway.errors import GatewayError, error_response
 from app.settings import TIERS, Tier, get_settings
 
@@ -31,7 +32,7 @@ CACHE_LIMIT = 10_000
 class KeyCache:
     """Key look-ups, each result (a hit or a miss) reused for ``ttl`` seconds."""
 
-    def __init__(self, store: KeyStore, ttl: float, blocking: Any) -> None:
+    def __init__(self, store: KeyStore, ttl: float, blocking: Blocking) -> None:
         self.store, self.ttl, self._blocking = store, ttl, blocking
         self._entries: dict[str, tuple[float, KeyInfo | None]] = {}
 

@@ -17,15 +17,15 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
-from typing import Any
 
 import redis
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import HTMLResponse
 
+from app.gateway.blocking import Blocking
 from app.gateway.dashboard_data import DashboardData, QueueDepths, read
 from app.gateway.errors import GatewayError
 from app.settings import TIERS
@@ -59,7 +59,7 @@ class RateMeter:
 class DashboardFeed:
     """The latest read of the fleet, shared by every request of this gateway."""
 
-    def __init__(self, blocking: Callable[..., Any], broker_url: str) -> None:
+    def __init__(self, blocking: Blocking, broker_url: str) -> None:
         self._blocking = blocking
         self._depths = QueueDepths(broker_url)
         self._rates = RateMeter(RATE_WINDOW)
@@ -93,9 +93,11 @@ class _QuietPolls(logging.Filter):
     drown the lines of the requests that matter."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access line: (client, method, path, http version, status).
         args = record.args
-        polled = isinstance(args, tuple) and len(args) == 5 and args[2] == DATA_PATH
-        return not (polled and args[4] == 200)
+        if not (isinstance(args, tuple) and len(args) == 5):
+            return True
+        return not (args[2] == DATA_PATH and args[4] == 200)
 
 
 @asynccontextmanager
@@ -132,4 +134,5 @@ async def page() -> HTMLResponse:
 
 @router.get("/data")
 async def data(request: Request) -> DashboardData:
-    return await request.app.state.dashboard.data()
+    feed: DashboardFeed = request.app.state.dashboard
+    return await feed.data()

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from amqp.channel import Channel
 from amqp.exceptions import AMQPError, NotFound
 from kombu import Connection
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel
 
-from app.queues import dead_letter_queue, route_queue
+from app.queues import BrokerChannel, broker_channel, dead_letter_queue, route_queue
 from app.settings import TIERS, get_settings
 from app.state import failures as recent_failures
 from app.state.failures import Failure
@@ -86,7 +85,7 @@ class QueueDepths:
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: Connection | None = None
-        self._channel: Channel | None = None
+        self._channel: BrokerChannel | None = None
 
     def read(self, queues: list[str]) -> dict[str, int]:
         try:
@@ -99,7 +98,7 @@ class QueueDepths:
         if self._channel is None:
             if self._conn is None:
                 self._conn = Connection(self.url, connect_timeout=BROKER_CONNECT_TIMEOUT)
-            self._channel = self._conn.channel()
+            self._channel = broker_channel(self._conn.channel())
         try:
             return self._channel.queue_declare(queue, passive=True).message_count
         except NotFound:

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from app.gateway.blocking import Blocking
 from app.gateway.errors import GatewayError
 from app.state.fleet import fleet_state
 
@@ -56,7 +57,7 @@ def unix_time(stamp: str | None) -> int:
 
 
 class FleetInfo:
-    def __init__(self, http: httpx.AsyncClient, blocking: Any) -> None:
+    def __init__(self, http: httpx.AsyncClient, blocking: Blocking) -> None:
         self.http = http
         self._blocking = blocking
 
@@ -67,7 +68,8 @@ class FleetInfo:
         try:
             reply = await self.http.get(inst.url + path, timeout=ASK_TIMEOUT)
             reply.raise_for_status()
-            return reply.json()
+            body: dict[str, Any] | None = reply.json()  # Ollama answers with an object
+            return body
         except (httpx.HTTPError, ValueError):
             return None
 
@@ -111,7 +113,8 @@ class FleetInfo:
             if inst.up and inst.url:
                 reply = await self._ask(inst, "/api/version")
                 if reply and reply.get("version"):
-                    return reply["version"]
+                    version: str = reply["version"]
+                    return version
         return "0.0.0"
 
     async def show(self, model: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:

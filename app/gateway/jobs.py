@@ -11,9 +11,10 @@ import asyncio
 import contextvars
 import logging
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from celery import states
 from celery.exceptions import TaskRevokedError
@@ -27,6 +28,9 @@ from app.state.fleet import fleet_state
 from tasks import infer
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 #: Where a job is that has no result yet.
 Place = Literal["queued", "waiting_for_slot", "running"]
@@ -63,7 +67,7 @@ class JobClient:
         self.results = results
         self.timeout = timeout
 
-    async def blocking(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    async def blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking call in the gateway's thread pool."""
         loop = asyncio.get_running_loop()
         # In this request's context: its trace span and job id follow the call into the thread.

@@ -10,7 +10,7 @@ not exist).
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from celery import states
 from celery.exceptions import TaskRevokedError
@@ -59,7 +59,8 @@ def _record_key(svc: Services, job_id: str) -> str:
 async def _record(request: Request, job_id: str, who: Caller) -> dict[str, str]:
     """The job's record; 404 if there is none or it belongs to another agent."""
     svc = services(request)
-    record = await svc.redis.hgetall(_record_key(svc, job_id))
+    # The client decodes responses (redis-py types a reply as bytes or str).
+    record = cast(dict[str, str], await svc.redis.hgetall(_record_key(svc, job_id)))
     if not record or (who.key is not None and record.get("owner") != who.key.agent):
         raise GatewayError(404, f"no job {job_id} submitted through this gateway by you")
     return record

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio
 from celery import states
-from celery.backends.base import BaseBackend
+from celery.backends.base import Backend, BaseKeyValueStoreBackend
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,17 @@ def blocking_pool(url: str, size: int, **kwargs: object) -> redis.asyncio.Connec
 
 
 class ResultWatcher:
-    def __init__(
-        self, url: str, backend: BaseBackend, anchor: str, max_connections: int = 100
-    ) -> None:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+    def __init__(self, url: str, backend: Backend, anchor: str, max_connections: int = 100) -> None:
+        if not url.startswith(("redis://", "rediss://", "unix://")) or not isinstance(
+            backend, BaseKeyValueStoreBackend
+        ):
             raise ValueError(
                 f"the gateway needs a Redis result backend, not {url.split(':', 1)[0]}://;"
                 " set CORRAL_RESULT_BACKEND=redis://..."
             )
         self._redis = redis.asyncio.Redis(connection_pool=blocking_pool(url, max_connections))
         self._pubsub = self._redis.pubsub()
-        self._backend = backend
+        self._backend: BaseKeyValueStoreBackend = backend
         # A channel nobody publishes on: keeps the pub/sub connection open with no job waiting.
         self._anchor = anchor
         self._waiters: dict[bytes, set[asyncio.Future[dict[str, Any]]]] = {}
@@ -68,13 +68,14 @@ class ResultWatcher:
         await self._redis.aclose()
 
     def _key(self, job_id: str) -> bytes:
-        key = self._backend.get_key_for_task(job_id)
-        return key if isinstance(key, bytes) else key.encode()
+        # celery-types says str; Celery's key-value backends make bytes (key_t = ensure_bytes).
+        return _as_bytes(self._backend.get_key_for_task(job_id))
 
     async def peek(self, job_id: str) -> dict[str, Any] | None:
         """The job's stored state (any state, e.g. RETRY), decoded; None if nothing is stored."""
         raw = await self._redis.get(self._key(job_id))
-        return None if raw is None else self._backend.decode_result(raw)
+        # The pool does not decode responses: raw is bytes (redis-py types a reply as either).
+        return None if raw is None else self._backend.decode_result(raw)  # type: ignore[arg-type]
 
     async def expect(self, job_id: str) -> None:
         """Listen for a job about to be published: its result cannot be stored before the
@@ -163,3 +164,7 @@ class ResultWatcher:
             for future in waiters:
                 if not future.done():
                     future.set_result(meta)
+
+
+def _as_bytes(key: bytes | str) -> bytes:
+    return key if isinstance(key, bytes) else key.encode()

@@ -15,7 +15,7 @@ which sends its headers with the first token: an error until then gets a real st
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
 from starlette.requests import Request
@@ -36,7 +36,7 @@ READ_BLOCK_MS = 2_000
 
 async def follow(
     jobs: JobClient, relay: AsyncTokenRelay, job_id: str, kind: str
-) -> AsyncIterator[dict[str, Any]]:
+) -> AsyncGenerator[dict[str, Any], None]:
     """The job's chunks in Ollama's shape, ending with the ``done`` one; raises on failure."""
     guard = StreamGuard(kind)
     finished = asyncio.ensure_future(jobs.result(job_id))
@@ -99,17 +99,19 @@ def stream_error(exc: BaseException) -> GatewayError:
     return job_error(exc)
 
 
-async def open_stream(request: Request, stream: AsyncIterator[T]) -> tuple[T, AsyncIterator[T]]:
+async def open_stream(
+    request: Request, stream: AsyncGenerator[T, None]
+) -> tuple[T, AsyncIterator[T]]:
     """Wait for the first item (its error raised as a GatewayError); return it and the rest.
 
     If the client disconnects first, ClientGone propagates and the stream is closed.
     """
     try:
-        first = await unless_gone(request, anext(stream))  # type: ignore[arg-type]
+        first = await unless_gone(request, anext(stream))
     except ClientGone:
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         raise
     except Exception as exc:
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         raise stream_error(exc) from exc
     return first, stream

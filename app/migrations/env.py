@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection
 
 # Importing a module registers its tables on Base.metadata.
 from app.db import Base, engine
@@ -11,7 +12,7 @@ from app.settings import get_settings
 connection = context.config.attributes.get("connection")
 
 
-def run(conn: object) -> None:
+def run(conn: Connection) -> None:
     context.configure(connection=conn, target_metadata=Base.metadata, compare_type=True)
     with context.begin_transaction():
         context.run_migrations()

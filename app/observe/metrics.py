@@ -21,7 +21,8 @@ job itself needs Redis anyway). ``CORRAL_METRICS_ENABLED=false`` turns recording
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypedDict
 
 import redis
 from celery import Task
@@ -156,7 +157,14 @@ def cancelled(model: str, tier: str) -> None:
 # Celery signals, in whichever worker ran the stage ----------------------------------------
 
 
-def _job_labels(kwargs: dict[str, Any] | None) -> dict[str, str] | None:
+class JobLabels(TypedDict):
+    """The labels every job metric carries."""
+
+    model: str
+    tier: str
+
+
+def _job_labels(kwargs: Mapping[str, Any] | None) -> JobLabels | None:
     """model and tier of an accepted job (both are always in its kwargs, validated)."""
     kwargs = kwargs or {}
     if "model" not in kwargs:
@@ -165,9 +173,9 @@ def _job_labels(kwargs: dict[str, Any] | None) -> dict[str, str] | None:
 
 
 @task_success.connect
-def _job_succeeded(sender: Task | None = None, result: Any = None, **_: Any) -> None:
+def _job_succeeded(sender: Task[Any, Any] | None = None, result: Any = None, **_: Any) -> None:
     # The router stage that moved a job to an instance returns None: not an outcome.
-    if getattr(sender, "name", None) != INFER_TASK or not isinstance(result, dict):
+    if sender is None or sender.name != INFER_TASK or not isinstance(result, dict):
         return
     labels = _job_labels(sender.request.kwargs)
     if labels is None:
@@ -185,7 +193,9 @@ def _job_succeeded(sender: Task | None = None, result: Any = None, **_: Any) -> 
 
 
 @task_failure.connect
-def _job_failed(sender: Task | None = None, kwargs: dict[str, Any] | None = None, **_: Any) -> None:
+def _job_failed(
+    sender: Task[Any, Any] | None = None, kwargs: dict[str, Any] | None = None, **_: Any
+) -> None:
     labels = _job_labels(kwargs) if getattr(sender, "name", None) == INFER_TASK else None
     if labels is None:
         return
@@ -196,7 +206,7 @@ def _job_failed(sender: Task | None = None, kwargs: dict[str, Any] | None = None
 
 @task_retry.connect
 def _job_retried(
-    sender: Task | None = None, request: Any = None, reason: Any = None, **_: Any
+    sender: Task[Any, Any] | None = None, request: Any = None, reason: Any = None, **_: Any
 ) -> None:
     kwargs = getattr(request, "kwargs", None) or {}
     labels = _job_labels(kwargs) if getattr(sender, "name", None) == INFER_TASK else None

@@ -38,6 +38,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+from redis.typing import EncodableT, FieldT
+
 from app.settings import TIERS, Tier, get_settings
 from app.state.fleet import fleet_state, redis_client
 
@@ -160,7 +162,7 @@ class Degradation:
         if new != current:
             log.warning("degradation %s -> %s (%s)", NAMES[current], NAMES[new], reason)
             calm_since = None
-        mapping = {"level": new, "reason": reason}
+        mapping: dict[FieldT, EncodableT] = {"level": new, "reason": reason}
         self.redis.hset(self.key, mapping=mapping)
         if calm_since is None:
             self.redis.hdel(self.key, "calm_since")

@@ -104,7 +104,7 @@ def live_policy(settings: Settings | None = None, *, fresh: bool = False) -> Pol
     return found if found is not None else _settings_policy(settings)
 
 
-def _parse(raw: str | None, key: str) -> Policy | None:
+def _parse(raw: str | bytes | None, key: str) -> Policy | None:
     if raw is None:
         return None
     try:

@@ -18,9 +18,11 @@ from .fleet import default_demo_fleet, load_fleet_file, run_fleet
 def parse_model(spec: str) -> SimModel:
     """``NAME[:TAG][:chat|:embed]``; without a kind, names containing "embed" are embedders."""
     name, _, kind = spec.rpartition(":")
-    if kind in ("chat", "embed"):
-        return SimModel(name=name, kind=kind)
-    return SimModel(name=spec, kind="embed" if "embed" in spec else "chat")
+    match kind:
+        case "chat" | "embed":
+            return SimModel(name=name, kind=kind)
+        case _:
+            return SimModel(name=spec, kind="embed" if "embed" in spec else "chat")
 
 
 def build_instances(argv: Sequence[str] | None = None) -> list[SimInstance]:

@@ -42,10 +42,11 @@ import uvicorn
 from .config import SimInstance, SimModel
 from .server import build_app
 
+new_uvloop: Callable[[], asyncio.AbstractEventLoop] | None
 try:
-    import uvloop
+    from uvloop import new_event_loop as new_uvloop
 except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-    uvloop = None
+    new_uvloop = None
 
 try:
     import httptools  # noqa: F401  (only probing: uvicorn imports it itself)
@@ -72,7 +73,7 @@ class _SimServer(uvicorn.Server):
             app,
             host=instance.host,
             port=instance.port,
-            loop="uvloop" if uvloop else "asyncio",
+            loop="uvloop" if new_uvloop else "asyncio",
             http=_HTTP,
             ws="none",
             lifespan="off",
@@ -80,7 +81,8 @@ class _SimServer(uvicorn.Server):
             log_level="warning",
             proxy_headers=False,
             server_header=False,
-            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + 2,  # backstop; see shutdown()
+            # A backstop (see shutdown()). uvicorn types it int; it is asyncio.wait_for's timeout.
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S + 2,  # type: ignore[arg-type]
             # Go's server keeps idle connections open; uvicorn's 5 s default would make
             # pooled clients race the close and see spurious "server disconnected" errors.
             timeout_keep_alive=IDLE_KEEP_ALIVE_S,
@@ -112,7 +114,8 @@ class _SimServer(uvicorn.Server):
             connection.transport.close()
 
     def bound_port(self) -> int:
-        return self.servers[0].sockets[0].getsockname()[1]
+        port: int = self.servers[0].sockets[0].getsockname()[1]
+        return port
 
     async def refuse(self, seconds: float) -> None:
         """Refuse new connections for ``seconds``; a call during a refusal extends it."""
@@ -133,7 +136,9 @@ class _SimServer(uvicorn.Server):
                 await asyncio.sleep(delay)
             if self.should_exit:
                 return
-            protocol = functools.partial(
+            # uvicorn types the class as asyncio.Protocol; its protocols take these keywords
+            # (uvicorn's own Server ignores the same error).
+            protocol = functools.partial(  # type: ignore[call-arg]
                 self.config.http_protocol_class,
                 config=self.config,
                 server_state=self.server_state,
@@ -233,7 +238,7 @@ def run_fleet(
 
     Blocks until SIGINT/SIGTERM (when on the main thread) or until ``stop`` is set.
     """
-    loop_factory = uvloop.new_event_loop if uvloop else None
+    loop_factory = new_uvloop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(serve_fleet(instances, ready=ready, stop=stop))
 

@@ -43,7 +43,7 @@ def completion_tokens(n: int, rng: random.Random | None, *key: object) -> list[s
     equals the shorter answer, as with a real model at temperature 0.
     """
     rng = rng or random.Random(_seed_of(*key))
-    tokens = []
+    tokens: list[str] = []
     capital = True
     for word, end in rng.choices(_PAIRS, k=n):
         text = word.capitalize() if capital else word

@@ -39,7 +39,7 @@ def tool_calls(body: dict[str, Any], messages: list[tuple[str, str]]) -> list[di
     if not tools or not messages or messages[-1][0] != "user":
         return []
     prompt = messages[-1][1]
-    calls = []
+    calls: list[dict[str, Any]] = []
     for tool in tools:
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
