@@ -175,7 +175,7 @@ def degrade(
     state = degradation()
     if level is not None or auto:
         state.pin(None if auto else level)
-    now = state.redis.hgetall(state.key)
+    now = state.stored()
     current = state.level(fresh=True)
     pinned = " (pinned; --auto releases it)" if "override" in now else ""
     typer.echo(f"degradation level {current}: {NAMES[current]}{pinned}")

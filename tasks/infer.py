@@ -32,6 +32,7 @@ from app.policy.live import live_policy
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
 from app.settings import get_settings
+from app.state import keys
 from app.state.fleet import fleet_state
 
 #: How long a process trusts its copy of the set of served models.
@@ -55,7 +56,7 @@ class _ServedModels:
     def __contains__(self, model: str) -> bool:
         if model not in self._models or time.monotonic() - self._at > SERVED_MODELS_TTL:
             configured = {m for i in get_settings().instances for m in (i.models or ())}
-            self._models = fleet_state().served_models() | configured
+            self._models = fleet_state().instances.served_models() | configured
             self._at = time.monotonic()
         return model in self._models
 
@@ -129,7 +130,7 @@ class InferTask(Task):
         ran: executor.Ran | None = getattr(self.request, "corral_ran", None)
         if ran is None:  # the router stage, or a cache hit
             return
-        fleet_state().finish(
+        fleet_state().slots.finish(
             task_id, ran.instance, ok=True, model=ran.model, service_ms=ran.service_ms
         )
         if ran.cache_key is not None:
@@ -144,7 +145,7 @@ class InferTask(Task):
         # Safety net for errors the stages did not expect: never leak the slot.
         instance = (kwargs.get("_route") or {}).get("instance")
         if instance is not None:
-            fleet_state().finish(task_id, instance, ok=False)
+            fleet_state().slots.finish(task_id, instance, ok=False)
         try:
             request = InferRequest.model_validate(
                 {k: v for k, v in kwargs.items() if k != "_route"}
@@ -192,13 +193,13 @@ def _free_revoked_job(sender: Any = None, request: Any = None, **_: Any) -> None
     kwargs = getattr(request, "kwargs", None) or {}
     fairness.job_ended(request.id, kwargs.get("tier"), kwargs.get("agent"))
     if kwargs.get("model"):
-        fleet_state().forget(request.id, kwargs["model"])
+        fleet_state().slots.forget(request.id, kwargs["model"])
 
 
 def _claim_job_key(key: str, task_id: str) -> str | None:
     """Bind an idempotency key to ``task_id``; returns the earlier job's id if it was bound."""
     fleet = fleet_state()
-    name = f"{fleet.ns}:jobkey:{key}"
+    name = keys.job_key(fleet.ns, key)
     if fleet.redis.set(name, task_id, nx=True, ex=get_settings().result_expires):
         return None
     return fleet.redis.get(name)

@@ -117,17 +117,12 @@ def read(depths: QueueDepths) -> DashboardData:
     """The fleet now, rates left at 0 (raises redis.RedisError if Redis is unreadable)."""
     settings = get_settings()
     fleet = fleet_state()
-    snap = fleet.snapshot()
+    snap = fleet.instances.snapshot()
     models = sorted(
-        fleet.served_models() | {m for i in settings.instances for m in (i.models or ())}
+        fleet.instances.served_models() | {m for i in settings.instances for m in (i.models or ())}
     )
-    with fleet.redis.pipeline(transaction=False) as pipe:
-        for stats in snap.instances:
-            pipe.hget(f"{fleet.ns}:inst:{stats.name}", "completed")
-        for model in models:
-            pipe.zcard(f"{fleet.ns}:wait:{model}")
-        replies = pipe.execute()
-    completed, waiting = replies[: len(snap.instances)], replies[len(snap.instances) :]
+    completed = fleet.instances.field([s.name for s in snap.instances], "completed")
+    waiting = list(fleet.slots.waiting_per_model(models).values())
     instances = [
         InstanceRow(
             name=s.name,

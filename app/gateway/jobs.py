@@ -39,10 +39,10 @@ def place(job_id: str, model: str) -> Place:
     a router thread until a slot frees; anything else is a message in RabbitMQ (a route
     queue, or a retry's countdown).
     """
-    fleet = fleet_state()
-    if fleet.redis.hexists(f"{fleet.ns}:grants", job_id):
+    position = fleet_state().slots.position(job_id, model)
+    if position == "granted":
         return "running"
-    if fleet.redis.zscore(f"{fleet.ns}:wait:{model}", job_id) is not None:
+    if position == "waiting":
         return "waiting_for_slot"
     return "queued"
 

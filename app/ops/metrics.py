@@ -29,7 +29,7 @@ from celery.signals import task_failure, task_retry, task_success
 from app.ops.metrics_store import Batch, MetricSpec, MetricStore
 from app.schemas import OBSOLETE_OPTIONS, RoutingInfo
 from app.settings import get_settings
-from app.state.fleet import redis_client
+from app.state.client import redis_client
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ class FleetCollector(Collector):
         models = {m for i in get_settings().instances for m in (i.models or ())}
         try:
             fleet = fleet_state()
-            snapshot = fleet.snapshot()
-            models |= fleet.served_models()
-            waiting = {m: fleet.waiting(m) for m in sorted(models)}
+            snapshot = fleet.instances.snapshot()
+            models |= fleet.instances.served_models()
+            waiting = {m: fleet.slots.waiting(m) for m in sorted(models)}
             level = degradation().level(fresh=True)
         except redis.RedisError as exc:
             log.warning("metrics: Redis unreadable: %s", exc)
