@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from app.settings import TIERS, Tier, get_settings
 from app.state import keys
@@ -137,7 +138,7 @@ class Degradation:
 
     def stored(self) -> dict[str, str]:
         """The level's hash as stored: level, reason, override, the interactive wait..."""
-        return self.redis.hgetall(self.key)
+        return cast(dict[str, str], self.redis.hgetall(self.key))
 
     def pin(self, level: int | None) -> None:
         """Hold the fleet at ``level`` (an operator's choice), or give it back to the signals."""

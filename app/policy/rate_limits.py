@@ -31,7 +31,7 @@ __all__ = ["BURST_SECONDS", "Bucket", "buckets", "take"]
 
 def buckets(agent: str | None, agent_class: str, policy: Policy, namespace: str) -> list[Bucket]:
     """The buckets a job of this agent and class takes a token from."""
-    found = []
+    found: list[Bucket] = []
     if policy.global_rate_per_minute:
         found.append(Bucket(keys.rate_global(namespace), policy.global_rate_per_minute))
     limits = policy.classes.get(agent_class)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis
+from redis.client import Pipeline
 
 from app.state.scripts import script
 
@@ -26,7 +27,7 @@ class Averages:
         key: str,
         samples: dict[str, float],
         alpha: float = EWMA_ALPHA,
-        client: redis.client.Pipeline | None = None,
+        client: Pipeline | None = None,
     ) -> None:
         """Fold ``samples`` into the moving averages of the hash ``key`` (one round trip,
         or part of ``client``'s pipeline)."""

@@ -14,7 +14,7 @@ settings the scripts are given.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import redis
 
@@ -41,4 +41,5 @@ class Breaker:
 
     def state(self, instance: str) -> str:
         """``closed``, ``open`` or ``half_open``."""
-        return self.redis.hget(keys.instance(self.ns, instance), "breaker") or "closed"
+        state = self.redis.hget(keys.instance(self.ns, instance), "breaker")
+        return cast(str | None, state) or "closed"

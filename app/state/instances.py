@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from typing import cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from app.settings import InstanceConfig, get_settings
 from app.state import keys
@@ -47,7 +49,7 @@ class Instances:
             known = self.redis.hget(key, "threads")
             threads = int(known) if known else None
         capacity = min(config.parallelism, threads or config.parallelism)
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "url": config.url,
             "capacity": capacity,
             "weight": config.weight,
@@ -89,7 +91,7 @@ class Instances:
         self._refresh_model_index()
 
     def _refresh_model_index(self) -> None:
-        names = self.redis.smembers(keys.instances(self.ns))
+        names = cast(set[str], self.redis.smembers(keys.instances(self.ns)))
         sets = [keys.instance_models(self.ns, n) for n in names]
         if sets:
             self.redis.sunionstore(keys.models(self.ns), sets)
@@ -159,10 +161,10 @@ class Instances:
         return int(self.redis.hget(keys.instance(self.ns, name), "in_flight") or 0)
 
     def served_models(self) -> set[str]:
-        return self.redis.smembers(keys.models(self.ns))
+        return cast(set[str], self.redis.smembers(keys.models(self.ns)))
 
     def instance_names(self) -> list[str]:
-        return sorted(self.redis.smembers(keys.instances(self.ns)))
+        return sorted(cast(set[str], self.redis.smembers(keys.instances(self.ns))))
 
     def snapshot(self, now: float | None = None) -> FleetSnapshot:
         names = self.instance_names()
@@ -200,14 +202,14 @@ class Instances:
 
     def row(self, name: str) -> dict[str, str]:
         """The instance's whole hash, as stored (``corral fleet show``)."""
-        return self.redis.hgetall(keys.instance(self.ns, name))
+        return cast(dict[str, str], self.redis.hgetall(keys.instance(self.ns, name)))
 
     def field(self, names: list[str], field: str) -> list[str | None]:
         """One field of several instances' hashes (``url``, ``completed``...), one round trip."""
         with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hget(keys.instance(self.ns, name), field)
-            return pipe.execute()
+            return cast(list[str | None], pipe.execute())
 
 
 def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:

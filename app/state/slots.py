@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import redis
 
@@ -67,7 +67,7 @@ class Slots:
         (waiting). Calling it again for the same job returns the slot it already holds.
         """
         ns = self.ns
-        return script(self.redis, "acquire.lua")(
+        got = script(self.redis, "acquire.lua")(
             keys=[
                 keys.done(ns, job),
                 keys.grants(ns),
@@ -92,19 +92,21 @@ class Slots:
                 *candidates,
             ],
         )
+        return cast(str | None, got)
 
     def wait_handoff(self, job: str, timeout: float) -> str | None:
         """Block until a finishing job hands its slot to this one, or ``timeout`` passes."""
         got = self.redis.blpop([keys.handoff(self.ns, job)], timeout=timeout)
-        return got[1] if got else None
+        return cast(str, got[1]) if got else None
 
     def confirm(self, job: str, instance: str, token: str) -> Confirmation:
         """Called by the instance worker before it runs a job: does it hold the slot?"""
         ns = self.ns
-        return script(self.redis, "confirm.lua")(
+        verdict = script(self.redis, "confirm.lua")(
             keys=[keys.done(ns, job), keys.grants(ns), keys.running(ns), keys.leases(ns)],
             args=[job, instance, token, time.time(), get_settings().grant_lease],
         )
+        return cast(Confirmation, verdict)
 
     def finish(
         self,
@@ -128,7 +130,7 @@ class Slots:
         was handed to, if any.
         """
         s, ns = get_settings(), self.ns
-        return script(self.redis, "finish.lua")(
+        handed = script(self.redis, "finish.lua")(
             keys=[
                 keys.grants(ns),
                 keys.running(ns),
@@ -160,6 +162,7 @@ class Slots:
                 *self._handoff_prefixes(),
             ],
         )
+        return cast(str | None, handed)
 
     def hold(self, instance: str, token: str, jobs: list[str]) -> None:
         """The instance's worker is running ``jobs``: extend their leases, and put back any
@@ -190,7 +193,7 @@ class Slots:
         ns = self.ns
         instance_prefix = keys.instance(ns, "")
         models_suffix = keys.instance_models(ns, "")[len(instance_prefix) :]
-        return script(self.redis, "reclaim.lua")(
+        looked_at = script(self.redis, "reclaim.lua")(
             keys=[
                 keys.grants(ns),
                 keys.running(ns),
@@ -211,6 +214,7 @@ class Slots:
                 *jobs,
             ],
         )
+        return int(looked_at)
 
     def reclaim_expired(self) -> int:
         """Free slots whose grant nobody used in time; returns how many leases expired."""
@@ -232,11 +236,11 @@ class Slots:
 
     def holder(self, job: str) -> str | None:
         """The instance whose slot the job holds, if any."""
-        return self.redis.hget(keys.grants(self.ns), job)
+        return cast(str | None, self.redis.hget(keys.grants(self.ns), job))
 
     def grants(self) -> dict[str, str]:
         """Every job holding a slot, with its instance."""
-        return self.redis.hgetall(keys.grants(self.ns))
+        return cast(dict[str, str], self.redis.hgetall(keys.grants(self.ns)))
 
     def position(self, job: str, model: str) -> Position:
         """Whether the job holds a slot, waits for one of ``model``'s, or neither."""
@@ -248,7 +252,7 @@ class Slots:
 
     def waiting(self, model: str) -> int:
         """Jobs waiting for a slot of ``model``."""
-        return self.redis.zcard(keys.waiters(self.ns, model))
+        return int(self.redis.zcard(keys.waiters(self.ns, model)))
 
     def waiting_per_model(self, models: list[str]) -> dict[str, int]:
         """``waiting`` for several models, in one round trip."""
@@ -259,8 +263,8 @@ class Slots:
 
     def waiters(self) -> dict[str, list[tuple[str, float]]]:
         """Every waiter set that has waiters: its key, and the jobs with their scores."""
-        found = {}
+        found: dict[str, list[tuple[str, float]]] = {}
         for key in self.redis.scan_iter(keys.waiters(self.ns, "*")):
             if jobs := self.redis.zrange(key, 0, -1, withscores=True):
-                found[key] = jobs
+                found[key] = cast(list[tuple[str, float]], jobs)
         return found
