@@ -1,6 +1,6 @@
 """What the fleet dashboard shows, read from Redis and RabbitMQ (blocking: thread pool only).
 
-The instances come from the same Redis snapshot the routers rank (``app.state.fleet``), plus
+The instances come from the same Redis snapshot the routers rank (``app.state.instances``), plus
 each instance's count of finished jobs (the rates are computed by the caller, between
 reads); the queue depths from RabbitMQ by passive declare over one long-lived connection;
 the failures from ``app.state.failures``. Nothing here asks a worker anything (no Celery

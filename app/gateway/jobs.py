@@ -33,7 +33,7 @@ Place = Literal["queued", "waiting_for_slot", "running"]
 
 
 def place(job_id: str, model: str) -> Place:
-    """Where an unfinished job is, from the slot bookkeeping of ``app.state.fleet``.
+    """Where an unfinished job is, from the slot bookkeeping of ``app.state.slots``.
 
     A job holding a grant is running (or about to); one in its model's waiter set is held by
     a router thread until a slot frees; anything else is a message in RabbitMQ (a route

@@ -2,7 +2,7 @@
 
 These describe the fleet as a whole, not one process, so they are read by the exporter when
 Prometheus scrapes rather than kept by any worker: the instances' slots and health from the
-same Redis snapshot the routers rank (``app.state.fleet``), and queue depths by passive
+same Redis snapshot the routers rank (``app.state.instances``), and queue depths by passive
 ``queue_declare`` (exact ready counts, no management plugin, about a millisecond each). A
 source that does not answer is reported by ``corral_metrics_source_up`` instead of failing
 the whole scrape.
