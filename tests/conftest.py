@@ -145,7 +145,7 @@ def _expect_no_slots_held(fleet: LocalFleet, timeout: float = 20.0) -> None:
         time.sleep(0.2)
     if not fleet.idle():
         state = fleet_state()
-        grants = state.redis.hgetall(keys.grants(state.ns))
+        grants = state.slots.grants()
         pytest.fail(
             f"after {timeout:.0f} s, slots still held: {fleet.slots_held()} (grants: {grants}); "
             f"jobs still waiting for a slot: {fleet.waiters()}"

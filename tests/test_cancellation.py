@@ -31,7 +31,7 @@ def test_revoking_a_running_job_closes_its_call(healthy_fleet: LocalFleet) -> No
     wait_until(lambda: place(job.id, CHAT) == "running", 10, "the job to start")
     wait_until(lambda: healthy_fleet.sim_total("active") == 1, 10, "the server to generate")
     time.sleep(0.5)  # well into its generation
-    instance = fleet_state().redis.hget(keys.grants(fleet_state().ns), job.id)
+    instance = fleet_state().slots.holder(job.id)
 
     revoked_at = time.time()
     job.revoke()

@@ -84,7 +84,7 @@ def test_confirm_guards_against_duplicates_and_stale_grants(fleet: FleetState) -
 
 
 def breaker(fleet: FleetState, name: str) -> str:
-    return fleet.redis.hget(keys.instance(fleet.ns, name), "breaker") or "closed"
+    return fleet.breaker.state(name)
 
 
 def test_refused_connection_opens_the_breaker_at_once(fleet: FleetState) -> None:
@@ -175,11 +175,11 @@ def test_a_class_at_its_cap_waits_while_others_get_free_slots(fleet: FleetState)
     assert heavy("h2", score=1.0) is None  # slots are free, but heavy holds its 1
     assert acquire(fleet, "light", cands=("a", "b")) is not None  # another class is not held
     # When h1 ends, its slot goes to h2 (the class is back under its cap), not idle.
-    holder = fleet.redis.hget(keys.grants(fleet.ns), "h1")
+    holder = fleet.slots.holder("h1")
     assert fleet.slots.finish("h1", holder, ok=True, model=M) == "h2"
-    assert fleet.redis.hget(keys.class_in_flight(fleet.ns), "heavy") == "1"
+    assert fleet.classes.in_flight("heavy") == 1
     fleet.slots.forget("h2", M)
-    assert fleet.redis.hget(keys.class_in_flight(fleet.ns), "heavy") == "0"
+    assert fleet.classes.in_flight("heavy") == 0
 
 
 def test_a_capped_waiter_is_skipped_in_a_hand_off_while_its_class_is_full(
