@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 import typer
 
@@ -174,8 +174,7 @@ def degrade(
     state = degradation()
     if level is not None or auto:
         state.pin(None if auto else level)
-    # The client decodes responses (redis-py types a reply as bytes or str).
-    now = cast(dict[str, str], state.redis.hgetall(state.key))
+    now = state.stored()
     current = state.level(fresh=True)
     pinned = " (pinned; --auto releases it)" if "override" in now else ""
     typer.echo(f"degradation level {current}: {NAMES[current]}{pinned}")

@@ -33,7 +33,8 @@ from app.celery_app import celery_app
 from app.schedules import EmbedFolder, PromptFile
 from app.schemas import InferResult
 from app.settings import get_settings
-from app.state.fleet import redis_client
+from app.state import keys
+from app.state.client import redis_client
 from tasks.infer import infer, validate
 
 #: One input: its id (a path, a line number, a record's id) and its ``infer`` fields.
@@ -200,7 +201,7 @@ def _append(output: Path, line: dict[str, Any]) -> None:
 
 
 def _done_key(schedule: str) -> str:
-    return f"{get_settings().namespace}:batch:{schedule}:done"
+    return keys.batch_done(get_settings().namespace, schedule)
 
 
 def _redis() -> redis.Redis:

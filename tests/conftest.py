@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from app.bench.harness import LocalFleet, free_port, instances_env
+from app.state import keys
 
 NAMESPACE = f"ct{os.getpid()}"
 SIM_MODELS = [
@@ -144,7 +145,7 @@ def _expect_no_slots_held(fleet: LocalFleet, timeout: float = 20.0) -> None:
         time.sleep(0.2)
     if not fleet.idle():
         state = fleet_state()
-        grants = state.redis.hgetall(f"{state.ns}:grants")
+        grants = state.slots.grants()
         pytest.fail(
             f"after {timeout:.0f} s, slots still held: {fleet.slots_held()} (grants: {grants}); "
             f"jobs still waiting for a slot: {fleet.waiters()}"
@@ -186,12 +187,16 @@ def _fleet_state_dump() -> str:
     except (requests.RequestException, ValueError) as exc:
         lines.append(f"queues: management API unavailable ({exc})")
     state = fleet_state()
-    for key in ("grants", "running", "excl"):
-        lines.append(f"{key}: {state.redis.hgetall(f'{state.ns}:{key}')}")
-    for key in state.redis.scan_iter(f"{state.ns}:wait:*"):
+    for name, key in (
+        ("grants", keys.grants(state.ns)),
+        ("running", keys.running(state.ns)),
+        ("excl", keys.excluded(state.ns)),
+    ):
+        lines.append(f"{name}: {state.redis.hgetall(key)}")
+    for key in state.redis.scan_iter(keys.waiters(state.ns, "*")):
         lines.append(f"{key}: {state.redis.zrange(key, 0, -1, withscores=True)}")
-    for name in state.instance_names():
-        lines.append(f"instance {name}: {state.redis.hgetall(f'{state.ns}:inst:{name}')}")
+    for name in state.instances.instance_names():
+        lines.append(f"instance {name}: {state.redis.hgetall(keys.instance(state.ns, name))}")
     return "\n".join(lines)
 
 
@@ -200,10 +205,10 @@ def _close_breakers(fleet: LocalFleet) -> None:
     from app.state.fleet import fleet_state
 
     state = fleet_state()
-    state.redis.hdel(f"{state.ns}:degradation", "override")  # a pinned level, if a test died
+    state.redis.hdel(keys.degradation(state.ns), "override")  # a pinned level, if a test died
     for name in fleet.sim_urls:
         state.redis.hset(
-            f"{state.ns}:inst:{name}",
+            keys.instance(state.ns, name),
             mapping={
                 "breaker": "closed",
                 "consecutive": 0,

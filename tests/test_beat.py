@@ -23,6 +23,7 @@ from app.cli import cli
 from app.queues import batch_queue, route_queue
 from app.schedules import PromptFile
 from app.settings import Settings, normalize_model
+from app.state import keys
 from tasks import infer
 from tasks.batch import _prompts, prompt_file
 
@@ -167,7 +168,7 @@ def finished_jobs() -> Counter[tuple[str, str]]:
     state = fleet_state()
     counts: Counter[tuple[str, str]] = Counter()
     for field, value in state.redis.hgetall(
-        f"{state.ns}:metrics:corral_jobs_finished_total"
+        keys.metrics(state.ns, "corral_jobs_finished_total")
     ).items():
         model, tier, _outcome = json.loads(field)
         counts[model, tier] += int(float(value))

@@ -14,6 +14,7 @@ from celery.exceptions import TaskRevokedError
 from app.bench.harness import LocalFleet, depth, wait_until
 from app.gateway.jobs import place
 from app.queues import dead_letter_queue
+from app.state import keys
 from app.state.fleet import fleet_state
 from tasks import infer
 
@@ -30,7 +31,7 @@ def test_revoking_a_running_job_closes_its_call(healthy_fleet: LocalFleet) -> No
     wait_until(lambda: place(job.id, CHAT) == "running", 10, "the job to start")
     wait_until(lambda: healthy_fleet.sim_total("active") == 1, 10, "the server to generate")
     time.sleep(0.5)  # well into its generation
-    instance = fleet_state().redis.hget(f"{fleet_state().ns}:grants", job.id)
+    instance = fleet_state().slots.holder(job.id)
 
     revoked_at = time.time()
     job.revoke()
@@ -49,7 +50,7 @@ def test_revoking_a_running_job_closes_its_call(healthy_fleet: LocalFleet) -> No
     time.sleep(0.5)  # a retry or a dead letter would have been published by now
     assert depth(dead_letter_queue()) == dead_before
     assert healthy_fleet.sim_total("requests_total") == 1  # not retried anywhere
-    row = fleet_state().redis.hgetall(f"{fleet_state().ns}:inst:{instance}")
+    row = fleet_state().redis.hgetall(keys.instance(fleet_state().ns, instance))
     assert row["breaker"] == "closed" and int(row.get("consecutive", 0)) == 0
     assert int(row["cancelled"]) >= 1  # counted as cancelled, not as a failure
 

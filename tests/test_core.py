@@ -14,6 +14,7 @@ from app.errors import InvalidRequest, ModelNotServed, RetriesExhausted
 from app.ops.dead_letters import read_all, replay
 from app.queues import dead_letter_queue, route_queue
 from app.schemas import InferResult
+from app.state import keys
 from tasks import infer
 
 pytestmark = pytest.mark.fleet
@@ -249,23 +250,23 @@ def test_streaming_job_relays_tokens_before_it_ends(healthy_fleet: LocalFleet) -
 def test_drained_instance_gets_no_new_jobs(healthy_fleet: LocalFleet) -> None:
     from app.state.fleet import fleet_state
 
-    fleet_state().set_enabled("sim-a", False)
+    fleet_state().instances.set_enabled("sim-a", False)
     try:
         with ThreadPoolExecutor(12) as pool:
             results = list(pool.map(lambda i: infer.delay(**gen(i)).get(timeout=60), range(24)))
     finally:
-        fleet_state().set_enabled("sim-a", True)
+        fleet_state().instances.set_enabled("sim-a", True)
     assert {r.routing.instance for r in results} <= {"sim-b", "sim-c"}
 
 
 def test_strategy_changes_live(healthy_fleet: LocalFleet) -> None:
     from app.state.fleet import fleet_state
 
-    fleet_state().set_strategy("smart", CHAT)
+    fleet_state().instances.set_strategy("smart", CHAT)
     try:
         result = infer.delay(**gen(5)).get(timeout=30)
     finally:
-        fleet_state().set_strategy(None, CHAT)
+        fleet_state().instances.set_strategy(None, CHAT)
     assert result.routing.strategy == "smart" and "cost_ms" in result.routing.score
     assert infer.delay(**gen(6)).get(timeout=30).routing.strategy == "least_connections"
 
@@ -307,7 +308,7 @@ def test_fleet_state_lost_in_redis_heals_and_loses_no_job(healthy_fleet: LocalFl
     jobs = [infer.delay(**gen(i), tier=("batch", "interactive")[i % 2]) for i in range(30)]
     wait_until(lambda: healthy_fleet.sim_stats("sim-b")["in_flight"] > 0, 20, "jobs running")
     state = fleet_state()
-    for key in state.redis.scan_iter(f"{state.ns}:*"):  # what a Redis restart would lose
+    for key in state.redis.scan_iter(keys.everything(state.ns)):  # what a Redis restart would lose
         state.redis.delete(key)
     results = [j.get(timeout=90) for j in jobs]
     assert [r.id for r in results] == [j.id for j in jobs]

@@ -41,7 +41,7 @@ def test_a_model_pulled_at_runtime_becomes_routable_and_a_deleted_one_stops(
         assert {j.get(timeout=30).routing.instance for j in jobs} == {"sim-b"}
     finally:
         requests.delete(sim_b + "/api/delete", json={"model": NEW}, timeout=10)
-    wait_until(lambda: NEW not in fleet_state().served_models(), 30, f"{NEW} to be gone")
+    wait_until(lambda: NEW not in fleet_state().instances.served_models(), 30, f"{NEW} to be gone")
     time.sleep(SERVED_MODELS_TTL)  # this process's copy of the served models
     with pytest.raises(ModelNotServed):
         infer.delay(model=NEW, prompt="hi")

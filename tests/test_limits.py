@@ -22,6 +22,7 @@ from app.errors import RateLimited
 from app.policy import rate_limits
 from app.policy.live import Policy
 from app.settings import Settings, get_settings
+from app.state import keys
 from app.state.fleet import redis_client
 from tasks import infer
 
@@ -39,7 +40,7 @@ def classes(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     get_settings.cache_clear()
     yield
     redis = redis_client(get_settings().redis_url)
-    for key in redis.scan_iter(f"{get_settings().namespace}:rate:*"):
+    for key in redis.scan_iter(keys.rate_all(get_settings().namespace)):
         redis.delete(key)
     get_settings.cache_clear()
 

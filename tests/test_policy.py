@@ -29,6 +29,7 @@ from app.fleet.registry import Registry
 from app.migrations import upgrade
 from app.policy.live import READ_TTL, Policy, live_policy, policy_key, publish, published, refresh
 from app.settings import AgentClass, Settings, get_settings
+from app.state import keys
 from app.state.fleet import redis_client
 from tasks import infer
 
@@ -112,7 +113,7 @@ def own_namespace(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         yield ns
     finally:
         redis = redis_client(get_settings().redis_url)
-        for key in redis.scan_iter(f"{ns}:*"):
+        for key in redis.scan_iter(keys.everything(ns)):
             redis.delete(key)
         get_settings.cache_clear()
 
@@ -156,8 +157,9 @@ def _forget(name: str) -> None:
     if store.remove(name):
         publish(store.load())
     redis = redis_client(get_settings().redis_url)
-    for key in redis.scan_iter(f"{get_settings().namespace}:rate:*{name}*"):
-        redis.delete(key)
+    for key in redis.scan_iter(keys.rate_all(get_settings().namespace)):
+        if name in key:
+            redis.delete(key)
 
 
 def _pids(fleet: LocalFleet) -> dict[str, int]:

@@ -25,6 +25,7 @@ from app.fleet.registry import InstanceExists, Registry, UnknownInstance
 from app.migrations import head, upgrade
 from app.queues import instance_queue
 from app.settings import InstanceConfig, Settings
+from app.state import keys
 from app.state.fleet import fleet_state
 from routing import InstanceStats
 from tasks import infer
@@ -166,7 +167,7 @@ class Extra:
     def forget(self, name: str) -> None:
         """The instance gone from the registry, Redis and RabbitMQ."""
         Registry(self.db_url).remove(name)
-        fleet_state().unregister(name)
+        fleet_state().instances.unregister(name)
         with celery_app.connection_for_write() as conn:
             conn.default_channel.queue_delete(instance_queue(name))
 
@@ -221,7 +222,7 @@ def added_instance(extra: Extra, name: str) -> Iterator[Child]:
 
 
 def _live(name: str) -> tuple[InstanceStats | None, float]:
-    snap = fleet_state().snapshot()
+    snap = fleet_state().instances.snapshot()
     return next((i for i in snap.instances if i.name == name), None), snap.now
 
 
@@ -235,12 +236,12 @@ def session_fleet_drained(fleet: LocalFleet) -> Iterator[None]:
     """The session's instances get no new jobs (in Redis only, as the routers see it)."""
     state = fleet_state()
     for name in fleet.sim_urls:
-        state.set_enabled(name, False)
+        state.instances.set_enabled(name, False)
     try:
         yield
     finally:
         for name in fleet.sim_urls:
-            state.set_enabled(name, True)
+            state.instances.set_enabled(name, True)
 
 
 def _gen(i: int, num_predict: int = 6) -> dict:
@@ -273,7 +274,7 @@ def test_added_instance_is_down_until_its_worker_runs_then_gets_jobs(
             results = list(pool.map(lambda i: infer.delay(**_gen(i)).get(timeout=60), range(6)))
         assert {r.routing.instance for r in results} == {name}
 
-        key = f"{fleet_state().ns}:inst:{name}"
+        key = keys.instance(fleet_state().ns, name)
         lowered = extra.corral("fleet", "update", name, "--parallelism", "1")
         assert lowered.returncode == 0, lowered.stderr
         assert fleet_state().redis.hget(key, "capacity") == "1"
@@ -300,7 +301,9 @@ def test_drain_lets_the_running_job_finish_and_remove_waits_for_it(
         try:
             with session_fleet_drained(healthy_fleet):
                 running = infer.delay(**_gen(100, num_predict=30))
-                wait_until(lambda: fleet_state().in_flight(name) > 0, 30, "the job to start")
+                wait_until(
+                    lambda: fleet_state().instances.in_flight(name) > 0, 30, "the job to start"
+                )
             drained = extra.corral("fleet", "drain", name)
             assert drained.returncode == 0, drained.stderr
             refused = extra.corral("fleet", "remove", name)
@@ -317,14 +320,16 @@ def test_drain_lets_the_running_job_finish_and_remove_waits_for_it(
 
         removed = extra.corral("fleet", "remove", name, "--wait", "20")
         assert removed.returncode == 0, removed.stderr
-        assert name not in fleet_state().instance_names()
+        assert name not in fleet_state().instances.instance_names()
         assert Registry(extra.db_url).get(name) is None
         wait_until(
             lambda: "removed from the registry" in worker.log.read_text(errors="replace"),
             15,
             "the worker to notice its removal",
         )
-        assert name not in fleet_state().instance_names(), "the worker must not re-register it"
+        assert name not in fleet_state().instances.instance_names(), (
+            "the worker must not re-register it"
+        )
 
 
 @pytest.mark.fleet

@@ -19,6 +19,7 @@ from app.bench.harness import LocalFleet, free_port, own_fleet, wait_until
 from app.jobs.silence import CHARS_PER_TOKEN, budget, prompt_chars, samples
 from app.schemas import Answer, InferRequest, Timings
 from app.settings import Settings
+from app.state import keys
 from app.state.fleet import fleet_state
 from tasks import infer
 
@@ -110,7 +111,9 @@ def silent_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFlee
             job.get(timeout=30)
         state = fleet_state()
         wait_until(
-            lambda: all(state.silence_stats(n, CHAT)["gap"] is not None for n in fleet.sim_urls),
+            lambda: all(
+                state.instances.silence_stats(n, CHAT)["gap"] is not None for n in fleet.sim_urls
+            ),
             10,
             "every instance to learn",
         )
@@ -119,13 +122,13 @@ def silent_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFlee
 
 def _row(name: str) -> dict[str, str]:
     state = fleet_state()
-    return state.redis.hgetall(f"{state.ns}:inst:{name}")
+    return state.redis.hgetall(keys.instance(state.ns, name))
 
 
 def _close_breaker(name: str) -> None:
     state = fleet_state()
     state.redis.hset(
-        f"{state.ns}:inst:{name}",
+        keys.instance(state.ns, name),
         mapping={"breaker": "closed", "consecutive": 0, "errors": 0, "down_until": 0},
     )
 
@@ -169,15 +172,19 @@ def test_a_20_s_cold_load_is_not_cut(silent_fleet: LocalFleet) -> None:
     for i in range(3):
         infer.delay(model=BIG, prompt=f"warm {i}", cache=False).get(timeout=30)
     state = fleet_state()
-    wait_until(lambda: state.silence_stats("sil-c", BIG)["ttft"] is not None, 5, "learning")
+    wait_until(
+        lambda: state.instances.silence_stats("sil-c", BIG)["ttft"] is not None, 5, "learning"
+    )
     # Unload it (an empty prompt with keep_alive 0, as with Ollama), and let a heartbeat see it.
     url = silent_fleet.sim_urls["sil-c"] + "/api/generate"
     requests.post(url, json={"model": BIG, "keep_alive": 0}, timeout=10).raise_for_status()
-    wait_until(lambda: not state.silence_stats("sil-c", BIG)["loaded"], 10, "the unload")
+    wait_until(lambda: not state.instances.silence_stats("sil-c", BIG)["loaded"], 10, "the unload")
 
     result = infer.delay(model=BIG, prompt="after a cold load", cache=False).get(timeout=60)
     assert result.routing.attempts == 1
     assert result.timings.load_s >= COLD_LOAD_S - 0.5
     # Learned for next time: the bound before a cold load's first token includes it.
-    assert state.silence_stats("sil-c", BIG)["load"] == pytest.approx(COLD_LOAD_S, rel=0.1)
+    assert state.instances.silence_stats("sil-c", BIG)["load"] == pytest.approx(
+        COLD_LOAD_S, rel=0.1
+    )
     assert _row("sil-c")["breaker"] == "closed"

@@ -215,7 +215,7 @@ def run_mixed(jobs: int = 500, short: int = SHORT_BATCH) -> dict[str, Any]:
 
         for n, into in ((jobs, out["runs"]), (short, out["short"]["runs"])):
             for strategy in STRATEGIES:
-                fleet_state().set_strategy(strategy)
+                fleet_state().instances.set_strategy(strategy)
                 run(f"corral {strategy}", n, into, partial(_corral_batch, strategy))
             for policy, proxy in proxies.items():
                 run(f"proxy {policy}", n, into, through(proxy))

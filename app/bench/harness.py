@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import requests
 
@@ -146,7 +146,7 @@ class LocalFleet:
         from app.queues import route_queue
         from app.state.fleet import fleet_state
 
-        snap = fleet_state().snapshot()
+        snap = fleet_state().instances.snapshot()
         up = {i.name for i in snap.instances if i.up(snap.now) and i.models}
         if not up >= set(self.sim_urls):
             return False
@@ -172,17 +172,14 @@ class LocalFleet:
         """The instances whose slot counter (in Redis) is not 0, with the count."""
         from app.state.fleet import fleet_state
 
-        counts = {name: fleet_state().in_flight(name) for name in self.sim_urls}
+        counts = {name: fleet_state().instances.in_flight(name) for name in self.sim_urls}
         return {name: n for name, n in counts.items() if n}
 
     def waiters(self) -> dict[str, list[str]]:
         """Jobs waiting for a slot, per model's waiter set (in Redis)."""
         from app.state.fleet import fleet_state
 
-        state = fleet_state()
-        # The client decodes responses (redis-py types a reply as bytes or str).
-        keys = cast(list[str], state.redis.keys(f"{state.ns}:wait:*"))
-        return {k: w for k in keys if (w := cast(list[str], state.redis.zrange(k, 0, -1)))}
+        return {k: [job for job, _ in w] for k, w in fleet_state().slots.waiters().items()}
 
     def idle(self) -> bool:
         """No slot held and no job waiting for one."""
@@ -220,9 +217,7 @@ class LocalFleet:
         )
         from app.state.fleet import fleet_state
 
-        redis = fleet_state().redis
-        for key in redis.scan_iter(f"{self.env['CORRAL_NAMESPACE']}:*"):
-            redis.delete(key)
+        fleet_state().clear(self.env["CORRAL_NAMESPACE"])
         models = {normalize_model(m["name"]) for s in self.sims for m in s["models"]}
         queues = [instance_queue(n) for n in self.sim_urls] + [dead_letter_queue(), batch_queue()]
         queues += [route_queue(m, t) for m in models for t in TIERS]

@@ -104,7 +104,7 @@ def _wait_ready(instances: list[InstanceConfig], timeout: float = 90.0) -> bool:
 
     deadline = time.time() + timeout
     while time.time() < deadline:
-        snap = fleet_state().snapshot()
+        snap = fleet_state().instances.snapshot()
         up = {i.name for i in snap.instances if i.up(snap.now) and i.models}
         if all(i.name in up for i in instances):
             return True

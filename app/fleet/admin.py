@@ -100,7 +100,7 @@ class FleetAdmin:
 
     def views(self) -> list[InstanceView]:
         configs = {c.name: c for c in self.registry.list()}
-        snap = self.fleet.snapshot()
+        snap = self.fleet.instances.snapshot()
         live = {i.name: i for i in snap.instances}
         return [
             InstanceView(n, configs.get(n), live.get(n), snap.now)
@@ -115,16 +115,16 @@ class FleetAdmin:
 
     def add(self, config: InstanceConfig) -> Applied:
         self.registry.add(config)
-        return Applied(config, self.fleet.register(config))
+        return Applied(config, self.fleet.instances.register(config))
 
     def update(self, name: str, **changes: Any) -> Applied:
         config = self.registry.update(name, **changes)
-        return Applied(config, self.fleet.register(config))
+        return Applied(config, self.fleet.instances.register(config))
 
     def set_enabled(self, name: str, enabled: bool) -> InstanceConfig:
         """Drain (no new jobs; running ones finish) or undrain, persisted in the registry."""
         config = self.registry.update(name, enabled=enabled)
-        self.fleet.set_enabled(name, enabled)
+        self.fleet.instances.set_enabled(name, enabled)
         return config
 
     def remove(self, name: str, *, wait: float = 0.0, force: bool = False) -> int:
@@ -143,7 +143,7 @@ class FleetAdmin:
         # Drain before counting, so that no slot can be granted after the count.
         self.set_enabled(name, False)
         deadline = time.monotonic() + wait
-        while (busy := self.fleet.in_flight(name)) and time.monotonic() < deadline:
+        while (busy := self.fleet.instances.in_flight(name)) and time.monotonic() < deadline:
             time.sleep(0.2)
         if busy and not force:
             raise FleetConflict(
@@ -152,5 +152,5 @@ class FleetAdmin:
                 " (--force: running jobs still finish, queued ones go back to the router)"
             )
         self.registry.remove(name)
-        self.fleet.unregister(name)
+        self.fleet.instances.unregister(name)
         return requeue(name) if busy else 0

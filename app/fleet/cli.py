@@ -121,7 +121,7 @@ def fleet_list() -> None:
     """Every instance: live state, slots, its host's CPU and memory, models."""
     from app.state.fleet import fleet_state
 
-    snap = fleet_state().snapshot()
+    snap = fleet_state().instances.snapshot()
     typer.echo(
         f"strategy: {snap.strategy_for('*', get_settings().strategy)} "
         f"(overrides: {snap.strategies or 'none'})"
@@ -136,7 +136,7 @@ def fleet_show(name: str) -> None:
     admin = _admin()
     with _refused():
         view = admin.view(name)
-    raw = admin.fleet.redis.hgetall(f"{admin.fleet.ns}:inst:{name}")
+    raw = admin.fleet.instances.row(name)
     typer.echo(json.dumps(view.as_dict() | {"redis": raw}, indent=2, sort_keys=True))
 
 
@@ -266,5 +266,7 @@ def fleet_strategy(
 
     if strategy is not None and strategy not in STRATEGIES:
         raise typer.BadParameter(f"strategy must be one of {', '.join(STRATEGIES)}")
-    fleet_state().set_strategy(strategy, model if model == "*" else normalize_model(model))
+    fleet_state().instances.set_strategy(
+        strategy, model if model == "*" else normalize_model(model)
+    )
     typer.echo(f"strategy for {model}: {strategy or 'the configured default'}")

@@ -1,6 +1,6 @@
 """What the fleet dashboard shows, read from Redis and RabbitMQ (blocking: thread pool only).
 
-The instances come from the same Redis snapshot the routers rank (``app.state.fleet``), plus
+The instances come from the same Redis snapshot the routers rank (``app.state.instances``), plus
 each instance's count of finished jobs (the rates are computed by the caller, between
 reads); the queue depths from RabbitMQ by passive declare over one long-lived connection;
 the failures from ``app.state.failures``. Nothing here asks a worker anything (no Celery
@@ -116,17 +116,12 @@ def read(depths: QueueDepths) -> DashboardData:
     """The fleet now, rates left at 0 (raises redis.RedisError if Redis is unreadable)."""
     settings = get_settings()
     fleet = fleet_state()
-    snap = fleet.snapshot()
+    snap = fleet.instances.snapshot()
     models = sorted(
-        fleet.served_models() | {m for i in settings.instances for m in (i.models or ())}
+        fleet.instances.served_models() | {m for i in settings.instances for m in (i.models or ())}
     )
-    with fleet.redis.pipeline(transaction=False) as pipe:
-        for stats in snap.instances:
-            pipe.hget(f"{fleet.ns}:inst:{stats.name}", "completed")
-        for model in models:
-            pipe.zcard(f"{fleet.ns}:wait:{model}")
-        replies = pipe.execute()
-    completed, waiting = replies[: len(snap.instances)], replies[len(snap.instances) :]
+    completed = fleet.instances.field([s.name for s in snap.instances], "completed")
+    waiting = list(fleet.slots.waiting_per_model(models).values())
     instances = [
         InstanceRow(
             name=s.name,

@@ -35,11 +35,8 @@ class Instance:
 def fleet_instances() -> list[Instance]:
     """Every registered instance (blocking: Redis). URLs live in the registry hash."""
     fleet = fleet_state()
-    snap = fleet.snapshot()
-    with fleet.redis.pipeline(transaction=False) as pipe:
-        for stats in snap.instances:
-            pipe.hget(f"{fleet.ns}:inst:{stats.name}", "url")
-        urls = pipe.execute()
+    snap = fleet.instances.snapshot()
+    urls = fleet.instances.field([s.name for s in snap.instances], "url")
     return [
         Instance(s.name, url or "", s.enabled and s.up(snap.now), s.models)
         for s, url in zip(snap.instances, urls, strict=True)
@@ -79,7 +76,7 @@ class FleetInfo:
         return [(i, r) for i, r in zip(live, replies, strict=True) if r is not None]
 
     async def served(self) -> set[str]:
-        return await self._blocking(lambda: fleet_state().served_models())
+        return await self._blocking(lambda: fleet_state().instances.served_models())
 
     async def tags(self) -> dict[str, Any]:
         """``/api/tags`` for the fleet: each served model once, with an instance's details."""

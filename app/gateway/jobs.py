@@ -37,16 +37,16 @@ Place = Literal["queued", "waiting_for_slot", "running"]
 
 
 def place(job_id: str, model: str) -> Place:
-    """Where an unfinished job is, from the slot bookkeeping of ``app.state.fleet``.
+    """Where an unfinished job is, from the slot bookkeeping of ``app.state.slots``.
 
     A job holding a grant is running (or about to); one in its model's waiter set is held by
     a router thread until a slot frees; anything else is a message in RabbitMQ (a route
     queue, or a retry's countdown).
     """
-    fleet = fleet_state()
-    if fleet.redis.hexists(f"{fleet.ns}:grants", job_id):
+    position = fleet_state().slots.position(job_id, model)
+    if position == "granted":
         return "running"
-    if fleet.redis.zscore(f"{fleet.ns}:wait:{model}", job_id) is not None:
+    if position == "waiting":
         return "waiting_for_slot"
     return "queued"
 

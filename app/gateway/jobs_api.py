@@ -25,6 +25,7 @@ from app.gateway.errors import GatewayError
 from app.gateway.jobs import outcome, place
 from app.gateway.services import Services, services
 from app.schemas import InferRequest, InferResult
+from app.state import keys as state_keys
 
 router = APIRouter(prefix="/jobs")
 
@@ -53,7 +54,7 @@ class JobView(BaseModel):
 
 
 def _record_key(svc: Services, job_id: str) -> str:
-    return f"{svc.settings.namespace}:gateway:job:{job_id}"
+    return state_keys.gateway_job(svc.settings.namespace, job_id)
 
 
 async def _record(request: Request, job_id: str, who: Caller) -> dict[str, str]:

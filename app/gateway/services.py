@@ -25,6 +25,7 @@ from app.gateway.jobs import JobClient
 from app.gateway.results import ResultWatcher, blocking_pool
 from app.jobs.relay import AsyncTokenRelay
 from app.settings import Settings
+from app.state import keys as state_keys
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Services:
         results = ResultWatcher(
             settings.result_backend,
             celery_app.backend,
-            f"{settings.namespace}:gateway:anchor",
+            state_keys.gateway_anchor(settings.namespace),
             connections,
         )
         jobs = JobClient(threads, results, settings.gateway_job_timeout)

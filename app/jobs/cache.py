@@ -15,7 +15,9 @@ from typing import Any
 import redis
 
 from app.settings import get_settings
-from app.state.fleet import redis_client
+from app.state import keys
+from app.state.client import redis_client
+from app.state.scripts import script
 
 #: How often a waiting duplicate looks for the leader's answer.
 POLL_SECONDS = 0.05
@@ -28,10 +30,10 @@ class ResponseCache:
     ttl: int
 
     def _key(self, digest: str) -> str:
-        return f"{self.ns}:cache:{digest}"
+        return keys.cache(self.ns, digest)
 
     def _flight(self, digest: str) -> str:
-        return f"{self.ns}:flight:{digest}"
+        return keys.cache_flight(self.ns, digest)
 
     def get(self, digest: str) -> dict[str, Any] | None:
         raw = self.redis.get(self._key(digest))
@@ -57,11 +59,8 @@ class ResponseCache:
 
     def _release(self, pipe: redis.client.Pipeline, digest: str, job: str) -> None:
         # Only the holder may drop the claim; a compare-and-delete in one round trip.
-        pipe.eval(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end",
-            1,
-            self._flight(digest),
-            job,
+        script(self.redis, "release_claim.lua")(
+            keys=[self._flight(digest)], args=[job], client=pipe
         )
 
     def wait_for_leader(self, digest: str, deadline: float) -> dict[str, Any] | None:

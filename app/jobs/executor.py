@@ -74,7 +74,7 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
         # Delivered to a worker that does not serve this instance: route it again.
         return _reroute(task, state, countdown=0)
 
-    verdict = fleet_state().confirm(job, instance, agent.token)
+    verdict = fleet_state().slots.confirm(job, instance, agent.token)
     if verdict in ("done", "dup"):
         raise Ignore(f"job {job} is {'finished' if verdict == 'done' else 'already running'}")
     if verdict == "nogrant":
@@ -90,7 +90,7 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     chars = silence.prompt_chars(request)
     bounds = silence.Budget(None, None)
     if request.kind != "embed":
-        stats = fleet_state().silence_stats(instance, request.model)
+        stats = fleet_state().instances.silence_stats(instance, request.model)
         bounds = silence.budget(stats, chars, get_settings())
     call = Call(job, bounds.first_s, bounds.gap_s)
     agent.job_started(job)
@@ -114,7 +114,7 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     finished = time.time()
     if reply.timings.load_s > COLD_LOAD_S:
         # It loaded the model first: what `smart` expects a cold start here to cost.
-        fleet_state().record_load(instance, request.model, reply.timings.load_s * 1000)
+        fleet_state().instances.record_load(instance, request.model, reply.timings.load_s * 1000)
     _learn_timing(instance, request.model, reply, call)
     result = InferResult(
         **reply.model_dump(),
@@ -150,7 +150,7 @@ def _learn_timing(instance: str, model: str, reply: Answer, call: Call) -> None:
     first_s = call.first_at - call.started
     # The gaps between chunks, from the first to the last (two chunks or fewer: no gap).
     gap_s = (call.last_at - call.first_at) / (call.chunks - 1) if call.chunks > 2 else None
-    fleet_state().record_timing(instance, silence.samples(model, reply, first_s, gap_s))
+    fleet_state().instances.record_timing(instance, silence.samples(model, reply, first_s, gap_s))
 
 
 def _cancelled(task: InferTask, request: InferRequest, agent: InstanceAgent) -> NoReturn:
@@ -179,7 +179,7 @@ def _on_failure(
     # counts as running (that is how a grant lost in a Redis restart comes back), and a
     # re-grant here would leave the retry pinned to this instance, and dropped as a duplicate.
     agent.job_ended(job)
-    fleet_state().finish(
+    fleet_state().slots.finish(
         job,
         agent.name,
         ok=False,
@@ -199,7 +199,7 @@ def _on_failure(
     attempts = state.attempts + 1
     # The instance's own retry budget wins over the fleet-wide one; read from Redis, where a
     # change through `corral fleet update` lands at once.
-    config = fleet_state().instance_config(agent.name) or agent.config
+    config = fleet_state().instances.instance_config(agent.name) or agent.config
     budget = config.retry_attempts or settings.max_attempts
     recent_failures.record(
         Failure(

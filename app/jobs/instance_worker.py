@@ -104,7 +104,7 @@ class InstanceAgent:
         self._stop.set()
         if not self.removed:
             # Mark the instance stale at once, so routers stop sending it jobs.
-            fleet_state().redis.hset(f"{get_settings().namespace}:inst:{self.name}", "last_seen", 0)
+            fleet_state().instances.mark_stale(self.name)
 
     def job_started(self, job: str) -> None:
         with self._lock:
@@ -121,7 +121,9 @@ class InstanceAgent:
                 models = [normalize_model(m) for m in self.client.tags()]
             except OllamaError as exc:  # keep the models Redis has
                 log.warning("cannot list models of %s yet: %s", self.name, exc)
-        capacity = fleet_state().register(self.config, threads=self.threads, models=models)
+        capacity = fleet_state().instances.register(
+            self.config, threads=self.threads, models=models
+        )
         if capacity < self.config.parallelism:
             log.warning(
                 "instance %s: parallelism is %d but this worker runs %d threads, so it takes"
@@ -149,7 +151,9 @@ class InstanceAgent:
                     self.name,
                 )
                 self.removed = True
-                fleet_state().unregister(self.name)  # the row may have been deleted by hand
+                fleet_state().instances.unregister(
+                    self.name
+                )  # the row may have been deleted by hand
             return
         if not self.removed and row == self.config:
             return
@@ -168,7 +172,7 @@ class InstanceAgent:
         fleet = fleet_state()
         if reread or self.removed:
             self.reread()
-        if not self.removed and not fleet.is_registered(self.name):
+        if not self.removed and not fleet.instances.is_registered(self.name):
             # Redis lost its state (restarted), or the instance was just removed.
             self.reread()
             if not self.removed:
@@ -181,14 +185,16 @@ class InstanceAgent:
             loaded = [normalize_model(m) for m in self.client.loaded()]
             probe_ms = (time.perf_counter() - started) * 1000
             if discover:
-                fleet.set_models(self.name, [normalize_model(m) for m in self.client.tags()])
-                fleet.set_version(self.name, self.client.version())
+                fleet.instances.set_models(
+                    self.name, [normalize_model(m) for m in self.client.tags()]
+                )
+                fleet.instances.set_version(self.name, self.client.version())
             healthy = True
         except OllamaError as exc:
             log.warning("instance %s unhealthy: %s", self.name, exc)
             loaded, healthy, probe_ms = [], False, 0.0
         pressure, cpu, mem = host_load()
-        fleet.report_health(
+        fleet.instances.report_health(
             self.name,
             healthy=healthy,
             loaded=loaded,
@@ -199,13 +205,13 @@ class InstanceAgent:
         )
         with self._lock:
             running = list(self.running)
-        fleet.hold(self.name, self.token, running)
-        wrong = fleet.reconcile(self.name)
+        fleet.slots.hold(self.name, self.token, running)
+        wrong = fleet.slots.reconcile(self.name)
         if wrong is not None:
             log.warning(
                 "instance %s: slot counter said %d, not its grants; fixed", self.name, wrong
             )
-        fleet.reclaim_expired()
+        fleet.slots.reclaim_expired()
         rescue_stranded(self.name)
         try:
             # One worker per heartbeat re-pushes the database's policy.

@@ -55,7 +55,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from celery import states
 from pydantic import ValidationError
@@ -255,7 +255,7 @@ class ServedModels(Middleware):
     def __contains__(self, model: str) -> bool:
         if model not in self._models or time.monotonic() - self._at > SERVED_MODELS_TTL:
             configured = {m for i in get_settings().instances for m in (i.models or ())}
-            self._models = fleet_state().served_models() | configured
+            self._models = fleet_state().instances.served_models() | configured
             self._at = time.monotonic()
         return model in self._models
 
@@ -315,21 +315,21 @@ class Slots(Middleware):
         # Runs after the result is stored: only now may the slot (and the duplicate guard
         # that comes with it) go, so a crash in between redelivers rather than loses.
         if ran is not None:
-            fleet_state().finish(
+            fleet_state().slots.finish(
                 job.id, ran.instance, ok=True, model=ran.model, service_ms=ran.service_ms
             )
 
     def after_failure(self, job: Job, exc: BaseException) -> None:
         if job.instance is not None:
-            fleet_state().finish(job.id, job.instance, ok=False)
+            fleet_state().slots.finish(job.id, job.instance, ok=False)
 
     def after_revoke(self, job: Job, where: Where) -> None:
         if where == WHILE_RUNNING and job.instance is not None:
-            fleet_state().finish(
+            fleet_state().slots.finish(
                 job.id, job.instance, ok=False, model=job.model or "", cancelled=True
             )
         elif job.model:
-            fleet_state().forget(job.id, job.model)
+            fleet_state().slots.forget(job.id, job.model)
 
 
 class ResponseCache(Middleware):
@@ -491,17 +491,9 @@ class Idempotency(Middleware):
     def before_publish(self, sub: Submission) -> Handled | None:
         if sub.request.job_key is None:
             return None
-        first = _claim_job_key(sub.request.job_key, sub.job)
+        ttl = get_settings().result_expires
+        first = fleet_state().job_keys.claim(sub.request.job_key, sub.job, ttl)
         return None if first is None else Handled(sub.task.AsyncResult(first))
-
-
-def _claim_job_key(key: str, task_id: str) -> str | None:
-    """Bind an idempotency key to ``task_id``; returns the earlier job's id if it was bound."""
-    fleet = fleet_state()
-    name = f"{fleet.ns}:jobkey:{key}"
-    if fleet.redis.set(name, task_id, nx=True, ex=get_settings().result_expires):
-        return None
-    return cast("str | None", fleet.redis.get(name))  # a client that decodes responses
 
 
 class Fairness(Middleware):

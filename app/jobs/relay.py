@@ -19,7 +19,8 @@ import redis
 import redis.asyncio
 
 from app.settings import get_settings
-from app.state.fleet import redis_client
+from app.state import keys
+from app.state.client import redis_client
 
 #: A relay outlives its job by this long, for slow readers.
 TTL_SECONDS = 3600
@@ -35,7 +36,7 @@ class RelayEntry:
 
 
 def _relay_key(ns: str, job: str) -> str:
-    return f"{ns}:relay:{job}"
+    return keys.relay(ns, job)
 
 
 def _entries(got: list[Any]) -> list[RelayEntry]:

@@ -117,14 +117,14 @@ def _reserve_slot(
         # A job back from waiting shares the process's latest reading of the fleet: dozens of
         # waiting threads each reading it every second cost the router the CPU it needs to
         # move the jobs that were just handed a slot.
-        snapshot = fleet.snapshot() if first else _recent_snapshot()
+        snapshot = fleet.instances.snapshot() if first else _recent_snapshot()
         first = False
         if not snapshot.serving(request.model):
             # Either the model is gone, or the registry is (Redis restarted and the
             # instance workers have not re-registered yet): wait a few heartbeats first.
             unserved_since = unserved_since or snapshot.now
             if snapshot.now - unserved_since > UNSERVED_GRACE_BEATS * settings.heartbeat_interval:
-                fleet.forget(job, request.model)  # no longer a waiter, nor holding a slot
+                fleet.slots.forget(job, request.model)  # no longer a waiter, nor holding a slot
                 raise JobRejected(
                     f"model {request.model!r} is no longer served by any instance",
                     {"job_id": job, "history": state.history},
@@ -144,7 +144,7 @@ def _reserve_slot(
             kind=request.kind,
         )
         candidates = [c.instance for c in choices]
-        got = fleet.acquire(
+        got = fleet.slots.acquire(
             job,
             request.model,
             # Recomputed each round: a level that changed while the job waited reorders it.
@@ -157,7 +157,7 @@ def _reserve_slot(
             now=snapshot.now,
         )
         if got is None:
-            got = fleet.wait_handoff(job, WAIT_POLL_SECONDS)
+            got = fleet.slots.wait_handoff(job, WAIT_POLL_SECONDS)
             if got is None:
                 if is_revoked(job):  # app.jobs.cancellation: no longer a waiter, REVOKED
                     end_revoked(task, request, WHILE_WAITING)
@@ -192,7 +192,7 @@ class _RecentSnapshot:
     def __call__(self) -> FleetSnapshot:
         with self._lock:
             if self._snapshot is None or time.monotonic() - self._at > SNAPSHOT_TTL:
-                self._snapshot = fleet_state().snapshot()
+                self._snapshot = fleet_state().instances.snapshot()
                 self._at = time.monotonic()
             return self._snapshot
 
@@ -224,7 +224,7 @@ class _Backlog:
                 pass  # routing goes on with the last reading
             finally:
                 self._lock.release()
-        return queued + fleet_state().waiting(model)
+        return queued + fleet_state().slots.waiting(model)
 
 
 #: Seconds a reading of the route queues' depths is reused.

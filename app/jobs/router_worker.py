@@ -45,7 +45,7 @@ def configure(tier: Tier) -> list[str]:
 
 def _served_models() -> set[str]:
     configured = {m for i in get_settings().instances for m in (i.models or ())}
-    return fleet_state().served_models() | configured
+    return fleet_state().instances.served_models() | configured
 
 
 def _watch_models(tier: Tier, hostname: str, stop: threading.Event) -> None:

@@ -48,7 +48,7 @@ def prompt_chars(request: InferRequest) -> int:
 
 
 def budget(stats: dict[str, Any], chars: int, settings: Settings) -> Budget:
-    """The bounds for one call, from ``FleetState.silence_stats``."""
+    """The bounds for one call, from ``Instances.silence_stats`` (``app.state.instances``)."""
     floor, k = settings.silence_floor_s, settings.silence_factor
     first: float | None = None
     if stats.get("ttft") is not None:
@@ -64,7 +64,7 @@ def budget(stats: dict[str, Any], chars: int, settings: Settings) -> Budget:
 def samples(
     model: str, reply: Answer, first_s: float | None, gap_s: float | None
 ) -> dict[str, float]:
-    """What one answer teaches (see ``FleetState.record_timing``); {} for an embedding."""
+    """What one answer teaches (see ``Instances.record_timing``); {} for an embedding."""
     if first_s is None:
         return {}
     t = reply.timings

@@ -27,7 +27,7 @@ STRANDED_AFTER = 10
 def rescue_stranded(me: str) -> int:
     """Move the waiting jobs of long-silent instances back to the router; returns how many."""
     fleet = fleet_state()
-    snap = fleet.snapshot()
+    snap = fleet.instances.snapshot()
     silent_for = STRANDED_AFTER * get_settings().heartbeat_interval
     dead = [i.name for i in snap.instances if i.name != me and i.expires_at + silent_for < snap.now]
     return sum(requeue(name) for name in dead)
@@ -45,7 +45,7 @@ def requeue(instance: str) -> int:
                 headers = msg.properties.get("application_headers") or {}
                 _, kwargs, _ = json.loads(msg.body)
                 job = headers["id"]
-                fleet_state().release([job])
+                fleet_state().slots.release([job])
                 kwargs["_route"] = {**kwargs["_route"], "instance": None}
                 # By name: the job path does not import the task that drives it.
                 celery_app.send_task(

@@ -33,7 +33,7 @@ from app.observe.metrics_store import Batch, MetricSpec, MetricStore
 from app.options import OBSOLETE_OPTIONS
 from app.schemas import RoutingInfo
 from app.settings import get_settings
-from app.state.fleet import redis_client
+from app.state.client import redis_client
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from app.state import keys
+
 #: The field suffix of a histogram's running sum (bucket fields hold an ``le`` bound).
 SUM = "sum"
 
@@ -72,7 +74,7 @@ class MetricStore(Collector):
         self.specs = tuple(specs)
 
     def _key(self, name: str) -> str:
-        return f"{self.ns}:metrics:{name}"
+        return keys.metrics(self.ns, name)
 
     def write(self, batch: Batch) -> None:
         if not batch.increments:

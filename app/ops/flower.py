@@ -37,8 +37,8 @@ def corral_queues() -> set[str]:
     instances = {i.name for i in settings.instances}
     try:
         fleet = fleet_state()
-        models |= fleet.served_models()
-        instances |= set(fleet.instance_names())
+        models |= fleet.instances.served_models()
+        instances |= set(fleet.instances.instance_names())
     except redis.RedisError as exc:  # the page still shows what the settings name
         log.warning("Corral's queues from Redis unavailable: %s", exc)
     return {

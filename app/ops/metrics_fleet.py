@@ -2,7 +2,7 @@
 
 These describe the fleet as a whole, not one process, so they are read by the exporter when
 Prometheus scrapes rather than kept by any worker: the instances' slots and health from the
-same Redis snapshot the routers rank (``app.state.fleet``), and queue depths by passive
+same Redis snapshot the routers rank (``app.state.instances``), and queue depths by passive
 ``queue_declare`` (exact ready counts, no management plugin, about a millisecond each). A
 source that does not answer is reported by ``corral_metrics_source_up`` instead of failing
 the whole scrape.
@@ -38,9 +38,9 @@ class FleetCollector(Collector):
         models = {m for i in get_settings().instances for m in (i.models or ())}
         try:
             fleet = fleet_state()
-            snapshot = fleet.snapshot()
-            models |= fleet.served_models()
-            waiting = {m: fleet.waiting(m) for m in sorted(models)}
+            snapshot = fleet.instances.snapshot()
+            models |= fleet.instances.served_models()
+            waiting = {m: fleet.slots.waiting(m) for m in sorted(models)}
             level = degradation().level(fresh=True)
         except redis.RedisError as exc:
             log.warning("metrics: Redis unreadable: %s", exc)

@@ -37,11 +37,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import cast
 
 from redis.typing import EncodableT, FieldT
 
 from app.settings import TIERS, Tier, get_settings
-from app.state.fleet import fleet_state, redis_client
+from app.state import keys
+from app.state.client import redis_client
+from app.state.fleet import fleet_state
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +115,8 @@ class Degradation:
     def __init__(self) -> None:
         s = get_settings()
         self.redis = redis_client(s.redis_url)
-        self.key = f"{s.namespace}:degradation"
+        self.key = keys.degradation(s.namespace)
+        self.turn_key = keys.degradation_turn(s.namespace)
 
     def level(self, fresh: bool = False) -> int:
         """The level in force (reread at most every ``READ_TTL`` seconds unless ``fresh``)."""
@@ -128,11 +132,15 @@ class Degradation:
         if tier != "interactive":
             return
         with self.redis.pipeline(transaction=False) as pipe:
-            fleet_state().average_into(
+            fleet_state().averages.fold(
                 self.key, {"interactive_wait_s": wait_s}, alpha=WAIT_ALPHA, client=pipe
             )
             pipe.hset(self.key, "waited_at", time.time())
             pipe.execute()
+
+    def stored(self) -> dict[str, str]:
+        """The level's hash as stored: level, reason, override, the interactive wait..."""
+        return cast(dict[str, str], self.redis.hgetall(self.key))
 
     def pin(self, level: int | None) -> None:
         """Hold the fleet at ``level`` (an operator's choice), or give it back to the signals."""
@@ -146,8 +154,7 @@ class Degradation:
         """Recompute the level from the signals, unless another router did this heartbeat."""
         s = get_settings()
         now = now or time.time()
-        turn = f"{self.key}:turn"
-        if not self.redis.set(turn, 1, nx=True, px=int(s.heartbeat_interval * 1000)):
+        if not self.redis.set(self.turn_key, 1, nx=True, px=int(s.heartbeat_interval * 1000)):
             return self.level()
         signals = self.signals()
         target, reason = target_level(signals)
@@ -174,10 +181,10 @@ class Degradation:
         from app.queues import queue_counts, route_queue
 
         fleet = fleet_state()
-        snapshot = fleet.snapshot()
+        snapshot = fleet.instances.snapshot()
         slots = sum(i.capacity for i in snapshot.instances if i.up(snapshot.now)) or 1
-        models = fleet.served_models()
-        waiting = sum(fleet.waiting(m) for m in models)
+        models = fleet.instances.served_models()
+        waiting = sum(fleet.slots.waiting(m) for m in models)
         counts = queue_counts([route_queue(m, t) for m in models for t in TIERS])
         queued = {t: sum(counts[route_queue(m, t)][0] for m in models) for t in TIERS}
         wait, at = self.redis.hmget(self.key, "interactive_wait_s", "waited_at")

@@ -19,14 +19,15 @@ import math
 import time
 
 from app.settings import Tier, get_settings
-from app.state.fleet import redis_client
+from app.state import keys
+from app.state.client import redis_client
 
 #: Seconds after which an entry counts no longer (the longest a job should take).
 FORGET_AFTER_S = 6 * 3600
 
 
 def _key(tier: str, agent: str) -> str:
-    return f"{get_settings().namespace}:agent_jobs:{tier}:{agent}"
+    return keys.agent_jobs(get_settings().namespace, tier, agent)
 
 
 def fair_priority(job: str, tier: Tier, agent: str | None, priority: int) -> int:

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis import WatchError
 
 from app.settings import AgentClass, Settings, get_settings
-from app.state.fleet import redis_client
+from app.state import keys
+from app.state.client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class Policy(BaseModel):
 
 
 def policy_key(namespace: str) -> str:
-    return f"{namespace}:policy"
+    return keys.policy(namespace)
 
 
 #: Per (Redis URL, key): when this process last read the policy, and what Redis held then
@@ -151,7 +152,9 @@ def refresh(store: PolicySource) -> bool:
     s = get_settings()
     key = policy_key(store.namespace)
     redis = redis_client(s.redis_url)
-    if not redis.set(f"{key}:turn", 1, nx=True, px=max(1, int(s.heartbeat_interval * 1000))):
+    if not redis.set(
+        keys.policy_turn(store.namespace), 1, nx=True, px=max(1, int(s.heartbeat_interval * 1000))
+    ):
         return False
     with redis.pipeline() as pipe:
         # Watched from before the database is read: a change pushed meanwhile (corral policy)
@@ -160,7 +163,9 @@ def refresh(store: PolicySource) -> bool:
         try:
             stored = store.load()
         except Exception:
-            redis.delete(f"{key}:turn")  # another process may reach the database this heartbeat
+            redis.delete(
+                keys.policy_turn(store.namespace)
+            )  # another process may reach the database this heartbeat
             raise
         value = stored.model_dump_json()
         if pipe.get(key) == value:

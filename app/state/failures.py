@@ -16,7 +16,8 @@ import redis
 from pydantic import BaseModel
 
 from app.settings import get_settings
-from app.state.fleet import redis_client
+from app.state import keys
+from app.state.client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class Failure(BaseModel):
 
 
 def _key() -> str:
-    return f"{get_settings().namespace}:failures"
+    return keys.failures(get_settings().namespace)
 
 
 def record(failure: Failure) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from app.bench.harness import LocalFleet
 from app.observe.metrics import IGNORED_OPTIONS
+from app.state import keys
 from app.state.fleet import fleet_state
 from tests.gateway.conftest import Gateway
 
@@ -45,7 +46,7 @@ def _unit(vector: list[float]) -> bool:
 def _ignored(option: str) -> float:
     """corral_ignored_options_total{option} as summed in Redis (0 before the first)."""
     fleet = fleet_state()
-    key = f"{fleet.ns}:metrics:{IGNORED_OPTIONS.name}"
+    key = keys.metrics(fleet.ns, IGNORED_OPTIONS.name)
     return float(fleet.redis.hget(key, json.dumps([option])) or 0)
 
 

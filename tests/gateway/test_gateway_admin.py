@@ -11,6 +11,7 @@ import pytest
 from app.bench.harness import LocalFleet
 from app.fleet.registry import Registry
 from app.gateway.api_keys import KeyStore
+from app.state import keys
 from app.state.fleet import fleet_state
 from tests.gateway.conftest import Gateway
 
@@ -28,7 +29,7 @@ def instance_name(gateway: Gateway) -> Iterator[str]:
     name = f"adm-{os.getpid()}"
     yield name
     Registry(gateway.db_url).remove(name)
-    fleet_state().unregister(name)
+    fleet_state().instances.unregister(name)
 
 
 def test_admin_api_needs_an_admin_key(
@@ -50,7 +51,7 @@ def test_admin_api_adds_changes_drains_and_removes(
     gateway: Gateway, admin_key: str, instance_name: str
 ) -> None:
     http = httpx.Client(base_url=gateway.url, headers=gateway.auth(admin_key), timeout=30)
-    name, key = instance_name, f"{fleet_state().ns}:inst:{instance_name}"
+    name, key = instance_name, keys.instance(fleet_state().ns, instance_name)
     body = {"name": name, "url": "http://127.0.0.1:9", "parallelism": 3, "tags": ["t"]}
 
     added = http.post("/admin/instances", json=body)
@@ -74,5 +75,5 @@ def test_admin_api_adds_changes_drains_and_removes(
 
     assert http.delete(f"/admin/instances/{name}").json() == {"removed": name, "requeued": 0}
     assert http.get(f"/admin/instances/{name}").status_code == 404
-    assert name not in fleet_state().instance_names()
+    assert name not in fleet_state().instances.instance_names()
     assert http.delete("/admin/instances/sim-a").status_code == 409  # in the fleet file

@@ -108,7 +108,7 @@ def real_backend(fleet: LocalFleet, tmp_path_factory: pytest.TempPathFactory) ->
         wait_until(
             lambda: any(
                 i.name == INSTANCE and i.up(s.now)
-                for s in [fleet_state().snapshot()]
+                for s in [fleet_state().instances.snapshot()]
                 for i in s.instances
             ),
             60,

@@ -1,0 +1,270 @@
+"""Slots and hand-off: the counter that keeps an instance to its parallelism.
+
+* ``acquire`` reserves a slot on the first candidate that has one, or registers the job as
+  a waiter of its model (a sorted set ordered by tier, priority, then arrival);
+* ``finish`` frees the slot of a finished attempt and, in the same atomic step, hands it to
+  the best waiter that may use that instance, so the freed slot goes to the most urgent job,
+  not to whichever router thread wakes first;
+* every grant has a lease; the instance worker extends it while the job runs (``hold``), and
+  ``reclaim_expired`` frees the slots of grants nobody is using (a crashed router or worker).
+
+Each step is one Lua script (``lua/*.lua``), so each is atomic and costs one round trip. The
+breaker (:mod:`app.state.breaker`), the instance's rate (:mod:`app.state.instance_rate`) and
+the class caps (:mod:`app.state.classes`) are checked in the same steps, their Lua included
+into these scripts. The hand-off finds the waiter sets it looks at inside the step, so the
+scripts need a single Redis, not a Redis Cluster (see ``lua/handoff.lua``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal, cast
+
+import redis
+
+from app.settings import get_settings
+from app.state import keys
+from app.state.averages import EWMA_ALPHA
+from app.state.breaker import Breaker
+from app.state.instance_rate import InstanceRate
+from app.state.scripts import script
+
+#: A job id returned by ``acquire`` for a job that already finished.
+DONE = "!done"
+
+Confirmation = Literal["ok", "dup", "nogrant", "done"]
+#: Where a job is in the slot bookkeeping: holding a grant, waiting for one, or neither.
+Position = Literal["granted", "waiting", "none"]
+
+
+@dataclass(frozen=True)
+class Slots:
+    redis: redis.Redis
+    ns: str
+    breaker: Breaker
+    rate: InstanceRate
+
+    def _handoff_prefixes(self) -> list[str]:
+        return [keys.waiters(self.ns, ""), keys.handoff(self.ns, "")]
+
+    def acquire(
+        self,
+        job: str,
+        model: str,
+        *,
+        score: float,
+        candidates: list[str],
+        exclude: list[str],
+        agent_class: str = "default",
+        class_cap: int = 0,
+        now: float | None = None,
+    ) -> str | None:
+        """Reserve a slot on the first candidate with one free; else queue as a waiter.
+
+        With ``class_cap``, no more than that many slots go to jobs of ``agent_class`` at once
+        (a bulkhead). Returns the instance, ``DONE`` when the job already finished, or None
+        (waiting). Calling it again for the same job returns the slot it already holds.
+        """
+        ns = self.ns
+        got = script(self.redis, "acquire.lua")(
+            keys=[
+                keys.done(ns, job),
+                keys.grants(ns),
+                keys.handoff(ns, job),
+                keys.leases(ns),
+                keys.waiters(ns, model),
+                keys.excluded(ns),
+                keys.waiter_class(ns),
+                keys.class_in_flight(ns),
+                keys.job_class(ns),
+                *(keys.instance(ns, c) for c in candidates),
+            ],
+            args=[
+                job,
+                score,
+                now or time.time(),
+                get_settings().grant_lease,
+                ",".join(exclude),
+                agent_class,
+                class_cap,
+                self.rate.burst_seconds,
+                *candidates,
+            ],
+        )
+        return cast(str | None, got)
+
+    def wait_handoff(self, job: str, timeout: float) -> str | None:
+        """Block until a finishing job hands its slot to this one, or ``timeout`` passes."""
+        got = self.redis.blpop([keys.handoff(self.ns, job)], timeout=timeout)
+        return cast(str, got[1]) if got else None
+
+    def confirm(self, job: str, instance: str, token: str) -> Confirmation:
+        """Called by the instance worker before it runs a job: does it hold the slot?"""
+        ns = self.ns
+        verdict = script(self.redis, "confirm.lua")(
+            keys=[keys.done(ns, job), keys.grants(ns), keys.running(ns), keys.leases(ns)],
+            args=[job, instance, token, time.time(), get_settings().grant_lease],
+        )
+        return cast(Confirmation, verdict)
+
+    def finish(
+        self,
+        job: str,
+        instance: str,
+        *,
+        ok: bool,
+        model: str = "",
+        service_ms: float = 0.0,
+        open_breaker: bool = False,
+        cancelled: bool = False,
+    ) -> str | None:
+        """Free the job's slot (handing it to the best waiter) and record the outcome.
+
+        A success folds ``service_ms`` into the instance's service times (overall and for
+        ``model``) and closes its breaker; a failure counts against it, and ``open_breaker``
+        opens the breaker at once (:mod:`app.state.breaker`). A ``cancelled`` job (revoked
+        while it ran) records no outcome at all.
+
+        Idempotent: a second call for the same job does nothing. Returns the job the slot
+        was handed to, if any.
+        """
+        s, ns = get_settings(), self.ns
+        handed = script(self.redis, "finish.lua")(
+            keys=[
+                keys.grants(ns),
+                keys.running(ns),
+                keys.leases(ns),
+                keys.done(ns, job),
+                keys.instances(ns),
+                keys.instance(ns, instance),
+                keys.instance_models(ns, instance),
+                keys.excluded(ns),
+                keys.waiter_class(ns),
+                keys.class_in_flight(ns),
+                keys.job_class(ns),
+            ],
+            args=[
+                job,
+                instance,
+                time.time(),
+                s.grant_lease,
+                int(ok),
+                service_ms,
+                model,
+                int(open_breaker),
+                s.result_expires,
+                EWMA_ALPHA,
+                self.breaker.threshold(),
+                self.breaker.cooldown(),
+                int(cancelled),
+                self.rate.burst_seconds,
+                *self._handoff_prefixes(),
+            ],
+        )
+        return cast(str | None, handed)
+
+    def hold(self, instance: str, token: str, jobs: list[str]) -> None:
+        """The instance's worker is running ``jobs``: extend their leases, and put back any
+        grant Redis lost (see ``lua/hold.lua``)."""
+        if jobs:
+            ns = self.ns
+            script(self.redis, "hold.lua")(
+                keys=[
+                    keys.instances(ns),
+                    keys.grants(ns),
+                    keys.running(ns),
+                    keys.instance(ns, instance),
+                    keys.leases(ns),
+                ],
+                args=[instance, token, time.time(), get_settings().grant_lease, *jobs],
+            )
+
+    def reconcile(self, instance: str) -> int | None:
+        """Set the instance's slot counter to its grants; returns the wrong count it fixed."""
+        ns = self.ns
+        wrong = script(self.redis, "reconcile.lua")(
+            keys=[keys.instances(ns), keys.grants(ns), keys.instance(ns, instance)],
+            args=[instance],
+        )
+        return None if wrong is None else int(wrong)
+
+    def _reclaim(self, jobs: list[str]) -> int:
+        ns = self.ns
+        instance_prefix = keys.instance(ns, "")
+        models_suffix = keys.instance_models(ns, "")[len(instance_prefix) :]
+        looked_at = script(self.redis, "reclaim.lua")(
+            keys=[
+                keys.grants(ns),
+                keys.running(ns),
+                keys.leases(ns),
+                keys.instances(ns),
+                keys.excluded(ns),
+                keys.waiter_class(ns),
+                keys.class_in_flight(ns),
+                keys.job_class(ns),
+            ],
+            args=[
+                time.time(),
+                get_settings().grant_lease,
+                self.rate.burst_seconds,
+                instance_prefix,
+                models_suffix,
+                *self._handoff_prefixes(),
+                *jobs,
+            ],
+        )
+        return int(looked_at)
+
+    def reclaim_expired(self) -> int:
+        """Free slots whose grant nobody used in time; returns how many leases expired."""
+        return self._reclaim([])
+
+    def release(self, jobs: list[str]) -> None:
+        """Free the slots these jobs hold, without recording an outcome."""
+        if jobs:
+            self._reclaim(jobs)
+
+    def forget(self, job: str, model: str) -> None:
+        """A revoked job: stop waiting for a slot, and free the slot it may hold."""
+        with self.redis.pipeline() as pipe:
+            pipe.zrem(keys.waiters(self.ns, model), job)
+            pipe.hdel(keys.excluded(self.ns), job)
+            pipe.hdel(keys.waiter_class(self.ns), job)
+            pipe.execute()
+        self.release([job])
+
+    def holder(self, job: str) -> str | None:
+        """The instance whose slot the job holds, if any."""
+        return cast(str | None, self.redis.hget(keys.grants(self.ns), job))
+
+    def grants(self) -> dict[str, str]:
+        """Every job holding a slot, with its instance."""
+        return cast(dict[str, str], self.redis.hgetall(keys.grants(self.ns)))
+
+    def position(self, job: str, model: str) -> Position:
+        """Whether the job holds a slot, waits for one of ``model``'s, or neither."""
+        if self.redis.hexists(keys.grants(self.ns), job):
+            return "granted"
+        if self.redis.zscore(keys.waiters(self.ns, model), job) is not None:
+            return "waiting"
+        return "none"
+
+    def waiting(self, model: str) -> int:
+        """Jobs waiting for a slot of ``model``."""
+        return int(self.redis.zcard(keys.waiters(self.ns, model)))
+
+    def waiting_per_model(self, models: list[str]) -> dict[str, int]:
+        """``waiting`` for several models, in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.zcard(keys.waiters(self.ns, model))
+            return dict(zip(models, pipe.execute(), strict=True))
+
+    def waiters(self) -> dict[str, list[tuple[str, float]]]:
+        """Every waiter set that has waiters: its key, and the jobs with their scores."""
+        found: dict[str, list[tuple[str, float]]] = {}
+        for key in self.redis.scan_iter(keys.waiters(self.ns, "*")):
+            if jobs := self.redis.zrange(key, 0, -1, withscores=True):
+                found[key] = cast(list[tuple[str, float]], jobs)
+        return found
