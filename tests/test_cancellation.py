@@ -6,13 +6,17 @@ mid-generation, so "the generation stopped" is what the server saw, not what Cor
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+import uuid
 
 import pytest
 from celery.exceptions import TaskRevokedError
 
 from app.bench.harness import LocalFleet, depth, wait_until
 from app.gateway.jobs import place
+from app.jobs import cancellation
 from app.queues import dead_letter_queue
 from app.state import keys
 from app.state.fleet import fleet_state
@@ -86,3 +90,34 @@ def test_revoking_a_job_waiting_for_a_slot_means_it_never_runs(
     time.sleep(0.5)
     assert healthy_fleet.sim_total("requests_total") == 6  # the target never reached a server
     assert healthy_fleet.sim_total("cancelled_total") == 6
+
+
+def test_many_threads_revoking_at_once_never_deadlock() -> None:
+    """A gateway whose clients leave together revokes from many threads at once. Celery's
+    ``control.revoke`` holds a pooled broker connection while it takes a producer, which may
+    take a second pooled connection: with more revoking threads than ``broker_pool_limit``
+    (10), every thread held one connection and waited for another, for ever, and so did every
+    publish after them (the gateway stopped answering). Found by the 1,000-stream load test."""
+    jobs: queue.Queue[str] = queue.Queue()
+    for _ in range(256):
+        jobs.put(str(uuid.uuid4()))
+    revoked: list[str] = []
+
+    def revoke_all() -> None:
+        while True:
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                return
+            cancellation.cancel(job)
+            revoked.append(job)
+
+    # 64 threads, as the gateway's pool has; daemons, so a deadlocked one cannot keep the
+    # test process alive.
+    running = [threading.Thread(target=revoke_all, daemon=True) for _ in range(64)]
+    for thread in running:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert len(revoked) == 256, f"{256 - len(revoked)} of 256 revokes still waiting after 30 s"

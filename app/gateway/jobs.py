@@ -1,8 +1,8 @@
 """Publishing ``infer`` jobs and getting their outcome, from the event loop without blocking it.
 
-Publishing (validation, a Redis look-up of the served models, an AMQP publish) and revoking
-(``app.jobs.cancellation``) run in the gateway's thread pool; waiting is a future resolved by the
-result watcher.
+Publishing (validation, a Redis look-up of the served models, an AMQP publish) runs in the
+gateway's thread pool, revoking (``app.jobs.cancellation``) on a thread of its own; waiting is
+a future resolved by the result watcher.
 """
 
 from __future__ import annotations
@@ -64,8 +64,14 @@ def outcome(meta: dict[str, Any]) -> InferResult:
 class JobClient:
     def __init__(self, threads: ThreadPoolExecutor, results: ResultWatcher, timeout: float):
         self.threads = threads
+        # Revokes take turns anyway (``cancellation.cancel``): on a thread of their own, a
+        # thousand clients leaving at once cannot fill the pool that publishing needs.
+        self.revoker = ThreadPoolExecutor(1, thread_name_prefix="gateway-revoke")
         self.results = results
         self.timeout = timeout
+
+    def close(self) -> None:
+        self.revoker.shutdown(wait=False, cancel_futures=True)
 
     async def blocking(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a blocking call in the gateway's thread pool."""
@@ -116,15 +122,16 @@ class JobClient:
             cancellation.cancel(job_id)
             return where
 
-        where = await self.blocking(revoke)
+        loop = asyncio.get_running_loop()
+        where = await loop.run_in_executor(self.revoker, contextvars.copy_context().run, revoke)
         log.info("job %s: revoked (was %s)", job_id, where)
         return where
 
     def cancel_soon(self, job_id: str) -> None:
-        """Revoke the job from the thread pool, without waiting (a stream being torn down)."""
+        """Revoke the job without waiting (a stream being torn down)."""
         log.info("job %s: revoked (its stream was abandoned)", job_id)
         loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self.threads, cancellation.cancel, job_id)
+        done = loop.run_in_executor(self.revoker, cancellation.cancel, job_id)
 
         def failed(future: asyncio.Future[None]) -> None:
             if not future.cancelled() and future.exception() is not None:

@@ -90,6 +90,7 @@ class Services:
         await self.results.close()
         await self.http.aclose()
         await self.redis.aclose()
+        self.jobs.close()
         self.threads.shutdown(wait=False, cancel_futures=True)
 
 

@@ -45,6 +45,10 @@ async def follow(
     reading: asyncio.Future[Any] | None = None
     after = "0"
     yielded = False  # before the first chunk, a client that leaves is open_stream's to handle
+    # Set before the done chunk is yielded: the consumer stops at it and closes this
+    # generator there, before the job's result is stored; that is the end, not a client
+    # who left (revoking then cost a broadcast per stream).
+    complete = False
     try:
         while True:
             if finished.done():
@@ -54,8 +58,9 @@ async def follow(
                         after = entry.id
                         chunk = guard.feed((entry.attempt, entry.run), entry.chunk)
                         if chunk is not None:
+                            complete = bool(chunk.get("done"))
                             yield chunk
-                            if chunk.get("done"):
+                            if complete:
                                 return
                 final = guard.feed("result", shapes.completion(finished.result()))
                 assert final is not None  # a done chunk is always passed on
@@ -71,11 +76,12 @@ async def follow(
                 chunk = guard.feed((entry.attempt, entry.run), entry.chunk)
                 if chunk is not None:
                     yielded = True
+                    complete = bool(chunk.get("done"))
                     yield chunk
-                    if chunk.get("done"):
+                    if complete:
                         return
     except (asyncio.CancelledError, GeneratorExit):
-        if yielded and not finished.done():
+        if yielded and not complete and not finished.done():
             jobs.cancel_soon(job_id)
         raise
     finally:

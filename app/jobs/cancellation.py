@@ -19,10 +19,13 @@ A revoked job is never retried and never dead-lettered; ``.get()`` raises
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, NoReturn
 
 from celery.exceptions import Ignore
 from celery.worker import state as worker_state
+
+from app.celery_app import celery_app
 
 if TYPE_CHECKING:
     from app.jobs.lifecycle import Where
@@ -30,11 +33,18 @@ if TYPE_CHECKING:
     from tasks.infer import InferTask
 
 
+#: One revoke at a time per process. Celery's ``control.revoke`` holds a connection from the
+#: app's pool while it takes a producer, and a producer takes a second connection from the
+#: same pool: with more threads revoking at once than the pool holds (``broker_pool_limit``,
+#: 10), each can hold one connection and wait for another, for ever, and every publish of the
+#: process waits behind them. A revoke is one publish: taking turns costs milliseconds.
+_one_revoke_at_a_time = threading.Lock()
+
+
 def cancel(job_id: str) -> None:
     """Revoke the job, wherever it is (blocking: one publish to the broker)."""
-    from app.celery_app import celery_app
-
-    celery_app.control.revoke(job_id)
+    with _one_revoke_at_a_time:
+        celery_app.control.revoke(job_id)
 
 
 def is_revoked(job_id: str) -> bool:
@@ -47,7 +57,6 @@ def end_revoked(task: InferTask, request: InferRequest, where: Where) -> NoRetur
     ``after_revoke`` hooks give back its slot, cache claim and fairness share and count it
     cancelled; then REVOKED is stored (as Celery stores it for a message it drops on arrival)
     and ``Ignore`` acks the message."""
-    from app.celery_app import celery_app
     from app.jobs.lifecycle import Job
 
     job_id = task.request.id

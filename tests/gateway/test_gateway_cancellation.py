@@ -114,3 +114,32 @@ def test_a_client_that_leaves_a_running_job_cancels_it(
         "the slot to be freed",
     )
     assert healthy_fleet.sim_total("requests_total") == 1  # not retried
+
+
+def test_streams_read_to_their_end_revoke_nothing(gateway: Gateway) -> None:
+    """The API's last line ends the response before the job's result is stored: that is a
+    stream's end, not a client that left. (It was taken for one: a revoke per stream, 150 of
+    them in a 1,000-stream burst.)"""
+    before = len(gateway.log_text())
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(
+            base_url=gateway.url, headers=gateway.auth(), timeout=60
+        ) as client:
+
+            async def ollama(i: int) -> str:
+                body = {"model": MODEL, "messages": [{"role": "user", "content": f"end {i}"}]}
+                async with client.stream("POST", "/api/chat", json=body) as reply:
+                    return [line async for line in reply.aiter_lines() if line][-1]
+
+            async def openai(i: int) -> str:
+                body = {"model": MODEL, "prompt": f"end {i}", "stream": True, "max_tokens": 20}
+                async with client.stream("POST", "/v1/completions", json=body) as reply:
+                    return [line async for line in reply.aiter_lines() if line][-1]
+
+            return await asyncio.gather(*(f(i) for i in range(20) for f in (ollama, openai)))
+
+    last_lines = asyncio.run(run())
+    assert all('"done":true' in line or line == "data: [DONE]" for line in last_lines), last_lines
+    time.sleep(1.0)  # a revoke is logged as it is sent
+    assert "revoked" not in gateway.log_text(before)
