@@ -2,8 +2,8 @@
 
 The rule: only this package formats a Redis key or holds Lua. Code elsewhere reads and
 changes fleet state through the objects of ``fleet_state()``; code that keeps its own Redis
-calls for its own data (the response cache, the token relay, the metrics store, the policy
-and degradation hashes...) takes its key names from :mod:`app.state.keys`.
+calls for its own data (the response cache, the token relay, the metrics store...) takes its
+key names from :mod:`app.state.keys`.
 
 Modules:
 
@@ -22,5 +22,10 @@ Modules:
   instance rate and the agent rate limits.
 * ``averages``: moving averages folded atomically into hash fields.
 * ``failures``: the fleet's most recent failed attempts.
+* ``degradation``: the degradation level's hash and its evaluation turn (the rules are
+  ``app.policy.degradation``'s).
+* ``fairness``: each agent's outstanding jobs per tier (the rule is ``app.policy.fairness``'s).
+* ``policy``: the rate-limit policy in force (JSON) and its refresh turn (parsed and cached
+  by ``app.policy.live``).
 * ``lua/``: the scripts; each lists its KEYS and ARGV at the top.
 """

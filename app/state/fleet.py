@@ -2,8 +2,9 @@
 
 ``fleet_state()`` is the way in: a :class:`FleetState` holds one object per concern, and
 callers use those (``fleet_state().slots.acquire(...)``,
-``fleet_state().instances.snapshot()``); of its own it only clears a namespace (``clear``).
-Built once per Redis and namespace, because the job path asks for it many times per job.
+``fleet_state().instances.snapshot()``); of its own it only checks that Redis answers
+(``ping``) and clears a namespace (``clear``). Built once per Redis and namespace, because the
+job path asks for it many times per job.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from app.state.breaker import Breaker
 from app.state.buckets import TokenBuckets
 from app.state.classes import ClassCaps
 from app.state.client import redis_client
+from app.state.degradation import DegradationState
+from app.state.fairness import FairnessCounters
 from app.state.instance_rate import InstanceRate
 from app.state.instances import Instances
 from app.state.job_keys import JobKeys
+from app.state.policy import PolicyInForce
 from app.state.slots import DONE, Confirmation, Slots
 
 __all__ = ["DONE", "EWMA_ALPHA", "Confirmation", "FleetState", "fleet_state", "redis_client"]
@@ -50,6 +54,12 @@ class FleetState:
     averages: Averages = field(init=False)
     #: Idempotency keys bound to the first job submitted with them.
     job_keys: JobKeys = field(init=False)
+    #: The degradation level's hash and its evaluation turn.
+    degradation: DegradationState = field(init=False)
+    #: Each agent's outstanding jobs per tier (fairness).
+    fairness: FairnessCounters = field(init=False)
+    #: The rate-limit policy in force, and its refresh turn.
+    policy: PolicyInForce = field(init=False)
 
     def __post_init__(self) -> None:
         self.averages = Averages(self.redis)
@@ -60,6 +70,13 @@ class FleetState:
         self.buckets = TokenBuckets(self.redis)
         self.slots = Slots(self.redis, self.ns, self.breaker, self.rate)
         self.job_keys = JobKeys(self.redis, self.ns)
+        self.degradation = DegradationState(self.redis, self.ns, self.averages)
+        self.fairness = FairnessCounters(self.redis, self.ns)
+        self.policy = PolicyInForce(self.redis, self.ns)
+
+    def ping(self) -> None:
+        """Check that Redis answers (raises ``redis.RedisError`` if not)."""
+        self.redis.ping()
 
     def clear(self, namespace: str | None = None) -> None:
         """Delete every key of the namespace (this one by default): a bench or test reset."""
@@ -67,9 +84,10 @@ class FleetState:
             self.redis.delete(key)
 
 
-def fleet_state() -> FleetState:
+def fleet_state(namespace: str | None = None, *, redis_url: str | None = None) -> FleetState:
+    """The fleet state of the configured Redis and namespace (or of those given)."""
     s = get_settings()
-    return _fleet_state(s.redis_url, s.namespace)
+    return _fleet_state(redis_url or s.redis_url, namespace or s.namespace)
 
 
 @lru_cache(maxsize=8)
