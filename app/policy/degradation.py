@@ -29,7 +29,8 @@ either crosses a threshold and falls one level at a time, once the signals have 
 it for ``degradation_hold`` seconds, so it neither flaps nor stays up after the load is gone.
 One router evaluates it per heartbeat (whichever takes the turn in Redis); every process
 reads it from Redis, at most once a second. An operator can pin a level (``corral degrade
---level N``) until released.
+--level N``) until released. The hash and the turn are the state layer's
+(``fleet_state().degradation``, :mod:`app.state.degradation`); this module holds the rules.
 """
 
 from __future__ import annotations
@@ -37,13 +38,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import cast
-
-from redis.typing import EncodableT, FieldT
 
 from app.settings import TIERS, Tier, get_settings
-from app.state import keys
-from app.state.client import redis_client
 from app.state.fleet import fleet_state
 
 log = logging.getLogger(__name__)
@@ -110,20 +106,17 @@ _read: dict[str, tuple[float, int]] = {}
 
 
 class Degradation:
-    """The fleet's level in Redis (``<ns>:degradation``)."""
+    """The fleet's level: the rules over its hash in Redis (``app.state.degradation``)."""
 
     def __init__(self) -> None:
-        s = get_settings()
-        self.redis = redis_client(s.redis_url)
-        self.key = keys.degradation(s.namespace)
-        self.turn_key = keys.degradation_turn(s.namespace)
+        self.state = fleet_state().degradation
+        self.key = self.state.key
 
     def level(self, fresh: bool = False) -> int:
         """The level in force (reread at most every ``READ_TTL`` seconds unless ``fresh``)."""
         read_at, level = _read.get(self.key, (-READ_TTL, 0))
         if fresh or time.monotonic() - read_at > READ_TTL:
-            override, stored = self.redis.hmget(self.key, "override", "level")
-            level = int(override if override is not None else stored or 0)
+            level = self.state.level()
             _read[self.key] = (time.monotonic(), level)
         return level
 
@@ -131,36 +124,26 @@ class Degradation:
         """An interactive job started after waiting ``wait_s``: feed the moving average."""
         if tier != "interactive":
             return
-        with self.redis.pipeline(transaction=False) as pipe:
-            fleet_state().averages.fold(
-                self.key, {"interactive_wait_s": wait_s}, alpha=WAIT_ALPHA, client=pipe
-            )
-            pipe.hset(self.key, "waited_at", time.time())
-            pipe.execute()
+        self.state.record_wait(wait_s, alpha=WAIT_ALPHA)
 
     def stored(self) -> dict[str, str]:
         """The level's hash as stored: level, reason, override, the interactive wait..."""
-        return cast(dict[str, str], self.redis.hgetall(self.key))
+        return self.state.stored()
 
     def pin(self, level: int | None) -> None:
         """Hold the fleet at ``level`` (an operator's choice), or give it back to the signals."""
-        if level is None:
-            self.redis.hdel(self.key, "override")
-        else:
-            self.redis.hset(self.key, "override", level)
+        self.state.pin(level)
         _read.pop(self.key, None)
 
     def evaluate(self, now: float | None = None) -> int:
         """Recompute the level from the signals, unless another router did this heartbeat."""
         s = get_settings()
         now = now or time.time()
-        if not self.redis.set(self.turn_key, 1, nx=True, px=int(s.heartbeat_interval * 1000)):
+        if not self.state.take_turn(s.heartbeat_interval):
             return self.level()
         signals = self.signals()
         target, reason = target_level(signals)
-        level, calm = self.redis.hmget(self.key, "level", "calm_since")
-        current = int(level or 0)
-        calm_since = float(calm) if calm else None
+        current, calm_since = self.state.evaluated()
         if target < current and calm_since is None:
             calm_since = now
         elif target >= current:
@@ -169,12 +152,7 @@ class Degradation:
         if new != current:
             log.warning("degradation %s -> %s (%s)", NAMES[current], NAMES[new], reason)
             calm_since = None
-        mapping: dict[FieldT, EncodableT] = {"level": new, "reason": reason}
-        self.redis.hset(self.key, mapping=mapping)
-        if calm_since is None:
-            self.redis.hdel(self.key, "calm_since")
-        else:
-            self.redis.hset(self.key, "calm_since", calm_since)
+        self.state.write(new, reason, calm_since)
         return new
 
     def signals(self) -> Signals:
@@ -187,11 +165,11 @@ class Degradation:
         waiting = sum(fleet.slots.waiting(m) for m in models)
         counts = queue_counts([route_queue(m, t) for m in models for t in TIERS])
         queued = {t: sum(counts[route_queue(m, t)][0] for m in models) for t in TIERS}
-        wait, at = self.redis.hmget(self.key, "interactive_wait_s", "waited_at")
-        recent = at is not None and time.time() - float(at) < WAIT_MEMORY_S
+        wait, at = self.state.interactive_wait()
+        recent = at is not None and time.time() - at < WAIT_MEMORY_S
         return Signals(
             urgent_per_slot=(waiting + queued["interactive"] + queued["normal"]) / slots,
-            interactive_wait_s=float(wait or 0) if recent else 0.0,
+            interactive_wait_s=wait if recent else 0.0,
         )
 
 

@@ -10,40 +10,30 @@ still run whenever no lighter one is waiting. Jobs with no ``agent`` are not adj
 
 The count is a sorted set of job ids per tier and agent, with their submission time: a job
 leaves it when it ends, and entries older than ``FORGET_AFTER_S`` are dropped, so a job lost
-without a trace cannot lower its agent's priority forever.
+without a trace cannot lower its agent's priority forever. The sets are the state layer's
+(``fleet_state().fairness``, :mod:`app.state.fairness`); this module holds the rule.
 """
 
 from __future__ import annotations
 
 import math
-import time
 
-from app.settings import Tier, get_settings
-from app.state import keys
-from app.state.client import redis_client
+from app.settings import Tier
+from app.state.fleet import fleet_state
 
 #: Seconds after which an entry counts no longer (the longest a job should take).
 FORGET_AFTER_S = 6 * 3600
-
-
-def _key(tier: str, agent: str) -> str:
-    return keys.agent_jobs(get_settings().namespace, tier, agent)
 
 
 def fair_priority(job: str, tier: Tier, agent: str | None, priority: int) -> int:
     """Count the job against its agent and return the priority it is queued with."""
     if not agent:
         return priority
-    key, now = _key(tier, agent), time.time()
-    with redis_client(get_settings().redis_url).pipeline() as pipe:
-        pipe.zremrangebyscore(key, "-inf", now - FORGET_AFTER_S)
-        pipe.zadd(key, {job: now})
-        pipe.zcard(key)
-        pipe.expire(key, FORGET_AFTER_S)
-        outstanding = pipe.execute()[2]
+    outstanding = fleet_state().fairness.count(job, tier, agent, FORGET_AFTER_S)
     return max(0, priority - int(math.log2(max(outstanding, 1))))
 
 
 def job_ended(job: str, tier: str | None, agent: str | None) -> None:
+    """The job ended (done, failed or revoked): it counts against its agent no longer."""
     if agent and tier:
-        redis_client(get_settings().redis_url).zrem(_key(tier, agent), job)
+        fleet_state().fairness.uncount(job, tier, agent)

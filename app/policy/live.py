@@ -15,7 +15,9 @@ everywhere within ``READ_TTL``. A row edited in the database by any other means 
 a heartbeat: every instance worker (the processes that reach the database) runs
 :func:`refresh` each heartbeat, and one of them per heartbeat (whichever takes the turn in
 Redis) pushes the database's policy unless Redis has it already. Until a policy is in Redis
-(a fresh stack before its first worker started), the settings are the policy.
+(a fresh stack before its first worker started), the settings are the policy. The value and
+the turn are the state layer's (``fleet_state().policy``, :mod:`app.state.policy`); this
+module parses, caches and logs.
 """
 
 from __future__ import annotations
@@ -26,11 +28,10 @@ from fnmatch import fnmatchcase
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from redis import WatchError
 
 from app.settings import AgentClass, Settings, get_settings
 from app.state import keys
-from app.state.client import redis_client
+from app.state.fleet import fleet_state
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def live_policy(settings: Settings | None = None, *, fresh: bool = False) -> Pol
     cache = (settings.redis_url, policy_key(settings.namespace))
     read_at, found = _read.get(cache, (-READ_TTL, None))
     if fresh or time.monotonic() - read_at > READ_TTL:
-        raw = redis_client(settings.redis_url).get(cache[1])
+        raw = fleet_state(settings.namespace, redis_url=settings.redis_url).policy.get()
         found = _parse(raw, cache[1])
         _read[cache] = (time.monotonic(), found)
     return found if found is not None else _settings_policy(settings)
@@ -121,19 +122,15 @@ def publish(policy: Policy, namespace: str | None = None) -> bool:
     whether it differs from what Redis held. This process sees it at once, the others
     within ``READ_TTL``."""
     s = get_settings()
-    key = policy_key(namespace or s.namespace)
-    redis = redis_client(s.redis_url)
-    value = policy.model_dump_json()
-    # SET ... GET: the comparison and the write are one command.
-    changed = redis.set(key, value, get=True) != value
-    _read[(s.redis_url, key)] = (time.monotonic(), policy)
+    state = fleet_state(namespace or s.namespace).policy
+    changed = state.set(policy.model_dump_json())
+    _read[(s.redis_url, state.key)] = (time.monotonic(), policy)
     return changed
 
 
 def published(namespace: str | None = None) -> bool:
     """Whether Redis holds a policy for the namespace (default: the configured one)."""
-    s = get_settings()
-    return bool(redis_client(s.redis_url).exists(policy_key(namespace or s.namespace)))
+    return fleet_state(namespace).policy.exists()
 
 
 class PolicySource(Protocol):
@@ -150,34 +147,25 @@ def refresh(store: PolicySource) -> bool:
     turn; returns whether Redis changed (a row edited in the database behind the CLI's and
     the API's back)."""
     s = get_settings()
-    key = policy_key(store.namespace)
-    redis = redis_client(s.redis_url)
-    if not redis.set(
-        keys.policy_turn(store.namespace), 1, nx=True, px=max(1, int(s.heartbeat_interval * 1000))
-    ):
+    state = fleet_state(store.namespace).policy
+    if not state.take_refresh_turn(s.heartbeat_interval):
         return False
-    with redis.pipeline() as pipe:
-        # Watched from before the database is read: a change pushed meanwhile (corral policy)
+    loaded: list[Policy] = []
+
+    def database_policy() -> str:
+        # Read once the value in force is watched: a change pushed meanwhile (corral policy)
         # is newer than what this read may have seen, and is not overwritten.
-        pipe.watch(key)
         try:
-            stored = store.load()
+            loaded.append(store.load())
         except Exception:
-            redis.delete(
-                keys.policy_turn(store.namespace)
-            )  # another process may reach the database this heartbeat
+            state.give_back_refresh_turn()  # another process may reach the database this heartbeat
             raise
-        value = stored.model_dump_json()
-        if pipe.get(key) == value:
-            return False
-        pipe.multi()
-        pipe.set(key, value)
-        try:
-            pipe.execute()
-        except WatchError:
-            return False
-    _read.pop((s.redis_url, key), None)
-    log.info("policy from the database now in force: %s", describe(stored))
+        return loaded[0].model_dump_json()
+
+    if not state.set_if_unchanged(database_policy):
+        return False
+    _read.pop((s.redis_url, state.key), None)
+    log.info("policy from the database now in force: %s", describe(loaded[0]))
     return True
 
 
