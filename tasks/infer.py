@@ -198,7 +198,7 @@ def _wait_for_redis() -> None:
     while time.monotonic() < deadline:
         time.sleep(REDIS_PAUSE_S)
         try:
-            fleet_state().redis.ping()
+            fleet_state().ping()
             return
         except redis.RedisError:
             continue
