@@ -14,7 +14,7 @@ agree in every process (see ``app.celery_app``).
 
 from __future__ import annotations
 
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from amqp.exceptions import NotFound
 from kombu import Connection, Exchange, Queue
@@ -34,6 +34,17 @@ class QueueDeclareOk(Protocol):
     consumer_count: int
 
 
+class FetchedMessage(Protocol):
+    """A message fetched by ``basic_get`` (py-amqp's ``Message``). It always carries its
+    delivery tag: py-amqp types ``Message.delivery_tag`` optional, for a message not received."""
+
+    body: bytes | str
+    properties: dict[str, Any]
+
+    @property
+    def delivery_tag(self) -> int: ...
+
+
 class BrokerChannel(Protocol):
     """The queue methods of a channel to RabbitMQ (py-amqp's ``Channel``, which kombu's
     pyamqp transport uses), as Corral calls them."""
@@ -41,6 +52,10 @@ class BrokerChannel(Protocol):
     def queue_declare(self, queue: str, *, passive: bool) -> QueueDeclareOk: ...
 
     def queue_delete(self, queue: str) -> int: ...
+
+    def basic_get(self, queue: str) -> FetchedMessage | None: ...
+
+    def basic_ack(self, delivery_tag: int) -> None: ...
 
     def close(self) -> None: ...
 

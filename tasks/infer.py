@@ -12,7 +12,7 @@ final :class:`~app.schemas.InferResult` or raises a typed :class:`~app.errors.Jo
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 from celery import Task
@@ -48,14 +48,16 @@ from app.state.fleet import fleet_state
 __all__ = ["SERVED_MODELS_TTL", "InferAsyncResult", "InferTask", "infer", "validate"]
 
 
-class InferAsyncResult(AsyncResult):
+class InferAsyncResult(AsyncResult[dict[str, Any]]):
     """An AsyncResult whose ``get()`` returns a typed :class:`InferResult`."""
 
+    # The job stores its result as a dict (``InferTask``'s return type); get() returns it as
+    # the model it was dumped from, a narrower answer than AsyncResult's.
     def get(self, *args: Any, **kwargs: Any) -> InferResult:  # type: ignore[override]
         return InferResult.model_validate(super().get(*args, **kwargs))
 
 
-class InferTask(Task):
+class InferTask(Task[..., dict[str, Any]]):
     name = "corral.infer"
     typing = False
 
@@ -78,14 +80,20 @@ class InferTask(Task):
     def AsyncResult(self, task_id: str, **kwargs: Any) -> InferAsyncResult:
         return InferAsyncResult(task_id, backend=self.backend, task_name=self.name, app=self.app)
 
-    def apply_async(
+    def delay(self, *args: Any, **kwargs: Any) -> InferAsyncResult:
+        """Celery's ``delay``, typed: its result's ``get()`` returns an :class:`InferResult`."""
+        return self.apply_async(args, kwargs)
+
+    # Options by keyword only (as Celery's own callers pass them): celery-types also lists
+    # task_id, producer, link, link_error and shadow as positional parameters.
+    def apply_async(  # type: ignore[override]
         self, args: Any = None, kwargs: dict[str, Any] | None = None, **options: Any
     ) -> InferAsyncResult:
         kwargs = dict(kwargs or {})
         options.setdefault("kwargsrepr", _display(kwargs))
         if "_route" in kwargs:
             if "queue" in options:  # a stage of a job already accepted: replace, retry
-                return super().apply_async(args, kwargs, **options)
+                return _ours(super().apply_async(args, kwargs, **options))
             # E.g. an app passing a request body straight to infer.delay(**body).
             raise InvalidRequest("_route is Corral's own bookkeeping: a request may not set it")
         if args:
@@ -101,7 +109,7 @@ class InferTask(Task):
         accepted = request.model_dump(mode="json", exclude_none=True)
         route = RouteState(submitted_at=time.time(), priority=sub.priority)
         accepted["_route"] = route.model_dump()
-        result = super().apply_async((), accepted, ignore_result=True, **options)
+        result = _ours(super().apply_async((), accepted, ignore_result=True, **options))
         # The router stage stores nothing; the caller waits for the execution stage's result.
         result.ignored = False
         return result
@@ -132,6 +140,12 @@ class InferTask(Task):
         self, exc: Exception, task_id: str, args: Any, kwargs: dict[str, Any], einfo: Any
     ) -> None:
         self.middleware.after_failure(Job(task_id, kwargs), exc)
+
+
+def _ours(result: AsyncResult[dict[str, Any]]) -> InferAsyncResult:
+    """What ``Task.apply_async`` returned: ``send_task`` builds it with ``InferTask.AsyncResult``
+    (Corral never sets ``task_always_eager``, the one path that returns an ``EagerResult``)."""
+    return cast(InferAsyncResult, result)
 
 
 @task_revoked.connect
@@ -171,7 +185,9 @@ def validate(fields: dict[str, Any]) -> InferRequest:
 
 
 @celery_app.task(base=InferTask, bind=True, name="corral.infer")
-def infer(self: InferTask, _route: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+def infer(
+    self: InferTask, /, _route: dict[str, Any] | None = None, **fields: Any
+) -> dict[str, Any]:
     request = validate(fields)
     # No _route: sent by name (send_task) from an app that does not import Corral.
     state = RouteState.model_validate(_route or {"submitted_at": time.time()})

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.client import Pipeline
 
 from app.settings import get_settings
 from app.state import keys
@@ -50,14 +51,15 @@ class ResponseCache:
         key = self._flight(digest)
         if self.redis.set(key, job, nx=True, ex=max(int(seconds), 1)):
             return job
-        return self.redis.get(key) or self.claim(digest, job, seconds)
+        holder = cast(str | None, self.redis.get(key))  # the client decodes responses
+        return holder or self.claim(digest, job, seconds)
 
     def release(self, digest: str, job: str) -> None:
         with self.redis.pipeline() as pipe:
             self._release(pipe, digest, job)
             pipe.execute()
 
-    def _release(self, pipe: redis.client.Pipeline, digest: str, job: str) -> None:
+    def _release(self, pipe: Pipeline, digest: str, job: str) -> None:
         # Only the holder may drop the claim; a compare-and-delete in one round trip.
         script(self.redis, "release_claim.lua")(
             keys=[self._flight(digest)], args=[job], client=pipe

@@ -57,9 +57,9 @@ def end_revoked(task: InferTask, request: InferRequest, where: Where) -> NoRetur
     ``after_revoke`` hooks give back its slot, cache claim and fairness share and count it
     cancelled; then REVOKED is stored (as Celery stores it for a message it drops on arrival)
     and ``Ignore`` acks the message."""
-    from app.jobs.lifecycle import Job
+    from app.jobs.lifecycle import Job, job_id
 
-    job_id = task.request.id
-    task.middleware.after_revoke(Job(job_id, task.request.kwargs, request), where)
-    celery_app.backend.mark_as_revoked(job_id, f"revoked {where}")
-    raise Ignore(f"job {job_id} was revoked {where}")
+    job = job_id(task)
+    task.middleware.after_revoke(Job(job, task.request.kwargs, request), where)
+    celery_app.backend.mark_as_revoked(job, f"revoked {where}")
+    raise Ignore(f"job {job} was revoked {where}")

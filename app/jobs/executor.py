@@ -44,7 +44,7 @@ from app.jobs import silence
 from app.jobs.call_guard import Call
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.instance_worker import InstanceAgent, current_agent
-from app.jobs.lifecycle import WHILE_RUNNING, Ran, cacheable
+from app.jobs.lifecycle import WHILE_RUNNING, Ran, cacheable, job_fields, job_id
 from app.jobs.relay import token_relay
 from app.observe import metrics
 from app.observe.tracing import tracer
@@ -66,7 +66,7 @@ COLD_LOAD_S = 0.2
 
 
 def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[str, Any]:
-    job = task.request.id
+    job = job_id(task)
     instance = state.instance
     assert instance is not None
     agent = current_agent()
@@ -123,7 +123,7 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
         model=request.model,
         routing=RoutingInfo(
             instance=instance,
-            queue=task.request.delivery_info.get("routing_key"),
+            queue=(task.request.delivery_info or {}).get("routing_key"),
             attempts=state.attempts + 1,
             wait_s=round(started - state.submitted_at, 6),
             service_s=round(finished - started, 6),
@@ -134,11 +134,13 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
         ),
     )
     # The slot is freed by the after_success hooks, once the result is stored.
-    task.request.corral_ran = Ran(
-        instance,
-        request.model,
-        result.routing.service_s * 1000,
-        request.cache_key() if cacheable(request) else None,
+    task.request.update(
+        corral_ran=Ran(
+            instance,
+            request.model,
+            result.routing.service_s * 1000,
+            request.cache_key() if cacheable(request) else None,
+        )
     )
     return result.model_dump(mode="json")
 
@@ -160,12 +162,12 @@ def _cancelled(task: InferTask, request: InferRequest, agent: InstanceAgent) -> 
     never dead-lettered.
     """
     # Before the slot goes (the after_revoke hooks): see _on_failure.
-    agent.job_ended(task.request.id)
+    agent.job_ended(job_id(task))
     end_revoked(task, request, WHILE_RUNNING)
 
 
 def _on_failure(
-    task: Task,
+    task: Task[Any, Any],
     request: InferRequest,
     state: RouteState,
     agent: InstanceAgent,
@@ -174,7 +176,7 @@ def _on_failure(
     open_now: bool = False,
 ) -> NoReturn:
     settings = get_settings()
-    job = task.request.id
+    job = job_id(task)
     # Before the slot goes: the agent's heartbeat re-grants the slot of every job it still
     # counts as running (that is how a grant lost in a Redis restart comes back), and a
     # re-grant here would leave the retry pinned to this instance, and dropped as a duplicate.
@@ -234,19 +236,19 @@ def _on_failure(
         exc=exc,
         countdown=countdown,
         queue=route_queue(request.model, request.tier),
-        kwargs={**task.request.kwargs, "_route": failed.model_dump()},
+        kwargs={**job_fields(task), "_route": failed.model_dump()},
         max_retries=None,
         ignore_result=True,
     )
 
 
-def _reroute(task: Task, state: RouteState, *, countdown: float) -> NoReturn:
+def _reroute(task: Task[Any, Any], state: RouteState, *, countdown: float) -> NoReturn:
     request = InferRequest.model_validate(
-        {k: v for k, v in task.request.kwargs.items() if k != "_route"}
+        {k: v for k, v in job_fields(task).items() if k != "_route"}
     )
     back = state.model_copy(update={"instance": None})
     sig = task.signature(
-        kwargs={**task.request.kwargs, "_route": back.model_dump()},
+        kwargs={**job_fields(task), "_route": back.model_dump()},
         queue=route_queue(request.model, request.tier),
         priority=back.queue_priority(request),
         countdown=countdown,
@@ -256,13 +258,13 @@ def _reroute(task: Task, state: RouteState, *, countdown: float) -> NoReturn:
 
 
 def _give_up(
-    task: Task,
+    task: Task[Any, Any],
     request: InferRequest,
     state: RouteState,
     error: type[JobFailed],
     message: str,
 ) -> NoReturn:
-    job = task.request.id
+    job = job_id(task)
     details = {
         "job_id": job,
         "model": request.model,

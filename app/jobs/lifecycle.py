@@ -94,7 +94,7 @@ class Handled:
 class Submission:
     """A job at the call (``before_publish``): valid, not published yet."""
 
-    task: Task
+    task: Task[Any, Any]
     request: InferRequest
     #: The task id it is published under.
     job: str
@@ -141,6 +141,24 @@ class Job:
         return (self.fields.get("_route") or {}).get("instance")
 
 
+def job_id(task: Task[Any, Any]) -> str:
+    """The id of the job ``task`` is running (Celery's ``request.id``, None only outside a
+    worker's run of a task)."""
+    job = task.request.id
+    if job is None:
+        raise RuntimeError(f"{task.name} is not running a job: its request has no id")
+    return job
+
+
+def job_fields(task: Task[Any, Any]) -> Mapping[str, Any]:
+    """The keyword arguments the job ``task`` is running was sent with (``_route`` included;
+    Celery's ``request.kwargs``, None only outside a worker's run of a task)."""
+    fields = task.request.kwargs
+    if fields is None:
+        raise RuntimeError(f"{task.name} is not running a job: its request has no kwargs")
+    return fields
+
+
 @dataclass(frozen=True)
 class Ran:
     """What ``after_success`` needs of a job that ran on an instance, kept on its request
@@ -162,7 +180,9 @@ class Middleware:
         with another job."""
         return None
 
-    def before_route(self, task: Task, request: InferRequest, state: RouteState) -> Handled | None:
+    def before_route(
+        self, task: Task[Any, Any], request: InferRequest, state: RouteState
+    ) -> Handled | None:
         """In the router stage, before a slot is sought: ``Handled`` ends the stage."""
         return None
 
@@ -194,7 +214,9 @@ class Lifecycle:
                 return handled
         return None
 
-    def before_route(self, task: Task, request: InferRequest, state: RouteState) -> Handled | None:
+    def before_route(
+        self, task: Task[Any, Any], request: InferRequest, state: RouteState
+    ) -> Handled | None:
         for m in self.middleware:
             if (handled := m.before_route(task, request, state)) is not None:
                 return handled
@@ -344,10 +366,12 @@ class ResponseCache(Middleware):
     (how long a claim lasts).
     """
 
-    def before_route(self, task: Task, request: InferRequest, state: RouteState) -> Handled | None:
+    def before_route(
+        self, task: Task[Any, Any], request: InferRequest, state: RouteState
+    ) -> Handled | None:
         if not cacheable(request):
             return None
-        job = task.request.id
+        job = job_id(task)
         cached = _from_cache(job, request, state)
         metrics.cache_lookup(request.model, hit=cached is not None)
         if cached is None:
@@ -431,7 +455,9 @@ class RateLimits(Middleware):
             )
         return None
 
-    def before_route(self, task: Task, request: InferRequest, state: RouteState) -> Handled | None:
+    def before_route(
+        self, task: Task[Any, Any], request: InferRequest, state: RouteState
+    ) -> Handled | None:
         start_after = _rate_limited_until(request, state)
         if start_after is None:
             return None
@@ -460,17 +486,22 @@ def _rate_limited_until(request: InferRequest, state: RouteState) -> float | Non
     return start_after
 
 
-def _park(task: Task, request: InferRequest, state: RouteState, start_after: float) -> Any:
+def _park(
+    task: Task[Any, Any], request: InferRequest, state: RouteState, start_after: float
+) -> Any:
     """Send the job to wait in a delay queue, from which RabbitMQ returns it to this router
     (no thread waits for it meanwhile). A long wait takes several stays, halving each time."""
     remaining = start_after - time.time()
     seconds = min(2 ** int(math.log2(max(remaining, 1))), MAX_DELAY_SECONDS)
+    delay = delay_queue(route_queue(request.model, request.tier), seconds)
     sig = task.signature(
         kwargs={
-            **task.request.kwargs,
+            **job_fields(task),
             "_route": state.model_copy(update={"start_after": start_after}).model_dump(),
         },
-        queue=delay_queue(route_queue(request.model, request.tier), seconds),
+        # celery-types has signature() take a queue's name only; Celery takes a kombu Queue
+        # too, as apply_async does (a delay queue is declared with its arguments).
+        queue=delay,  # type: ignore[arg-type]
         priority=state.queue_priority(request),
         ignore_result=True,
     )

@@ -40,7 +40,8 @@ def _session() -> requests.Session:
     # One keep-alive session per worker thread: requests.Session is not thread-safe.
     if not hasattr(_local, "session"):
         _local.session = guarded_session()
-    return _local.session
+    session: requests.Session = _local.session
+    return session
 
 
 TokenSink = Callable[[dict[str, Any]], None]
@@ -163,7 +164,8 @@ class OllamaClient:
     # Fleet discovery ------------------------------------------------------------------
 
     def version(self) -> str:
-        return self._get("/api/version").get("version", "")
+        version: str = self._get("/api/version").get("version", "")
+        return version
 
     def tags(self) -> list[str]:
         return [m["name"] for m in self._get("/api/tags").get("models", [])]

@@ -13,7 +13,7 @@ import json
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -39,7 +39,12 @@ def _relay_key(ns: str, job: str) -> str:
     return keys.relay(ns, job)
 
 
-def _entries(got: list[Any]) -> list[RelayEntry]:
+#: XREAD's reply on the decoding RESP2 client: one ``[stream, [(entry id, fields), ...]]`` per
+#: stream (redis-py types it as the union of its RESP2 and RESP3 shapes).
+XReadReply = list[list[Any]]
+
+
+def _entries(got: XReadReply) -> list[RelayEntry]:
     return [
         RelayEntry(entry_id, int(fields["a"]), json.loads(fields["c"]), fields.get("r", ""))
         for _, entries in got
@@ -68,7 +73,7 @@ class TokenRelay:
     def read(self, job: str, after: str = "0", block_ms: int = 1000) -> list[RelayEntry]:
         """Entries after ``after`` (an entry id), waiting up to ``block_ms`` for the first."""
         got = self.redis.xread({_relay_key(self.ns, job): after}, block=block_ms, count=256)
-        return _entries(got)
+        return _entries(cast(XReadReply, got))
 
 
 @dataclass
@@ -83,7 +88,8 @@ class AsyncTokenRelay:
     ) -> list[RelayEntry]:
         """Entries after ``after``; waits up to ``block_ms`` for the first (None: no wait)."""
         key = _relay_key(self.ns, job)
-        return _entries(await self.redis.xread({key: after}, block=block_ms, count=256))
+        got = await self.redis.xread({key: after}, block=block_ms, count=256)
+        return _entries(cast(XReadReply, got))
 
 
 def token_relay() -> TokenRelay:

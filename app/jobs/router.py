@@ -25,7 +25,7 @@ from kombu.exceptions import OperationalError
 
 from app.errors import JobRejected
 from app.jobs.cancellation import end_revoked, is_revoked
-from app.jobs.lifecycle import WHILE_WAITING
+from app.jobs.lifecycle import WHILE_WAITING, job_fields, job_id
 from app.observe.tracing import tracer
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy
@@ -74,7 +74,8 @@ def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str
     # The response cache may answer, a rate limit may park the job (app.jobs.lifecycle).
     handled = task.middleware.before_route(task, request, state)
     if handled is not None:
-        return handled.value
+        answer: dict[str, Any] = handled.value
+        return answer
     with tracer.start_as_current_span("corral.route", attributes={"model": request.model}) as span:
         instance, choice_score, strategy = _reserve_slot(task, request, state)
         span.set_attributes({"instance": instance, "strategy": strategy})
@@ -88,7 +89,7 @@ def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str
     )
     task.middleware.after_route(request, routed)
     sig = task.signature(
-        kwargs={**task.request.kwargs, "_route": routed.model_dump()},
+        kwargs={**job_fields(task), "_route": routed.model_dump()},
         queue=instance_queue(instance),
         priority=state.queue_priority(request),
         ignore_result=False,
@@ -104,7 +105,7 @@ def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str
 def _reserve_slot(
     task: InferTask, request: InferRequest, state: RouteState
 ) -> tuple[str, dict[str, float], str]:
-    job = task.request.id
+    job = job_id(task)
     fleet = fleet_state()
     settings = get_settings()
     agent_class, limits_of = live_policy(settings).class_limits(request.agent, request.agent_class)

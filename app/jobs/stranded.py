@@ -14,7 +14,7 @@ import json
 import logging
 
 from app.celery_app import INFER_TASK, celery_app
-from app.queues import instance_queue, route_queue
+from app.queues import broker_channel, instance_queue, route_queue
 from app.settings import get_settings
 from app.state.fleet import fleet_state
 
@@ -39,7 +39,7 @@ def requeue(instance: str) -> int:
 
     moved = 0
     with celery_app.connection_for_write() as conn:
-        channel = conn.default_channel
+        channel = broker_channel(conn.default_channel)
         try:
             while msg := channel.basic_get(instance_queue(instance)):
                 headers = msg.properties.get("application_headers") or {}

@@ -12,16 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 from app.celery_app import celery_app
-from app.queues import dead_letter_queue
+from app.queues import broker_channel, dead_letter_queue
 
 
 def read_all(limit: int = 1000) -> list[dict[str, Any]]:
     """Every record, oldest first, left in the queue."""
     from amqp.exceptions import NotFound
 
-    records = []
+    records: list[dict[str, Any]] = []
     with celery_app.connection_for_write() as conn:
-        channel = conn.default_channel
+        channel = broker_channel(conn.default_channel)
         try:
             while len(records) < limit and (msg := channel.basic_get(dead_letter_queue())):
                 records.append(json.loads(msg.body))
@@ -36,7 +36,7 @@ def _consume(job_ids: set[str] | None, handle: Callable[[dict[str, Any]], Any]) 
 
     done = []
     with celery_app.connection_for_write() as conn:
-        channel = conn.default_channel
+        channel = broker_channel(conn.default_channel)
         try:
             while msg := channel.basic_get(dead_letter_queue()):
                 record = json.loads(msg.body)
