@@ -310,7 +310,7 @@ def up(
 @cli.command()
 def bench(
     scenario: Annotated[
-        str, typer.Option(help="overhead, mixed, backlog, agents, burst or all")
+        str, typer.Option(help="overhead, mixed, backlog, agents, burst, placement or all")
     ] = "all",
     jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
     backlog: Annotated[
@@ -354,6 +354,11 @@ def bench(
 
             typer.echo(f"\n{BURST_JOBS} jobs at once, interactive jobs meanwhile")
             report["burst"] = run_burst()
+        if scenario in ("placement", "all"):
+            from app.bench.placement import run_placement
+
+            typer.echo("\nmore models than the boxes hold at once (placement, issue 16)")
+            report["placement"] = run_placement()
         report_file = out or Path(f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}.json")
         report_file.parent.mkdir(parents=True, exist_ok=True)
         report_file.write_text(json.dumps(report, indent=2))

@@ -128,7 +128,7 @@ class Proxy:
         self._lock = threading.Lock()
         self._local = threading.local()
 
-    def call(self, prompt: str, timeout: float = 600) -> ProxyCall:
+    def call(self, prompt: str, timeout: float = 600, model: str = MIX) -> ProxyCall:
         """One request; a ``timeout`` that passes closes it (requests.Timeout is raised), and
         the server stops working on it, as Ollama does for a client that leaves."""
         t = time.perf_counter()
@@ -143,7 +143,7 @@ class Proxy:
         try:
             resp = session.post(
                 f"{url}/api/generate",
-                json={"model": MIX, "prompt": prompt, "stream": False},
+                json={"model": model, "prompt": prompt, "stream": False},
                 timeout=timeout,
             )
             resp.raise_for_status()

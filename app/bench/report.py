@@ -32,7 +32,7 @@ MIN_WAIT_S = 1e-3  # the floor of the log scale: a wait below 1 ms is drawn at 1
 def render(report: dict[str, Any], path: Path) -> Path:
     """Draw ``report`` (the dict ``corral bench`` writes) to the PNG ``path``."""
     backlog, agents = report.get("backlog"), report.get("agents")
-    bottom = [k for k in ("mixed", "burst", "overhead") if k in report]
+    bottom = [k for k in ("mixed", "burst", "placement", "overhead") if k in report]
     if not backlog and not agents and not bottom:
         raise ValueError("the report has no scenario to plot")
     ratios = ([2.0] if backlog else []) + ([1.2] if agents else []) + ([1.0] if bottom else [])
@@ -46,7 +46,8 @@ def render(report: dict[str, Any], path: Path) -> Path:
         sub = subfigs.pop(0)
         axes = sub.subplots(1, len(bottom), squeeze=False)[0]
         for ax, key in zip(axes, bottom, strict=True):
-            {"mixed": _mixed, "burst": _burst, "overhead": _overhead}[key](ax, report[key])
+            draw = {"mixed": _mixed, "burst": _burst, "placement": _placement}
+            draw.get(key, _overhead)(ax, report[key])
     fig.suptitle(
         "corral bench: Corral vs a plain proxy, on the same simulated Ollama fleet",
         fontsize=16,
@@ -396,6 +397,41 @@ def _burst(ax: Axes, burst: dict[str, Any]) -> None:
     jobs = sum(next(iter(burst["bursts"].values()))["per_tier"].values())
     ax.set_title(
         f"A burst of {jobs} jobs at once ({burst['fleet']}, {burst['service_s']} s a job)",
+        fontsize=12,
+    )
+    ax.legend(loc="lower right", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _placement(ax: Axes, placement: dict[str, Any]) -> None:
+    """Makespan / ideal of each scenario and system, with the loads and the cold
+    interactive jobs' wait written on each bar."""
+    titles = {"two_models": "2 models, 1 held per box", "five_models": "5 models, 2 per box"}
+    rows = [
+        (f"{titles[key]}:\n{label.replace('corral ', 'Corral, ').replace('proxy ', 'proxy, ')}", r)
+        for key in titles
+        for label, r in placement[key]["runs"].items()
+    ][::-1]
+    ratios = [r["vs_ideal"] for _, r in rows]
+    ax.barh(
+        [n for n, _ in rows],
+        ratios,
+        color=[BASELINE if "proxy" in n else CORRAL for n, _ in rows],
+        alpha=0.85,
+    )
+    for y, (_, r) in enumerate(rows):
+        text = f" {r['vs_ideal']:.2f} x ({r['makespan_s']:.1f} s), {r['loads']} loads"
+        if "cold_interactive" in r:
+            text += f"; cold model's wait p95 {r['cold_interactive']['p95_s']:.1f} s"
+        ax.annotate(text, (r["vs_ideal"], y), va="center", fontsize=9)
+    ax.axvline(1.0, color="black", linestyle="--", label="ideal: work / slots + one load")
+    ax.set_xlim(0, max(ratios) * 2.0)
+    ax.set_xlabel("makespan / ideal (lower is better)")
+    target = placement["five_models"].get("cold_interactive", {}).get("target_wait_s")
+    ax.set_title(
+        f"More models than the boxes hold ({placement['service_s']} s a job,"
+        f" {placement['load_s']:g} s loads)"
+        + (f"\ncold interactive target: wait <= {target:g} s" if target else ""),
         fontsize=12,
     )
     ax.legend(loc="lower right", fontsize=9)

@@ -33,6 +33,7 @@ from app.jobs.call_guard import Watchdog
 from app.jobs.cancellation import is_revoked
 from app.jobs.ollama_client import OllamaClient
 from app.jobs.stranded import rescue_stranded
+from app.observe import metrics
 from app.policy import live
 from app.settings import InstanceConfig, get_settings, normalize_model
 from app.state.fleet import fleet_state
@@ -78,6 +79,9 @@ class InstanceAgent:
         self.client = self._client()
         #: Closes the calls of revoked jobs, and silent ones (``app.jobs.call_guard``).
         self.watchdog = Watchdog(is_revoked)
+        #: What /api/ps listed at the last healthy heartbeat (None before the first): the
+        #: difference with the next one is counted as loads and evictions.
+        self.last_loaded: set[str] | None = None
         self._lock = threading.Lock()
         psutil.cpu_percent(interval=None)  # the first heartbeat measures from here
 
@@ -193,6 +197,8 @@ class InstanceAgent:
         except OllamaError as exc:
             log.warning("instance %s unhealthy: %s", self.name, exc)
             loaded, healthy, probe_ms = [], False, 0.0
+        if healthy:
+            self._count_placement(set(loaded))
         pressure, cpu, mem = host_load()
         fleet.instances.report_health(
             self.name,
@@ -218,6 +224,16 @@ class InstanceAgent:
             live.refresh(self.registry.policy())
         except SQLAlchemyError as exc:
             log.warning("the rate-limit policy in force stays as it is: %s", exc)
+
+    def _count_placement(self, loaded: set[str]) -> None:
+        """Count the models that appeared (loads) and disappeared (evictions) since the last
+        healthy heartbeat. The first heartbeat only sets the baseline: what was loaded before
+        the worker started is not a load it saw; a failed probe keeps the baseline, so an
+        outage does not count as evicting everything."""
+        previous, self.last_loaded = self.last_loaded, loaded
+        if previous is None or previous == loaded:
+            return
+        metrics.placement_changed(self.name, sorted(loaded - previous), sorted(previous - loaded))
 
     def _loop(self) -> None:
         interval = get_settings().heartbeat_interval

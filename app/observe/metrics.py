@@ -10,7 +10,11 @@ Recorded where the fact is known, with no change to the task's own code beyond t
   in the router stage, at the call (refused jobs) and when a revoked job ends;
 * ``dead_lettered``, called when a job is written to the dead-letter queue (``app.jobs.executor``);
 * ``ignored_options``, called by the gateway for options Ollama would ignore
-  (``app.gateway.native``).
+  (``app.gateway.native``);
+* ``placement_changed``, called by the instance worker's agent (``app.jobs.instance_worker``)
+  when its server's ``/api/ps`` differs from the previous heartbeat's: a model that appeared
+  is a load, one that disappeared an eviction (or a keep-alive expiry: /api/ps cannot tell
+  them apart). A model loaded and unloaded between two heartbeats is not seen.
 
 Why Redis rather than a /metrics port per worker: see ``app.observe.metrics_store``. ``corral
 metrics`` serves these sums next to the fleet gauges of ``app.ops.metrics_fleet``. Recording
@@ -21,7 +25,7 @@ job itself needs Redis anyway). ``CORRAL_METRICS_ENABLED=false`` turns recording
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
 import redis
@@ -95,7 +99,31 @@ IGNORED_OPTIONS = MetricSpec(
     " the label set unbounded; the gateway's log names them).",
     ("option",),
 )
-JOB_METRICS = (JOBS, WAIT, SERVICE, TOTAL, ROUTED, RETRIES, DEAD, CACHE, LIMITED, IGNORED_OPTIONS)
+MODEL_LOADS = MetricSpec(
+    "corral_model_loads_total",
+    "Models that appeared in an instance's /api/ps between two heartbeats of its worker.",
+    ("instance", "model"),
+)
+MODEL_EVICTIONS = MetricSpec(
+    "corral_model_evictions_total",
+    "Models that left an instance's /api/ps between two heartbeats of its worker (evicted"
+    " for another model, or unloaded when their keep-alive ran out).",
+    ("instance", "model"),
+)
+JOB_METRICS = (
+    JOBS,
+    WAIT,
+    SERVICE,
+    TOTAL,
+    ROUTED,
+    RETRIES,
+    DEAD,
+    CACHE,
+    LIMITED,
+    IGNORED_OPTIONS,
+    MODEL_LOADS,
+    MODEL_EVICTIONS,
+)
 
 
 def job_store() -> MetricStore:
@@ -138,6 +166,16 @@ def ignored_options(names: list[str]) -> None:
     batch = Batch()
     for name in names:
         batch.inc(IGNORED_OPTIONS, option=name if name in OBSOLETE_OPTIONS else "unknown")
+    _write(batch)
+
+
+def placement_changed(instance: str, loaded: Iterable[str], evicted: Iterable[str]) -> None:
+    """Models an instance loaded and evicted since its worker's previous heartbeat."""
+    batch = Batch()
+    for model in loaded:
+        batch.inc(MODEL_LOADS, instance=instance, model=model)
+    for model in evicted:
+        batch.inc(MODEL_EVICTIONS, instance=instance, model=model)
     _write(batch)
 
 

@@ -194,8 +194,10 @@ class Scheduler:
                     return
                 await self._drain_and_remove(runner)  # reload with the new num_ctx
             elif len(self.loaded) >= self.cfg.max_loaded_models:
+                victim = self._victim()
                 self.stats.evictions_total += 1
-                await self._drain_and_remove(self._victim())
+                self.stats.model(victim.model.name).evictions += 1
+                await self._drain_and_remove(victim)
             else:
                 await self._load(pending)
 

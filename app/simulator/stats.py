@@ -28,6 +28,7 @@ class ModelStats:
     active: int = 0
     peak_active: int = 0
     loads: int = 0
+    evictions: int = 0
 
 
 class Stats:
@@ -91,7 +92,7 @@ class Stats:
         self.spans.clear()
         self.last_cancelled_at = self.busy_seconds = 0.0
         for model in self.models.values():
-            model.requests = model.errors = model.loads = 0
+            model.requests = model.errors = model.loads = model.evictions = 0
             model.peak_active = model.active
 
     def snapshot(self) -> dict[str, object]:

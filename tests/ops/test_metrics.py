@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import requests
 
 from app.bench.harness import LocalFleet
 from app.errors import RetriesExhausted
@@ -186,3 +187,45 @@ def test_an_open_circuit_breaker_shows(healthy_fleet: LocalFleet, metrics: Any) 
         "sim-c's breaker to show open",
     )
     assert s.get("corral_instance_breaker_state", instance="sim-c", state="closed") == 0
+
+
+def test_model_loads_and_evictions_are_counted(healthy_fleet: LocalFleet, metrics: Any) -> None:
+    """sim-a's worker sees the chat model leave /api/ps (an eviction), then come back (a load)."""
+    url = healthy_fleet.sim_urls["sim-a"]
+    key = {"instance": "sim-a", "model": CHAT}
+
+    def ask(keep_alive: int) -> None:
+        # An empty prompt only loads (keep_alive -1: for good, as preloaded) or unloads (0).
+        body = {"model": CHAT, "keep_alive": keep_alive}
+        requests.post(f"{url}/api/generate", json=body, timeout=10).raise_for_status()
+
+    before = metrics.scrape()
+    try:
+        ask(0)
+        evicted = metrics.wait_for(
+            lambda s: (
+                s.get("corral_model_evictions_total", **key)
+                > before.get("corral_model_evictions_total", **key)
+            ),
+            "sim-a's eviction counted",
+        )
+    finally:
+        ask(-1)
+    loaded = metrics.wait_for(
+        lambda s: (
+            s.get("corral_model_loads_total", **key) > before.get("corral_model_loads_total", **key)
+        ),
+        "sim-a's load counted",
+    )
+    assert evicted.get("corral_model_evictions_total", **key) == (
+        before.get("corral_model_evictions_total", **key) + 1
+    )
+    assert loaded.get("corral_model_loads_total", **key) == (
+        before.get("corral_model_loads_total", **key) + 1
+    )
+    assert healthy_fleet.sim_stats("sim-a")["loads_total"] == 1
+    # Nothing changed on the other instances.
+    for other in ("sim-b", "sim-c"):
+        assert loaded.total("corral_model_loads_total", instance=other) == before.total(
+            "corral_model_loads_total", instance=other
+        )

@@ -105,6 +105,54 @@ def test_eviction_waits_for_a_busy_model(start_sim, concurrently):
     assert sim.loaded() == ["next:latest"]
 
 
+def test_one_model_box_switches_after_the_running_requests(start_sim, concurrently):
+    """max_loaded_models=1: B waits for A's running requests, then A unloads and B loads once."""
+    sim = start_sim(
+        max_loaded_models=1,
+        num_parallel=2,
+        models=[
+            SimModel(name="a", load_seconds=0.2, tokens_per_second=20),
+            SimModel(name="b", load_seconds=0.2, tokens_per_second=500),
+        ],
+        preloaded=["a"],
+    )
+    client = sim.client()
+    ended: dict[str, float] = {}
+
+    def ask(model: str, tokens: int, key: str, delay: float = 0.0):
+        time.sleep(delay)
+        reply = client.generate(model=model, prompt="x", options={"num_predict": tokens})
+        ended[key] = time.monotonic()
+        return reply
+
+    def watch_while_b_waits():
+        # B has arrived, A's two requests still run: A stays loaded, B is not loaded yet.
+        time.sleep(0.15)
+        return sim.loaded(), sim.stats()
+
+    replies = concurrently(
+        [
+            lambda: ask("a", 6, "a1"),
+            lambda: ask("a", 6, "a2"),
+            lambda: ask("b", 1, "b", delay=0.05),
+            watch_while_b_waits,
+        ]
+    )
+    a1, a2, b, (loaded_meanwhile, stats_meanwhile) = replies
+    assert a1.done and a2.done and b.done
+    assert loaded_meanwhile == ["a:latest"]
+    assert stats_meanwhile["loads_total"] == 0 and stats_meanwhile["evictions_total"] == 1
+    # B's answer came a full load after the last of A's requests ended.
+    assert ended["b"] - max(ended["a1"], ended["a2"]) >= 0.19
+    assert b.load_duration >= 190_000_000
+    assert sim.loaded() == ["b:latest"]
+    stats = sim.stats()
+    assert (stats["loads_total"], stats["evictions_total"]) == (1, 1)
+    models = stats["models"]
+    assert (models["a:latest"]["loads"], models["a:latest"]["evictions"]) == (0, 1)
+    assert (models["b:latest"]["loads"], models["b:latest"]["evictions"]) == (1, 0)
+
+
 def test_keep_alive_expiry_and_override(start_sim):
     sim = start_sim(models=[SimModel(name="brief", load_seconds=0)])
     client = sim.client()

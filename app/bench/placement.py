@@ -1,0 +1,267 @@
+"""``corral bench --scenario placement``: more models than the boxes can hold at once.
+
+Issue 16's yardstick, measured before any placement logic exists (the baseline). Every run
+starts with nothing loaded anywhere; jobs are submitted at once, in a shuffled (seeded) order
+of models. Each scenario runs through Corral with its default strategy, through Corral with
+``smart``, and through a least-connections proxy, side by side on the same simulators:
+
+1. ``two_models``: 3 boxes of parallelism 2 that hold ONE model at a time
+   (``max_loaded_models=1``), two chat models in equal share, 120 jobs of 0.25 s, 1 s loads.
+   Ideal = total work / slots + one load.
+2. ``five_models``: 4 boxes of parallelism 2 that hold two models at a time, 5 models with
+   demand 50/20/15/10/5 %, 400 jobs. Ideal as above; every model's jobs must complete.
+3. ``cold_interactive`` (during scenario 2's backlog, in the same run): 10 interactive jobs
+   for a sixth model loaded nowhere, one every 0.5 s from 2 s after the backlog was submitted.
+   Their wait (time to the answer minus their own generation) against the target
+   load + 2 x service.
+
+Loads and evictions are the simulators' own counters (``/sim/stats``). The simulator keeps
+one slot queue per loaded model, with no compute shared between them: a box holding two
+models can run 2 x parallelism requests at once, which the proxy (no cap) may use and Corral
+(capacity = parallelism per box) does not. The ideal counts parallelism per box.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import requests
+import typer
+
+from app.bench.fleet import Proxy, _latency, _stack
+from app.bench.harness import LocalFleet, free_port, wait_until
+from app.settings import get_settings
+
+SERVICE_S = 0.25
+LOAD_S = 1.0
+PARALLELISM = 2
+TOKENS = 10  # default_num_predict: TOKENS / SERVICE_S tokens per second
+SEED = 16
+STRATEGIES = ("least_connections", "smart")  # Corral's default first
+
+TWO_MODELS = {"pl-a:latest": 60, "pl-b:latest": 60}
+FIVE_MODELS = {
+    "pl-1:latest": 200,
+    "pl-2:latest": 80,
+    "pl-3:latest": 60,
+    "pl-4:latest": 40,
+    "pl-5:latest": 20,
+}
+COLD = "pl-cold:latest"
+COLD_JOBS, COLD_FIRST_S, COLD_EVERY_S = 10, 2.0, 0.5
+
+
+def _model(name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": "chat",
+        "tokens_per_second": TOKENS / SERVICE_S,
+        "prompt_tokens_per_second": 0.0,
+        "default_num_predict": TOKENS,
+        "load_seconds": LOAD_S,
+    }
+
+
+def placement_fleet(
+    tag: str, boxes: int, max_loaded: int, models: list[str]
+) -> list[dict[str, Any]]:
+    """``boxes`` simulators of parallelism 2 holding ``max_loaded`` models at a time, none
+    loaded at start; every box serves every model."""
+    return [
+        {
+            "name": f"{tag}-{i + 1}",
+            "port": free_port(),
+            "num_parallel": PARALLELISM,
+            "max_loaded_models": max_loaded,
+            "parallel_slowdown": 0.0,
+            "preloaded": [],
+            "models": [_model(m) for m in models],
+        }
+        for i in range(boxes)
+    ]
+
+
+def ideal_s(jobs: int, boxes: int) -> float:
+    """Total work / slots, plus one load."""
+    return jobs * SERVICE_S / (boxes * PARALLELISM) + LOAD_S
+
+
+def shuffled(demand: dict[str, int]) -> list[str]:
+    """One model name per job, in a seeded random order."""
+    order = [m for m, n in demand.items() for _ in range(n)]
+    random.Random(SEED).shuffle(order)
+    return order
+
+
+def _unload_all(fleet: LocalFleet) -> None:
+    """Nothing loaded anywhere, counters zeroed, and Corral's view of /api/ps refreshed."""
+    for url in fleet.sim_urls.values():
+        for m in requests.get(f"{url}/api/ps", timeout=10).json()["models"]:
+            body = {"model": m["model"], "keep_alive": 0}
+            requests.post(f"{url}/api/generate", json=body, timeout=30).raise_for_status()
+    wait_until(
+        lambda: all(
+            not requests.get(f"{u}/api/ps", timeout=10).json()["models"]
+            for u in fleet.sim_urls.values()
+        ),
+        30,
+        "every model unloaded",
+    )
+    fleet.reset_sims()
+    time.sleep(2 * get_settings().heartbeat_interval + 0.5)  # the workers' heartbeats saw it
+
+
+def _counters(fleet: LocalFleet) -> dict[str, Any]:
+    stats = {n: fleet.sim_stats(n) for n in fleet.sim_urls}
+    per_model: Counter[str] = Counter()
+    for s in stats.values():
+        per_model.update({m: v["loads"] for m, v in s["models"].items() if v["loads"]})
+    return {
+        "loads": sum(s["loads_total"] for s in stats.values()),
+        "evictions": sum(s["evictions_total"] for s in stats.values()),
+        "loads_per_model": dict(sorted(per_model.items())),
+        "loads_per_box": {n: s["loads_total"] for n, s in stats.items()},
+    }
+
+
+def _through_corral(models: list[str], cold: int) -> dict[str, Any]:
+    """Submit the batch at once, then ``cold`` interactive jobs for ``COLD``; wait for all."""
+    from tasks import infer
+
+    t0 = time.time()
+    batch = [
+        infer.delay(model=m, prompt=f"placement {i}", tier="batch") for i, m in enumerate(models)
+    ]
+    urgent = []
+    for k in range(cold):
+        time.sleep(max(0.0, t0 + COLD_FIRST_S + k * COLD_EVERY_S - time.time()))
+        urgent.append(infer.delay(model=COLD, prompt=f"cold {k}", tier="interactive"))
+    done: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    finished = []
+    for model, job in zip(models, batch, strict=True):
+        try:
+            finished.append(job.get(timeout=900).routing.finished_at)
+            done[model] += 1
+        except Exception:  # counted: the report says which model's jobs did not complete
+            failed[model] += 1
+    waits = []
+    for job in urgent:
+        r = job.get(timeout=900)
+        own = r.timings.prompt_eval_s + r.timings.eval_s
+        waits.append(r.routing.wait_s + r.routing.service_s - own)
+    return {
+        "makespan_s": round(max(finished, default=t0) - t0, 2),
+        "completed": dict(sorted(done.items())),
+        "failed": dict(sorted(failed.items())),
+        "cold_waits": waits,
+    }
+
+
+def _through_proxy(proxy: Proxy, models: list[str], cold: int) -> dict[str, Any]:
+    """The same jobs pushed at once through a least-connections proxy (tiers mean nothing)."""
+
+    def call(model: str, prompt: str) -> tuple[float, float]:
+        c = proxy.call(prompt, model=model, timeout=900)
+        return time.time(), c.total_s - c.service_s
+
+    with ThreadPoolExecutor(len(models) + cold) as pool:
+        t0 = time.time()
+        batch = [pool.submit(call, m, f"pplacement {i}") for i, m in enumerate(models)]
+        urgent = []
+        for k in range(cold):
+            time.sleep(max(0.0, t0 + COLD_FIRST_S + k * COLD_EVERY_S - time.time()))
+            urgent.append(pool.submit(call, COLD, f"pcold {k}"))
+        done: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
+        finished = []
+        for model, f in zip(models, batch, strict=True):
+            try:
+                finished.append(f.result(timeout=900)[0])
+                done[model] += 1
+            except Exception:  # counted, as for Corral
+                failed[model] += 1
+        waits = [f.result(timeout=900)[1] for f in urgent]
+    return {
+        "makespan_s": round(max(finished, default=t0) - t0, 2),
+        "completed": dict(sorted(done.items())),
+        "failed": dict(sorted(failed.items())),
+        "cold_waits": waits,
+    }
+
+
+def _scenario(
+    tag: str, boxes: int, max_loaded: int, demand: dict[str, int], cold: int
+) -> dict[str, Any]:
+    from app.state.fleet import fleet_state
+
+    served = list(demand) + ([COLD] if cold else [])
+    sims = placement_fleet(tag, boxes, max_loaded, served)
+    jobs = sum(demand.values())
+    ideal = ideal_s(jobs, boxes)
+    target = LOAD_S + 2 * SERVICE_S
+    out: dict[str, Any] = {
+        "fleet": f"{boxes} boxes of parallelism {PARALLELISM}, {max_loaded} model"
+        f"{'s' if max_loaded > 1 else ''} at a time, {LOAD_S:g} s loads",
+        "demand": demand,
+        "jobs": jobs,
+        "service_s": SERVICE_S,
+        "ideal_s": round(ideal, 2),
+        "runs": {},
+    }
+    if cold:
+        out["cold_interactive"] = {
+            "model": COLD,
+            "jobs": cold,
+            "first_after_s": COLD_FIRST_S,
+            "every_s": COLD_EVERY_S,
+            "target_wait_s": target,
+        }
+    order = shuffled(demand)
+    with _stack(sims, tag) as fleet:
+        proxy = Proxy(list(fleet.sim_urls.values()), "least_connections")
+        labels = [f"corral {s}" for s in STRATEGIES] + ["proxy least_connections"]
+        for label in labels:
+            _unload_all(fleet)
+            if label.startswith("corral"):
+                fleet_state().instances.set_strategy(label.removeprefix("corral "))
+                run = _through_corral(order, cold)
+            else:
+                run = _through_proxy(proxy, order, cold)
+            waits = run.pop("cold_waits")
+            run["vs_ideal"] = round(run["makespan_s"] / ideal, 3)
+            run |= _counters(fleet)
+            run["all_models_completed"] = not run["failed"] and run["completed"] == dict(
+                sorted(demand.items())
+            )
+            line = (
+                f"  {label:24} makespan {run['makespan_s']:6.2f}s = {run['vs_ideal']:5.2f} x ideal"
+                f" ({ideal:.2f}s), loads {run['loads']}, evictions {run['evictions']}"
+                f", all models completed: {run['all_models_completed']}"
+            )
+            if waits:
+                cold_run = _latency(waits, SERVICE_S)
+                cold_run["p95_x_target"] = round(cold_run["p95_s"] / target, 2)
+                run["cold_interactive"] = cold_run | {"wait_s": [round(w, 3) for w in waits]}
+                line += (
+                    f"\n  {'':24} cold interactive wait p50 {cold_run['p50_s']:5.2f}s"
+                    f" p95 {cold_run['p95_s']:5.2f}s (target {target:.2f}s)"
+                )
+            out["runs"][label] = run
+            typer.echo(line)
+    return out
+
+
+def run_placement() -> dict[str, Any]:
+    typer.echo(f"  1. two models, {sum(TWO_MODELS.values())} jobs, boxes hold one model")
+    two = _scenario("pl2", 3, 1, TWO_MODELS, cold=0)
+    typer.echo(
+        f"  2+3. five models, {sum(FIVE_MODELS.values())} jobs, boxes hold two models;"
+        f" {COLD_JOBS} interactive jobs for a cold model meanwhile"
+    )
+    five = _scenario("pl5", 4, 2, FIVE_MODELS, cold=COLD_JOBS)
+    return {"service_s": SERVICE_S, "load_s": LOAD_S, "two_models": two, "five_models": five}
