@@ -63,6 +63,7 @@ class Instance(Base):
     name: Mapped[str] = mapped_column(String(64))
     url: Mapped[str] = mapped_column(String(512))
     parallelism: Mapped[int]
+    max_loaded_models: Mapped[int] = mapped_column(server_default="3")
     weight: Mapped[float]
     models: Mapped[list[str] | None] = mapped_column(
         JSON(none_as_null=True), doc="None: discovered from /api/tags"
