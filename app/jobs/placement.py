@@ -42,7 +42,13 @@ class _Demand:
         self.reading: _Reading = (-DEMAND_TTL, {}, {})
 
     def __call__(self, models: Callable[[], list[str]]) -> _Reading:
-        if time.monotonic() - self.reading[0] > DEMAND_TTL and self._lock.acquire(blocking=False):
+        if time.monotonic() - self.reading[0] <= DEMAND_TTL:
+            return self.reading
+        # The first reading is waited for: a plan made without it would allow every box.
+        if self._lock.acquire(blocking=self.reading[0] < 0):
+            if time.monotonic() - self.reading[0] <= DEMAND_TTL:
+                self._lock.release()
+                return self.reading
             try:
                 self.reading = self._read(models())
             except (OSError, OperationalError, AMQPError, RedisError):
