@@ -48,6 +48,8 @@ class Placement:
     room: dict[str, int] = field(default_factory=dict)
     #: Per instance: the models the plan switched it to, not reported loaded yet, and when.
     arriving: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Per model: when it last had a backlog.
+    wanted: dict[str, float] = field(default_factory=dict)
 
     def allows(self, instance: str, model: str) -> bool:
         """Whether a job of ``model`` may take a slot on ``instance``.
@@ -63,12 +65,27 @@ def _mean(values: list[float], default: float) -> float:
 
 
 def plan(
-    snapshot: FleetSnapshot, previous: Placement | None = None, settle_s: float = 5.0
+    snapshot: FleetSnapshot,
+    previous: Placement | None = None,
+    settle_s: float = 5.0,
+    linger_s: float = 1.0,
 ) -> Placement:
-    """The models each up instance should hold, given the backlog per model."""
+    """The models each up instance should hold, given the backlog per model.
+
+    A model whose backlog reads empty keeps one box for ``linger_s`` more: jobs in transit
+    between the broker and a router thread are counted nowhere, and a model that had a backlog
+    half a second ago most likely still has one.
+    """
     now = snapshot.now
     boxes = [i for i in snapshot.instances if i.enabled and i.up(now) and i.models]
     demand = {m: n for m, n in snapshot.backlog.items() if n > 0}
+    wanted = dict(previous.wanted) if previous is not None else {}
+    wanted.update((m, now) for m in demand)
+    for m, t in list(wanted.items()):
+        if m not in demand and now - t < linger_s:
+            demand[m] = 1
+        elif now - t >= linger_s:
+            del wanted[m]
     urgent = snapshot.urgent
     by_name = {b.name: b for b in boxes}
 
@@ -203,4 +220,5 @@ def plan(
         hold={n: frozenset(state[n]) for n in state},
         room={b.name: max(0, b.max_loaded - len(state[b.name])) for b in boxes},
         arriving={n: a for n, a in arriving.items() if a},
+        wanted=wanted,
     )

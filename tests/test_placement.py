@@ -125,3 +125,11 @@ def test_a_down_box_is_not_planned_and_left_to_the_ranking() -> None:
     s = snap(box("x", frozenset({A}), healthy=False), box("y"), backlog={A: 10})
     p = plan(s)
     assert "x" not in p.hold and p.hold["y"] == {A}
+
+
+def test_a_backlog_that_reads_empty_for_a_moment_keeps_its_box() -> None:
+    s = snap(box("x", frozenset({A})), box("y", frozenset({B})), backlog={A: 10, B: 60})
+    first = plan(s)
+    blip = plan(replace(s, backlog={B: 60}, now=100.5), first)
+    assert blip.hold["x"] == {A}
+    assert plan(replace(s, backlog={B: 60}, now=101.5), blip).hold["x"] == {B}

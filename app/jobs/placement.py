@@ -89,11 +89,18 @@ class _Planner:
                 for i in snapshot.instances
             ),
         )
-        with self._lock:
+        if self._plan is not None and key == self._key and now - self._at <= REPLAN_SECONDS:
+            return self._plan
+        # One thread makes the plan again; the others use the last one meanwhile.
+        if not self._lock.acquire(blocking=self._plan is None):
+            return self._plan  # type: ignore[return-value]  # None only while blocking
+        try:
             if self._plan is None or key != self._key or now - self._at > REPLAN_SECONDS:
                 self._plan = plan(snapshot, self._plan)
                 self._key, self._at = key, now
             return self._plan
+        finally:
+            self._lock.release()
 
 
 _demand = _Demand()
