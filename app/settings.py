@@ -47,6 +47,9 @@ class InstanceConfig(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
     url: str = Field(description="Base URL, e.g. http://gpu-1:11434", max_length=512)
     parallelism: int = Field(2, ge=1, le=64, description="OLLAMA_NUM_PARALLEL of that server")
+    max_loaded_models: int = Field(
+        3, ge=1, le=64, description="OLLAMA_MAX_LOADED_MODELS of that server (default 3 per GPU)"
+    )
     weight: float = Field(1.0, gt=0)
     models: list[str] | None = Field(None, description="Served models; None = discover /api/tags")
     role: Role = Field("both", description="jobs it is meant for: chat, embedding or both")
@@ -140,6 +143,11 @@ class Settings(BaseSettings):
     # The fleet.
     instances: list[InstanceConfig] = Field(default_factory=list)
     strategy: Strategy = "least_connections"
+    placement: bool = Field(
+        True,
+        description="route by the placement plan: which models each instance should hold"
+        " (routing.placement), so that boxes holding few models do not swap them job by job",
+    )
 
     # Jobs.
     max_attempts: int = Field(3, ge=1, description="tries on distinct instances before dead-letter")

@@ -5,7 +5,16 @@ instances in order of preference, and reserves a slot on the first one that has 
 (atomically, in Redis). Everything in this package is testable without a broker.
 """
 
+from routing.placement import Placement, plan
 from routing.ranking import STRATEGIES, Choice, rank
 from routing.snapshot import FleetSnapshot, InstanceStats
 
-__all__ = ["STRATEGIES", "Choice", "FleetSnapshot", "InstanceStats", "rank"]
+__all__ = [
+    "STRATEGIES",
+    "Choice",
+    "FleetSnapshot",
+    "InstanceStats",
+    "Placement",
+    "plan",
+    "rank",
+]

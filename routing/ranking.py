@@ -161,9 +161,17 @@ def rank(
     """Instances that may run a job of ``kind`` for ``model``, best first; empty: wait.
 
     Higher priority levels come first, each in the strategy's order: the router takes the
-    first candidate with a free slot, so a lower level only gets the overflow.
+    first candidate with a free slot, so a lower level only gets the overflow. With a
+    placement plan in the snapshot, only the instances it allows for ``model`` are ranked.
     """
     instances = eligible(snapshot, model, exclude, kind)
+    plan = snapshot.placement
+    if plan is not None:
+        # Only where the model is held, being loaded, or fits without evicting another.
+        placed = [i for i in instances if plan.allows(i.name, model)]
+        if not placed and exclude:  # the plan's boxes were all tried: they may retry it
+            placed = [i for i in eligible(snapshot, model, (), kind) if plan.allows(i.name, model)]
+        instances = placed
     choices = STRATEGIES[strategy](instances, model, tick)
     if strategy == "smart":
         worth = worth_starting(instances, model, snapshot.backlog.get(model, 0))

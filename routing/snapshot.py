@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from routing.placement import Placement
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,8 @@ class InstanceStats:
     breaker: str = "closed"
     #: Priority level, 0-9: a job goes to the highest level with a free slot.
     priority: int = 5
+    #: How many models the server holds at once (Ollama's OLLAMA_MAX_LOADED_MODELS).
+    max_loaded: int = 3
 
     @property
     def free(self) -> int:
@@ -62,6 +68,10 @@ class FleetSnapshot:
     strategies: dict[str, str] = field(default_factory=dict)
     #: Jobs per model waiting to start (held by routers or still queued), where known.
     backlog: dict[str, int] = field(default_factory=dict)
+    #: Of those, the urgent ones (interactive, or aged past their tier's head start).
+    urgent: dict[str, int] = field(default_factory=dict)
+    #: Which models each instance should hold (``routing.placement``); None: no plan.
+    placement: Placement | None = None
 
     def strategy_for(self, model: str, default: str) -> str:
         return self.strategies.get(model) or self.strategies.get("*") or default

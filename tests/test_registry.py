@@ -124,6 +124,26 @@ def test_seeding_adds_new_entries_and_the_latest_change_wins(db_url: str) -> Non
     assert registry.seed_from_settings(Settings(instances=[f1, moved])) == []
 
 
+
+def test_a_field_added_by_an_upgrade_does_not_reseed_over_live_edits(db_url: str) -> None:
+    """A row seeded before a field existed (``max_loaded_models``) and edited since with
+    ``corral fleet`` keeps its edit: the new field at its default is no change of the file."""
+    from sqlalchemy import update
+
+    from app.fleet.registry import Instance
+
+    registry = Registry(db_url, "reg-upgrade")
+    registry.migrate()
+    f1 = {"name": "u-1", "url": "http://u1:11434"}
+    assert registry.seed_from_settings(Settings(instances=[f1])) == ["u-1"]
+    old_entry = {k: v for k, v in InstanceConfig(**f1).model_dump(mode="json").items()}
+    old_entry.pop("max_loaded_models")  # as an older Corral stored it
+    with registry._sessions.begin() as session:
+        session.execute(update(Instance).where(Instance.name == "u-1").values(seeded=old_entry))
+    registry.update("u-1", weight=3.0)
+    assert registry.seed_from_settings(Settings(instances=[f1])) == []
+    assert registry.get("u-1").weight == 3.0
+
 # Live changes, with a real worker ----------------------------------------------------------
 
 EXTRA_SIM = {

@@ -74,6 +74,7 @@ def instances_env(sims: list[dict[str, Any]]) -> str:
                 "name": s["name"],
                 "url": f"http://127.0.0.1:{s['port']}",
                 "parallelism": s.get("num_parallel", 2),
+                "max_loaded_models": s.get("max_loaded_models", 3),
             }
             for s in sims
         ]

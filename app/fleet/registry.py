@@ -23,6 +23,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
 from redis import RedisError
 from sqlalchemy import JSON, DateTime, Select, String, UniqueConstraint, delete, select
 from sqlalchemy.exc import IntegrityError
@@ -63,6 +64,7 @@ class Instance(Base):
     name: Mapped[str] = mapped_column(String(64))
     url: Mapped[str] = mapped_column(String(512))
     parallelism: Mapped[int]
+    max_loaded_models: Mapped[int] = mapped_column(server_default="3")
     weight: Mapped[float]
     models: Mapped[list[str] | None] = mapped_column(
         JSON(none_as_null=True), doc="None: discovered from /api/tags"
@@ -200,7 +202,7 @@ class Registry:
         written = []
         for config in (settings or get_settings()).instances:
             entry = config.model_dump(mode="json")
-            if config.name in seeded and seeded[config.name] == entry:
+            if config.name in seeded and _as_now(seeded[config.name]) == entry:
                 continue
             try:
                 with self._sessions.begin() as session:
@@ -214,3 +216,12 @@ class Registry:
                 continue
             written.append(config.name)
         return written
+
+
+def _as_now(seeded: object) -> object:
+    """A seeded entry as today's settings read it: a field added since (with its default)
+    is not a change, so an upgrade does not re-seed rows over ``corral fleet``'s edits."""
+    try:
+        return InstanceConfig.model_validate(seeded).model_dump(mode="json")
+    except ValidationError:
+        return seeded  # no longer valid: the file's entry differs, and is written

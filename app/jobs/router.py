@@ -16,7 +16,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from amqp.exceptions import AMQPError
@@ -26,6 +25,7 @@ from kombu.exceptions import OperationalError
 from app.errors import JobRejected
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.lifecycle import WHILE_WAITING, job_fields, job_id
+from app.jobs.placement import with_plan
 from app.observe.tracing import tracer
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy
@@ -134,8 +134,7 @@ def _reserve_slot(
             continue
         unserved_since = None
         strategy = snapshot.strategy_for(request.model, settings.strategy)
-        if strategy == "smart":
-            snapshot = replace(snapshot, backlog={request.model: _backlog(request.model)})
+        snapshot = with_plan(snapshot, request.model, strategy, _backlog)
         choices = rank(
             snapshot,
             request.model,

@@ -52,6 +52,7 @@ class Instances:
         fields: dict[FieldT, EncodableT] = {
             "url": config.url,
             "capacity": capacity,
+            "max_loaded": config.max_loaded_models,
             "weight": config.weight,
             "role": config.role,
             "priority": config.priority,
@@ -235,4 +236,5 @@ def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:
         expires_at=float(row.get("last_seen", 0)) + stale_after,
         breaker=row.get("breaker", "closed"),
         priority=int(row.get("priority", 5)),
+        max_loaded=int(row.get("max_loaded", 3)),
     )

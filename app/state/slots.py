@@ -261,6 +261,17 @@ class Slots:
                 pipe.zcard(keys.waiters(self.ns, model))
             return dict(zip(models, pipe.execute(), strict=True))
 
+    def waiting_and_urgent(self, models: list[str], due_by: float) -> dict[str, tuple[int, int]]:
+        """Per model, in one round trip: the jobs waiting for a slot, and those of them whose
+        virtual deadline (their waiter score, see ``app.jobs.router.waiter_score``) is before
+        ``due_by``: the urgent ones."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for model in models:
+                pipe.zcard(keys.waiters(self.ns, model))
+                pipe.zcount(keys.waiters(self.ns, model), "-inf", due_by)
+            counts = pipe.execute()
+        return {m: (int(counts[2 * k]), int(counts[2 * k + 1])) for k, m in enumerate(models)}
+
     def waiters(self) -> dict[str, list[tuple[str, float]]]:
         """Every waiter set that has waiters: its key, and the jobs with their scores."""
         found: dict[str, list[tuple[str, float]]] = {}

@@ -1,0 +1,121 @@
+"""The placement plan on the job path (``routing.placement``): the backlog of every model read
+for it, and the plan each router process keeps.
+
+Every routing decision attaches the plan to its snapshot of the fleet, and ``routing.rank``
+then ranks only the instances the plan allows for the job's model. The plan is computed again
+only when its inputs change: a new reading of the backlog (at most every ``DEMAND_TTL``
+seconds, by one thread while the others use the last one), a change in what the instances
+hold or whether they are up, or a second gone by (switches it decided settle). Otherwise a
+decision costs a comparison of the fleet's loaded models with the last ones.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+from amqp.exceptions import AMQPError
+from kombu.exceptions import OperationalError
+from redis import RedisError
+
+from app.queues import queue_counts, route_queue
+from app.settings import TIERS, get_settings
+from app.state.fleet import fleet_state
+from routing import FleetSnapshot, Placement, plan
+
+#: Seconds a reading of every model's backlog is reused.
+DEMAND_TTL = 0.5
+#: Seconds after which the plan is made again even if nothing it reads changed.
+REPLAN_SECONDS = 1.0
+
+_Reading = tuple[float, dict[str, int], dict[str, int]]
+
+
+class _Demand:
+    """Per model: jobs waiting to start (queued, or held by router threads), and the urgent
+    ones among them (queued interactive, or waiting with a deadline already due)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reading: _Reading = (-DEMAND_TTL, {}, {})
+
+    def __call__(self, models: Callable[[], list[str]]) -> _Reading:
+        if time.monotonic() - self.reading[0] <= DEMAND_TTL:
+            return self.reading
+        # The first reading is waited for: a plan made without it would allow every box.
+        if self._lock.acquire(blocking=self.reading[0] < 0):
+            if time.monotonic() - self.reading[0] <= DEMAND_TTL:
+                self._lock.release()
+                return self.reading
+            try:
+                self.reading = self._read(models())
+            except (OSError, OperationalError, AMQPError, RedisError):
+                pass  # routing goes on with the last reading
+            finally:
+                self._lock.release()
+        return self.reading
+
+    @staticmethod
+    def _read(models: list[str]) -> _Reading:
+        s = get_settings()
+        queued = queue_counts([route_queue(m, t) for m in models for t in TIERS])
+        # Due: an interactive job of any priority, or one whose tier's head start is over.
+        due_by = time.time() + s.tier_delay_seconds["interactive"] + 9 * s.priority_step_seconds
+        waiting = fleet_state().slots.waiting_and_urgent(models, due_by)
+        backlog, urgent = {}, {}
+        for m in models:
+            backlog[m] = waiting[m][0] + sum(queued[route_queue(m, t)][0] for t in TIERS)
+            urgent[m] = waiting[m][1] + queued[route_queue(m, "interactive")][0]
+        return time.monotonic(), backlog, urgent
+
+
+class _Planner:
+    """The process's plan, made again only when what it reads changed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: object = None
+        self._at = 0.0
+        self._plan: Placement | None = None
+
+    def __call__(self, snapshot: FleetSnapshot, reading_at: float) -> Placement:
+        now = snapshot.now
+        key = (
+            reading_at,
+            tuple(
+                (i.name, i.loaded, i.max_loaded, i.capacity, i.enabled and i.up(now))
+                for i in snapshot.instances
+            ),
+        )
+        if self._plan is not None and key == self._key and now - self._at <= REPLAN_SECONDS:
+            return self._plan
+        # One thread makes the plan again; the others use the last one meanwhile.
+        if not self._lock.acquire(blocking=self._plan is None):
+            return self._plan  # type: ignore[return-value]  # None only while blocking
+        try:
+            if self._plan is None or key != self._key or now - self._at > REPLAN_SECONDS:
+                self._plan = plan(snapshot, self._plan)
+                self._key, self._at = key, now
+            return self._plan
+        finally:
+            self._lock.release()
+
+
+_demand = _Demand()
+_planner = _Planner()
+
+
+def with_plan(
+    snapshot: FleetSnapshot, model: str, strategy: str, backlog: Callable[[str], int]
+) -> FleetSnapshot:
+    """The snapshot with what ``routing.rank`` needs for ``strategy``: the backlog (``smart``)
+    and, with the ``placement`` setting, every model's backlog and the placement plan."""
+    if not get_settings().placement:
+        if strategy == "smart":
+            return replace(snapshot, backlog={model: backlog(model)})
+        return snapshot
+    at, waiting, urgent = _demand(lambda: sorted({m for i in snapshot.instances for m in i.models}))
+    snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
+    return replace(snapshot, placement=_planner(snapshot, at))

@@ -1,0 +1,135 @@
+"""The placement plan (routing.placement), as pure functions: no broker, no Redis."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from routing import FleetSnapshot, InstanceStats, Placement, plan, rank
+
+A, B, C = "a:latest", "b:latest", "c:latest"
+BOTH = frozenset({A, B})
+
+
+def box(name: str, loaded: frozenset[str] = frozenset(), **kw: object) -> InstanceStats:
+    base: dict[str, object] = {
+        "capacity": 2,
+        "models": BOTH,
+        "loaded": loaded,
+        "max_loaded": 1,
+        "model_ewma_ms": {A: 250.0, B: 250.0},
+        "load_ms": {A: 1000.0, B: 1000.0},
+    }
+    return InstanceStats(name=name, **{**base, **kw})  # type: ignore[arg-type]
+
+
+def snap(*boxes: InstanceStats, backlog: dict[str, int], urgent: dict[str, int] | None = None):
+    return FleetSnapshot(tuple(boxes), 100.0, backlog=backlog, urgent=urgent or {})
+
+
+def holders(p: Placement, model: str) -> set[str]:
+    return {n for n, held in p.hold.items() if model in held}
+
+
+def test_cold_fleet_splits_the_boxes_between_the_models_with_work() -> None:
+    p = plan(snap(box("x"), box("y"), box("z"), backlog={A: 60, B: 60}))
+    assert len(holders(p, A)) + len(holders(p, B)) == 3
+    assert holders(p, A) and holders(p, B)
+    assert all(len(held) == 1 for held in p.hold.values())
+
+
+def test_a_box_keeps_its_model_while_that_model_has_work() -> None:
+    s = snap(box("x", frozenset({A})), box("y", frozenset({B})), backlog={A: 10, B: 60})
+    p = plan(s)
+    assert p.hold == {"x": {A}, "y": {B}}
+    assert not p.allows("x", B) and not p.allows("y", A)
+
+
+def test_a_box_switches_only_when_the_switch_pays_for_itself() -> None:
+    # A has no work left: x goes to B, whose single box would need 15 s for 60 jobs.
+    s = snap(box("x", frozenset({A})), box("y", frozenset({B})), backlog={B: 60})
+    assert plan(s).hold["x"] == {B}
+    # Three jobs of B: y gets through them in 0.5 s, less than a load; x stays on A.
+    s = snap(box("x", frozenset({A})), box("y", frozenset({B})), backlog={B: 3})
+    assert plan(s).hold["x"] == {A}
+
+
+def test_boxes_beyond_what_the_backlog_keeps_busy_are_released() -> None:
+    s = snap(
+        box("x", frozenset({A})),
+        box("y", frozenset({A})),
+        box("z", frozenset({B})),
+        backlog={A: 2, B: 40},
+    )
+    p = plan(s)
+    assert len(holders(p, A)) == 1 and len(holders(p, B)) == 2
+
+
+def test_a_model_without_a_box_takes_one_from_a_model_holding_two() -> None:
+    s = snap(
+        box("x", frozenset({A})),
+        box("y", frozenset({A})),
+        box("z", frozenset({A})),
+        backlog={A: 100, B: 5},
+    )
+    p = plan(s)
+    assert len(holders(p, B)) == 1 and len(holders(p, A)) == 2
+
+
+def test_urgent_jobs_take_a_box_from_a_model_holding_only_one() -> None:
+    s = snap(box("x", frozenset({A})), backlog={A: 100, B: 1})
+    assert plan(s).hold["x"] == {A}  # batch: it waits for A's backlog (and ages)
+    assert plan(replace(s, urgent={B: 1})).hold["x"] == {B}
+
+
+def test_room_lets_a_model_load_without_evicting() -> None:
+    s = snap(box("x", frozenset({A}), max_loaded=3), backlog={A: 100})
+    p = plan(s)
+    assert p.allows("x", A) and p.allows("x", B)
+
+
+def test_every_model_gets_a_share_of_two_model_boxes() -> None:
+    five = [f"m{i}:latest" for i in range(5)]
+    boxes = [
+        box(f"b{i}", max_loaded=2, models=frozenset(five), model_ewma_ms={}, load_ms={})
+        for i in range(4)
+    ]
+    demand = dict(zip(five, [200, 80, 60, 40, 20], strict=True))
+    p = plan(snap(*boxes, backlog=demand))
+    for m in five:
+        assert holders(p, m), m
+    assert all(len(held) <= 2 for held in p.hold.values())
+    assert len(holders(p, five[0])) >= 2
+
+
+def test_a_switch_is_remembered_until_the_heartbeat_reports_it() -> None:
+    s = snap(box("x", frozenset({A})), box("y", frozenset({B})), backlog={B: 60})
+    first = plan(s)
+    assert first.hold["x"] == {B} and first.arriving["x"] == {B: 100.0}
+    # A new job of A arrives before the heartbeat: x stays switched to B.
+    again = plan(replace(s, backlog={A: 1, B: 58}), first)
+    assert again.hold["x"] == {B}
+    later = plan(replace(s, backlog={A: 1, B: 58}, now=200.0), first)
+    assert later.hold["x"] == {A}
+
+
+def test_rank_honours_the_plan() -> None:
+    s = snap(box("x", frozenset({A})), box("y", frozenset({B})), backlog={A: 10, B: 60})
+    s = replace(s, placement=plan(s))
+    assert [c.instance for c in rank(s, A, strategy="least_connections")] == ["x"]
+    assert [c.instance for c in rank(s, B, strategy="smart")] == ["y"]
+    # Tried on every box the plan allows: it may go back there rather than wait forever.
+    assert [c.instance for c in rank(s, A, exclude=["x"])] == ["x"]
+
+
+def test_a_down_box_is_not_planned_and_left_to_the_ranking() -> None:
+    s = snap(box("x", frozenset({A}), healthy=False), box("y"), backlog={A: 10})
+    p = plan(s)
+    assert "x" not in p.hold and p.hold["y"] == {A}
+
+
+def test_a_backlog_that_reads_empty_for_a_moment_keeps_its_box() -> None:
+    s = snap(box("x", frozenset({A})), box("y", frozenset({B})), backlog={A: 10, B: 60})
+    first = plan(s)
+    blip = plan(replace(s, backlog={B: 60}, now=100.5), first)
+    assert blip.hold["x"] == {A}
+    assert plan(replace(s, backlog={B: 60}, now=101.5), blip).hold["x"] == {B}
