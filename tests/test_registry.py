@@ -307,6 +307,13 @@ def test_added_instance_is_down_until_its_worker_runs_then_gets_jobs(
         wait_until(
             lambda: fleet_state().redis.hget(key, "weight") == "3.0", 15, "the edit to apply"
         )
+        # How many models it holds at once: what placement plans with (issue 16).
+        held = extra.corral("fleet", "update", name, "--max-loaded-models", "1")
+        assert held.returncode == 0, held.stderr
+        wait_until(
+            lambda: fleet_state().redis.hget(key, "max_loaded") == "1", 15, "max_loaded to apply"
+        )
+        assert "(holds 1)" in extra.corral("fleet", "list").stdout
 
 
 @pytest.mark.fleet

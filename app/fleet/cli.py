@@ -28,6 +28,10 @@ Url = Annotated[str | None, typer.Option(help="base URL, e.g. http://gpu-1:11434
 Parallelism = Annotated[
     int | None, typer.Option(help="OLLAMA_NUM_PARALLEL of the server (default 2)")
 ]
+MaxLoaded = Annotated[
+    int | None,
+    typer.Option(help="OLLAMA_MAX_LOADED_MODELS: models the server holds at once (default 3)"),
+]
 Weight = Annotated[float | None, typer.Option(help="share of the work (default 1.0)")]
 Role = Annotated[str | None, typer.Option(help="chat, embedding or both (default)")]
 Priority = Annotated[int | None, typer.Option(help="priority level 0-9, 9 first (default 5)")]
@@ -111,7 +115,8 @@ def _line(v: InstanceView) -> str:
     host = f"cpu {i.host_cpu:3.0f}%  mem {i.host_mem:3.0f}%  probe {i.probe_ms:5.1f} ms"
     return (
         f"{v.name:12} {v.state:9} {i.in_flight}/{i.capacity} in flight  {host}  "
-        f"ewma {i.ewma_ms:7.1f} ms  breaker {i.breaker}  loaded {sorted(i.loaded)}  "
+        f"ewma {i.ewma_ms:7.1f} ms  breaker {i.breaker}  "
+        f"loaded {sorted(i.loaded)} (holds {i.max_loaded})  "
         f"serves {sorted(i.models)}" + ("" if c else "  (not in the registry)")
     )
 
@@ -145,6 +150,7 @@ def fleet_add(
     name: str,
     url: Annotated[str, typer.Option(help="base URL, e.g. http://gpu-1:11434")],
     parallelism: Parallelism = None,
+    max_loaded_models: MaxLoaded = None,
     weight: Weight = None,
     role: Role = None,
     priority: Priority = None,
@@ -163,6 +169,7 @@ def fleet_add(
         model,
         url=url,
         parallelism=parallelism,
+        max_loaded_models=max_loaded_models,
         weight=weight,
         role=role,
         priority=priority,
@@ -182,6 +189,7 @@ def fleet_update(
     name: str,
     url: Url = None,
     parallelism: Parallelism = None,
+    max_loaded_models: MaxLoaded = None,
     weight: Weight = None,
     role: Role = None,
     priority: Priority = None,
@@ -200,6 +208,7 @@ def fleet_update(
         model,
         url=url,
         parallelism=parallelism,
+        max_loaded_models=max_loaded_models,
         weight=weight,
         role=role,
         priority=priority,
