@@ -67,8 +67,16 @@ os.environ.update(
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """A test run stopped with SIGTERM (a CI timeout, ``kill``) still runs its finalizers, so
-    the fleet processes it started are stopped by PID instead of being orphaned."""
+    the fleet processes it started are stopped by PID instead of being orphaned.
+
+    The process's settings are read here, from the environment above: ``get_settings()`` is
+    read once per process, and a test that sets ``CORRAL_CONFIG`` or ``CORRAL_SCHEDULES`` for
+    its own ``Settings()`` must not be the first to read them (it was, once the fleet's tests
+    ahead of it had failed, and every later test saw its schedules)."""
+    from app.settings import get_settings
+
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    get_settings()
 
 
 _LOAD_REPORT: dict[str, object] = {}

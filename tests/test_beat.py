@@ -144,7 +144,9 @@ def test_prompt_file_renders_records_and_names_bad_lines(tmp_path: Path) -> None
         list(_prompts(schedule))
 
 
-def test_beat_without_schedules_says_so() -> None:
+def test_beat_without_schedules_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings with no schedules, whatever the process read before: with some, beat would run.
+    monkeypatch.setattr("app.cli.get_settings", lambda: Settings(schedules=[]))
     result = CliRunner().invoke(cli, ["beat"])
     assert result.exit_code == 1
     assert "no schedules configured" in result.output

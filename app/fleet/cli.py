@@ -133,6 +133,12 @@ def fleet_list() -> None:
     )
     for view in _admin().views():
         typer.echo(_line(view))
+    plan = fleet_state().placement.read()
+    if plan:
+        typer.echo(
+            "placement plan (models each instance should hold): "
+            + "; ".join(f"{name} {models}" for name, models in sorted(plan.items()))
+        )
 
 
 @fleet_cli.command("show")

@@ -39,6 +39,8 @@ class InstanceRow(BaseModel):
     capacity: int
     models: list[str]
     loaded: list[str]
+    #: The models the placement plan wants it to hold (None: no plan made lately).
+    planned: list[str] | None = None
     ewma_ms: float
     recent_errors: int
     completed: int
@@ -122,6 +124,7 @@ def read(depths: QueueDepths) -> DashboardData:
     )
     completed = fleet.instances.field([s.name for s in snap.instances], "completed")
     waiting = list(fleet.slots.waiting_per_model(models).values())
+    planned = fleet.placement.read() or {}
     instances = [
         InstanceRow(
             name=s.name,
@@ -131,6 +134,7 @@ def read(depths: QueueDepths) -> DashboardData:
             capacity=s.capacity,
             models=sorted(s.models),
             loaded=sorted(s.loaded),
+            planned=planned.get(s.name),
             ewma_ms=round(s.ewma_ms, 1),
             recent_errors=s.recent_errors,
             completed=int(done or 0),

@@ -11,6 +11,7 @@ decision costs a comparison of the fleet's loaded models with the last ones.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from routing import FleetSnapshot, Placement, plan
 DEMAND_TTL = 0.5
 #: Seconds after which the plan is made again even if nothing it reads changed.
 REPLAN_SECONDS = 1.0
+#: Seconds the last plan stays shown once no router makes one.
+SHOWN_FOR_S = 10.0
 
 _Reading = tuple[float, dict[str, int], dict[str, int]]
 
@@ -98,9 +101,18 @@ class _Planner:
             if self._plan is None or key != self._key or now - self._at > REPLAN_SECONDS:
                 self._plan = plan(snapshot, self._plan)
                 self._key, self._at = key, now
+                _show(self._plan)
             return self._plan
         finally:
             self._lock.release()
+
+
+def _show(placement: Placement) -> None:
+    """Keep the new plan where the dashboard and ``corral fleet list`` read it."""
+    hold = {name: sorted(models) for name, models in placement.hold.items()}
+    # Only what people see: routing goes on with the plan whatever Redis says.
+    with contextlib.suppress(RedisError):
+        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S)
 
 
 _demand = _Demand()

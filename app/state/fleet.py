@@ -26,6 +26,7 @@ from app.state.fairness import FairnessCounters
 from app.state.instance_rate import InstanceRate
 from app.state.instances import Instances
 from app.state.job_keys import JobKeys
+from app.state.placement import PlacementShown
 from app.state.policy import PolicyInForce
 from app.state.slots import DONE, Confirmation, Slots
 
@@ -54,6 +55,8 @@ class FleetState:
     averages: Averages = field(init=False)
     #: Idempotency keys bound to the first job submitted with them.
     job_keys: JobKeys = field(init=False)
+    #: The last placement plan a router made, for people to see.
+    placement: PlacementShown = field(init=False)
     #: The degradation level's hash and its evaluation turn.
     degradation: DegradationState = field(init=False)
     #: Each agent's outstanding jobs per tier (fairness).
@@ -70,6 +73,7 @@ class FleetState:
         self.buckets = TokenBuckets(self.redis)
         self.slots = Slots(self.redis, self.ns, self.breaker, self.rate)
         self.job_keys = JobKeys(self.redis, self.ns)
+        self.placement = PlacementShown(self.redis, self.ns)
         self.degradation = DegradationState(self.redis, self.ns, self.averages)
         self.fairness = FairnessCounters(self.redis, self.ns)
         self.policy = PolicyInForce(self.redis, self.ns)

@@ -186,3 +186,21 @@ def test_page_follows_a_burst_of_jobs_live(
     )
     assert browser.execute_script("return window.sameDocument") is True
     assert browser.find_element(By.ID, "live").text.startswith("live")
+
+
+def test_data_shows_the_placement_plan(gateway: Gateway, healthy_fleet: LocalFleet) -> None:
+    """Routers keep the plan they route by where the dashboard reads it: each instance's
+    models as the plan wants them held (issue 16)."""
+    for i in range(3):
+        infer.delay(model=MODEL, prompt=f"plan {i}", cache=False).get(timeout=60)
+
+    def planned() -> dict[str, list[str] | None]:
+        data = requests.get(gateway.url + "/dashboard/data", headers=gateway.auth(), timeout=10)
+        return {i["name"]: i["planned"] for i in data.json()["instances"]}
+
+    def complete() -> dict[str, list[str] | None] | None:
+        now = planned()
+        return now if all(now.get(n) is not None for n in healthy_fleet.sim_urls) else None
+
+    shown = wait_until(complete, 10, "the plan on the dashboard")
+    assert any(MODEL in (shown[n] or []) for n in healthy_fleet.sim_urls), shown
