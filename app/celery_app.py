@@ -102,13 +102,11 @@ WORKER_PUBLISH_RETRY_POLICY = {
 
 
 def _worker_config(settings: Settings, threads: int) -> dict[str, Any]:
-    """Every Corral worker: a thread per job it may hold, one message prefetched per thread,
-    task events on (Flower), and patience with the broker when publishing a job's next stage."""
+    """Every Corral worker: a thread per job it may hold, and patience with the broker when
+    publishing a job's next stage (prefetch 1 and task events are everyone's: celery_config)."""
     return celery_config(settings) | {
         "worker_pool": "threads",
         "worker_concurrency": threads,
-        "worker_prefetch_multiplier": 1,
-        "worker_send_task_events": True,
         "task_publish_retry_policy": WORKER_PUBLISH_RETRY_POLICY,
     }
 
