@@ -316,6 +316,24 @@ def test_fleet_state_lost_in_redis_heals_and_loses_no_job(healthy_fleet: LocalFl
         assert healthy_fleet.sim_stats(name)["peak_in_flight"] <= 2, name
 
 
+def test_instance_list_lost_alone_heals_and_loses_no_job(healthy_fleet: LocalFleet) -> None:
+    """Redis may lose some keys and not others (keys deleted one by one, as the test above
+    does, while the workers write): an instance whose row survived but not its place in the
+    list must still be seen again, or its slot count stays held out of sight."""
+    from app.state.fleet import fleet_state
+
+    for name in healthy_fleet.sim_urls:
+        healthy_fleet.faults(name, slow_factor=20.0)  # ~0.4 s a job
+    jobs = [infer.delay(**gen(i)) for i in range(12)]
+    wait_until(lambda: healthy_fleet.sim_stats("sim-b")["in_flight"] > 0, 20, "jobs running")
+    state = fleet_state()
+    state.redis.delete(keys.instances(state.ns), keys.instance_models(state.ns, "sim-b"))
+    results = [j.get(timeout=90) for j in jobs]
+    assert [r.id for r in results] == [j.id for j in jobs]
+    wait_until(healthy_fleet.idle, 20, "every slot given back")
+    assert set(healthy_fleet.sim_urls) <= set(state.instances.instance_names())
+
+
 def test_killed_router_loses_no_waiting_job(healthy_fleet: LocalFleet) -> None:
     for name in healthy_fleet.sim_urls:
         healthy_fleet.faults(name, slow_factor=25.0)  # ~0.5 s a job: most of 30 wait

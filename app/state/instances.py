@@ -194,7 +194,21 @@ class Instances:
         return InstanceConfig.model_validate_json(row) if row else None
 
     def is_registered(self, name: str) -> bool:
-        return bool(self.redis.hexists(keys.instance(self.ns, name), "capacity"))
+        """Whether the routers can see the instance: listed, with its row and its models.
+
+        Each part is checked, not one standing for all: Redis may have lost some keys and
+        not others (a failover mid-write, keys deleted by hand), and an instance whose row
+        survived but not its place in the list would hold its slot count out of sight.
+        """
+        key = keys.instance(self.ns, name)
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.sismember(keys.instances(self.ns), name)
+            pipe.hget(key, "capacity")
+            pipe.hget(key, "models")
+            pipe.exists(keys.instance_models(self.ns, name))
+            listed, capacity, models, models_set = pipe.execute()
+        has_models = bool(models_set) or models in (None, "[]")
+        return bool(listed) and capacity is not None and has_models
 
     def mark_stale(self, name: str) -> None:
         """The instance's worker stops: make its heartbeat stale at once, so routers stop
