@@ -124,7 +124,6 @@ def test_seeding_adds_new_entries_and_the_latest_change_wins(db_url: str) -> Non
     assert registry.seed_from_settings(Settings(instances=[f1, moved])) == []
 
 
-
 def test_a_field_added_by_an_upgrade_does_not_reseed_over_live_edits(db_url: str) -> None:
     """A row seeded before a field existed (``max_loaded_models``) and edited since with
     ``corral fleet`` keeps its edit: the new field at its default is no change of the file."""
@@ -143,6 +142,7 @@ def test_a_field_added_by_an_upgrade_does_not_reseed_over_live_edits(db_url: str
     registry.update("u-1", weight=3.0)
     assert registry.seed_from_settings(Settings(instances=[f1])) == []
     assert registry.get("u-1").weight == 3.0
+
 
 # Live changes, with a real worker ----------------------------------------------------------
 

@@ -193,11 +193,11 @@ def metrics(ns: str, name: str) -> str:
     return f"{ns}:metrics:{name}"
 
 
-
 def placement(ns: str) -> str:
     # string (JSON), with a TTL: the last placement plan a router made (the models each
     # instance should hold), for the dashboard and `corral fleet list`
     return f"{ns}:placement"
+
 
 # Gateway ----------------------------------------------------------------------------------
 
