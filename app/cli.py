@@ -310,7 +310,8 @@ def up(
 @cli.command()
 def bench(
     scenario: Annotated[
-        str, typer.Option(help="overhead, mixed, backlog, agents, burst, placement or all")
+        str,
+        typer.Option(help="overhead, mixed, short, backlog, agents, burst, placement or all"),
     ] = "all",
     jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
     backlog: Annotated[
@@ -343,6 +344,11 @@ def bench(
         if scenario in ("mixed", "all"):
             typer.echo(f"\nmixed fleet, {jobs} jobs per run")
             report["mixed"] = bench_fleet.run_mixed(jobs)
+        if scenario in ("short", "all"):
+            from app.bench.short_jobs import run_short
+
+            typer.echo("\nshort jobs on mixed fleets, fixed service times")
+            report["short"] = run_short()
         if scenario in ("backlog", "all"):
             typer.echo("\ninteractive jobs behind a batch backlog")
             report["backlog"] = bench_fleet.run_backlog(**batch)

@@ -222,6 +222,9 @@ class Settings(BaseSettings):
 
     # Metrics
     metrics_enabled: bool = Field(True, description="workers record job metrics in Redis")
+    metrics_flush_seconds: float = Field(
+        0.5, gt=0, description="seconds a process sums its job metrics before writing them"
+    )
     metrics_host: str = Field("127.0.0.1", description="address `corral metrics` listens on")
     metrics_port: int = Field(9808, ge=1, le=65535, description="port of `corral metrics`")
 

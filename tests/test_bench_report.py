@@ -251,3 +251,16 @@ def test_idle_share_counts_slot_time_unused_while_work_waited() -> None:
     spans["a"].append((-5.0, -1.0))
     assert idle_share(spans, {"a": 2}, since=0.0)["idle_share"] == 0.1
     assert idle_share({"a": []}, {"a": 2}, since=0.0)["idle_share"] == 0.0
+
+
+def test_slot_gaps_pair_each_start_with_the_slot_that_freed_first() -> None:
+    from app.bench.burst import slot_gaps
+
+    # Two slots: jobs end at 1.0 and 1.5; the next starts take them 2 ms and 10 ms later.
+    spans = [(0.0, 1.0), (0.0, 1.5), (1.002, 2.0), (1.51, 2.5), (2.003, 3.0)]
+    got = slot_gaps({"a": spans}, {"a": 2}, since=0.0)
+    assert got["slot_gaps"] == 3
+    assert got["slot_gap_p50_ms"] == pytest.approx(3.0, abs=0.01)
+    # Before the burst (nothing waited) no gap counts.
+    assert slot_gaps({"a": spans}, {"a": 2}, since=1.2)["slot_gaps"] == 2
+    assert slot_gaps({"a": []}, {"a": 2}, since=0.0)["slot_gaps"] == 0

@@ -20,6 +20,7 @@ The load tests (``tests/test_load.py``) run the same functions on the test fleet
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 from collections.abc import Iterable
@@ -62,6 +63,34 @@ def idle_share(spans: dict[str, list[Span]], slots: dict[str, int], since: float
     busy = sum(max(0.0, min(e, until) - max(s, since)) for rows in spans.values() for s, e in rows)
     capacity = sum(slots.values()) * window
     return {"idle_share": round(max(0.0, 1 - busy / capacity), 4), "waited_s": round(window, 3)}
+
+
+def slot_gaps(spans: dict[str, list[Span]], slots: dict[str, int], since: float) -> dict[str, Any]:
+    """Milliseconds from a job's end to the next job's start on the same slot (pure).
+
+    Per instance, the spans in order of start: while all its slots are taken, the next
+    request takes the slot that freed first, so its gap is its start minus that slot's end.
+    Counted between ``since`` (the burst's first submission) and the last start, when work
+    was waiting; a proxy queueing inside Ollama pays none, Corral pays its hand-off.
+    """
+    starts = [s for rows in spans.values() for s, _ in rows if s >= since]
+    until = max(starts, default=since)
+    gaps: list[float] = []
+    for name, rows in spans.items():
+        ends: list[float] = []  # the instance's slots, as the time each is free again
+        for start, end in sorted(rows):
+            if len(ends) == slots[name]:
+                freed = heapq.heappop(ends)
+                if since <= freed and start <= until:
+                    gaps.append(max(0.0, start - freed) * 1000)
+            heapq.heappush(ends, end)
+    if not gaps:
+        return {"slot_gap_p50_ms": 0.0, "slot_gap_p95_ms": 0.0, "slot_gaps": 0}
+    return {
+        "slot_gap_p50_ms": round(percentile(gaps, 50), 2),
+        "slot_gap_p95_ms": round(percentile(gaps, 95), 2),
+        "slot_gaps": len(gaps),
+    }
 
 
 def fleet_spans(urls: dict[str, str]) -> tuple[dict[str, list[Span]], dict[str, int]]:
@@ -134,6 +163,7 @@ def burst_through_corral(
         "jobs": len(burst),
         "drain_s": round(drained, 2),
         **idle_share(spans, slots, t0),
+        **slot_gaps(spans, slots, t0),
         **_waits(waits),
         "highest_level": levels.highest,
         "level_back_to_0_after_s": levels.back_to_normal(120),
@@ -156,6 +186,7 @@ def burst_through_proxy(proxy: Proxy, jobs: int, urls: dict[str, str]) -> dict[s
         "jobs": jobs,
         "drain_s": round(drained, 2),
         **idle_share(spans, slots, t0),
+        **slot_gaps(spans, slots, t0),
         **_waits([c.wait_s for c in calls[jobs:]]),
     }
 
@@ -192,7 +223,9 @@ def run_burst() -> dict[str, Any]:
             for label, r in (("corral", corral), ("least-connections proxy", baseline)):
                 typer.echo(
                     f"  {name:7} {label:24} drained in {r['drain_s']:6.2f}s, idle slot-time"
-                    f" {r['idle_share']:.1%} while work waited, interactive wait"
+                    f" {r['idle_share']:.1%} while work waited, slot gap p50"
+                    f" {r['slot_gap_p50_ms']:.1f} ms p95 {r['slot_gap_p95_ms']:.1f} ms,"
+                    " interactive wait"
                     f" p50 {r['interactive_wait_p50_ms']:.0f} ms"
                     f" p95 {r['interactive_wait_p95_ms']:.0f} ms"
                     + (f", highest level {r['highest_level']}" if "highest_level" in r else "")

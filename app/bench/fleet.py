@@ -216,13 +216,13 @@ def run_mixed(jobs: int = 500, short: int = SHORT_BATCH) -> dict[str, Any]:
         for n, into in ((jobs, out["runs"]), (short, out["short"]["runs"])):
             for strategy in STRATEGIES:
                 fleet_state().instances.set_strategy(strategy)
-                run(f"corral {strategy}", n, into, partial(_corral_batch, strategy))
+                run(f"corral {strategy}", n, into, partial(corral_batch, strategy))
             for policy, proxy in proxies.items():
                 run(f"proxy {policy}", n, into, through(proxy))
     return out
 
 
-def _corral_batch(strategy: str, jobs: int) -> Counter[str]:
+def corral_batch(strategy: str, jobs: int) -> Counter[str]:
     from tasks import infer
 
     pending = [infer.delay(model=MIX, prompt=f"{strategy} {i}", tier="batch") for i in range(jobs)]

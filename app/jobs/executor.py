@@ -74,7 +74,7 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
         # Delivered to a worker that does not serve this instance: route it again.
         return _reroute(task, state, countdown=0)
 
-    verdict = fleet_state().slots.confirm(job, instance, agent.token)
+    verdict, stats = fleet_state().start_job(job, instance, agent.token, request.model)
     if verdict in ("done", "dup"):
         raise Ignore(f"job {job} is {'finished' if verdict == 'done' else 'already running'}")
     if verdict == "nogrant":
@@ -90,7 +90,6 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     chars = silence.prompt_chars(request)
     bounds = silence.Budget(None, None)
     if request.kind != "embed":
-        stats = fleet_state().instances.silence_stats(instance, request.model)
         bounds = silence.budget(stats, chars, get_settings())
     call = Call(job, bounds.first_s, bounds.gap_s)
     agent.job_started(job)
@@ -115,7 +114,6 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     if reply.timings.load_s > COLD_LOAD_S:
         # It loaded the model first: what `smart` expects a cold start here to cost.
         fleet_state().instances.record_load(instance, request.model, reply.timings.load_s * 1000)
-    _learn_timing(instance, request.model, reply, call)
     result = InferResult(
         **reply.model_dump(),
         id=job,
@@ -133,26 +131,28 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
             excluded=state.excluded,
         ),
     )
-    # The slot is freed by the after_success hooks, once the result is stored.
+    # The slot is freed by the after_success hooks, once the result is stored; the call's
+    # timing is learned in the same step.
     task.request.update(
         corral_ran=Ran(
             instance,
             request.model,
             result.routing.service_s * 1000,
             request.cache_key() if cacheable(request) else None,
+            _timing(request.model, reply, call),
         )
     )
     return result.model_dump(mode="json")
 
 
-def _learn_timing(instance: str, model: str, reply: Answer, call: Call) -> None:
-    """Fold this answer's time to first token and gaps into the instance's silence stats."""
+def _timing(model: str, reply: Answer, call: Call) -> dict[str, float]:
+    """This answer's time to first token and gaps, for the instance's silence stats."""
     if call.first_at is None or call.last_at is None:
-        return
+        return {}
     first_s = call.first_at - call.started
     # The gaps between chunks, from the first to the last (two chunks or fewer: no gap).
     gap_s = (call.last_at - call.first_at) / (call.chunks - 1) if call.chunks > 2 else None
-    fleet_state().instances.record_timing(instance, silence.samples(model, reply, first_s, gap_s))
+    return silence.samples(model, reply, first_s, gap_s)
 
 
 def _cancelled(task: InferTask, request: InferRequest, agent: InstanceAgent) -> NoReturn:

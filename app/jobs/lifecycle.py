@@ -53,7 +53,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -168,6 +168,8 @@ class Ran:
     model: str
     service_ms: float
     cache_key: str | None
+    #: The call's silence samples (``app.jobs.silence.samples``), folded as the slot is freed.
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 class Middleware:
@@ -338,7 +340,12 @@ class Slots(Middleware):
         # that comes with it) go, so a crash in between redelivers rather than loses.
         if ran is not None:
             fleet_state().slots.finish(
-                job.id, ran.instance, ok=True, model=ran.model, service_ms=ran.service_ms
+                job.id,
+                ran.instance,
+                ok=True,
+                model=ran.model,
+                service_ms=ran.service_ms,
+                timing=ran.timing,
             )
 
     def after_failure(self, job: Job, exc: BaseException) -> None:

@@ -122,12 +122,14 @@ _planner = _Planner()
 def with_plan(
     snapshot: FleetSnapshot, model: str, strategy: str, backlog: Callable[[str], int]
 ) -> FleetSnapshot:
-    """The snapshot with what ``routing.rank`` needs for ``strategy``: the backlog (``smart``)
-    and, with the ``placement`` setting, every model's backlog and the placement plan."""
+    """The snapshot with what ``routing.rank`` needs for ``strategy``: with the ``placement``
+    setting, every model's backlog and the placement plan; for ``smart``, the backlog of
+    ``model`` as ``backlog`` reads it now (a plan can wait half a second for its reading; the
+    last jobs of a backlog cannot, or they start on a slow box a fast one would have beaten).
+    """
+    current = {model: backlog(model)} if strategy == "smart" else {}
     if not get_settings().placement:
-        if strategy == "smart":
-            return replace(snapshot, backlog={model: backlog(model)})
-        return snapshot
+        return replace(snapshot, backlog=current)
     at, waiting, urgent = _demand(lambda: sorted({m for i in snapshot.instances for m in i.models}))
     snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
-    return replace(snapshot, placement=_planner(snapshot, at))
+    return replace(snapshot, placement=_planner(snapshot, at), backlog={**waiting, **current})

@@ -13,6 +13,7 @@ that instance's queue with ``Task.replace``: the caller's task id and ``.get()``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -118,7 +119,11 @@ def _reserve_slot(
         # A job back from waiting shares the process's latest reading of the fleet: dozens of
         # waiting threads each reading it every second cost the router the CPU it needs to
         # move the jobs that were just handed a slot.
-        snapshot = fleet.instances.snapshot() if first else _recent_snapshot()
+        if first:
+            snapshot = fleet.instances.snapshot(waiting_for=request.model)
+            waiting_now: int | None = snapshot.backlog[request.model]
+        else:
+            snapshot, waiting_now = _recent_snapshot(), None
         first = False
         if not snapshot.serving(request.model):
             # Either the model is gone, or the registry is (Redis restarted and the
@@ -134,7 +139,9 @@ def _reserve_slot(
             continue
         unserved_since = None
         strategy = snapshot.strategy_for(request.model, settings.strategy)
-        snapshot = with_plan(snapshot, request.model, strategy, _backlog)
+        snapshot = with_plan(
+            snapshot, request.model, strategy, functools.partial(_backlog, waiting=waiting_now)
+        )
         choices = rank(
             snapshot,
             request.model,
@@ -213,7 +220,8 @@ class _Backlog:
         self._lock = threading.Lock()
         self._queued: dict[str, tuple[float, int]] = {}
 
-    def __call__(self, model: str) -> int:
+    def __call__(self, model: str, *, waiting: int | None = None) -> int:
+        """Queued (as last read) plus waiting: ``waiting`` if just read, else read now."""
         at, queued = self._queued.get(model, (-BACKLOG_TTL, 0))
         if time.monotonic() - at > BACKLOG_TTL and self._lock.acquire(blocking=False):
             try:
@@ -224,7 +232,7 @@ class _Backlog:
                 pass  # routing goes on with the last reading
             finally:
                 self._lock.release()
-        return queued + fleet_state().slots.waiting(model)
+        return queued + (fleet_state().slots.waiting(model) if waiting is None else waiting)
 
 
 #: Seconds a reading of the route queues' depths is reused.

@@ -64,7 +64,7 @@ def budget(stats: dict[str, Any], chars: int, settings: Settings) -> Budget:
 def samples(
     model: str, reply: Answer, first_s: float | None, gap_s: float | None
 ) -> dict[str, float]:
-    """What one answer teaches (see ``Instances.record_timing``); {} for an embedding."""
+    """What one answer teaches (folded by ``Slots.finish``); {} for an embedding."""
     if first_s is None:
         return {}
     t = reply.timings

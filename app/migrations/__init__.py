@@ -15,7 +15,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, make_url, text
 
 from app.db import engine
 
@@ -37,7 +37,10 @@ def upgrade(url: str, revision: str = "head") -> None:
     take turns, and the later ones find the schema already there.
     """
     config = alembic_config()
-    with engine(url).begin() as connection, _exclusive(connection):
+    # The file lock is held until the transaction has committed: released any earlier, the
+    # next process would read the schema version from before this upgrade and run it again
+    # ("table ... already exists").
+    with _file_lock(url), engine(url).begin() as connection, _advisory_lock(connection):
         # Handing env.py the connection keeps the URL (and its password) out of Alembic's
         # config, whose interpolation would also choke on a '%' in it.
         config.attributes["connection"] = connection
@@ -45,18 +48,22 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 
 @contextmanager
-def _exclusive(connection: Connection) -> Iterator[None]:
-    """One migration at a time per database."""
+def _advisory_lock(connection: Connection) -> Iterator[None]:
+    """PostgreSQL: one migration at a time per database, released when the transaction ends."""
     if connection.dialect.name == "postgresql":
-        # Released when the transaction ends.
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_LOCK_KEY})
+    yield
+
+
+@contextmanager
+def _file_lock(url: str) -> Iterator[None]:
+    """SQLite: one migration at a time per database file, through a lock file beside it."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or database in (None, "", ":memory:"):
         yield
         return
-    database = connection.engine.url.database
-    if connection.dialect.name != "sqlite" or database in (None, "", ":memory:"):
-        yield
-        return
-    # SQLite runs DDL outside transactions: a lock file next to the database serialises.
+    engine(url)  # creates the file's folder, as for the database itself
     with open(f"{database}.migrate-lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield

@@ -24,16 +24,16 @@ job itself needs Redis anyway). ``CORRAL_METRICS_ENABLED=false`` turns recording
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from typing import Any, TypedDict
 
-import redis
 from celery import Task
 from celery.signals import task_failure, task_retry, task_success
 
 from app.celery_app import INFER_TASK
-from app.observe.metrics_store import Batch, MetricSpec, MetricStore
+from app.observe.metrics_store import Batch, Flusher, MetricSpec, MetricStore
 from app.options import OBSOLETE_OPTIONS
 from app.schemas import RoutingInfo
 from app.settings import get_settings
@@ -131,13 +131,14 @@ def job_store() -> MetricStore:
     return MetricStore(redis_client(s.redis_url), s.namespace, JOB_METRICS)
 
 
+@functools.cache
+def _flusher() -> Flusher:
+    return Flusher(job_store(), get_settings().metrics_flush_seconds)
+
+
 def _write(batch: Batch) -> None:
-    if not get_settings().metrics_enabled:
-        return
-    try:
-        job_store().write(batch)
-    except redis.RedisError as exc:
-        log.warning("job metrics not recorded: %s", exc)
+    if get_settings().metrics_enabled:
+        _flusher().add(batch)
 
 
 # Hooks called by the job's code ---------------------------------------------------------

@@ -6,14 +6,22 @@ forget its counts on every restart. Instead each process adds its samples to Red
 every one of them already reaches, and one exporter reads the sums at scrape time and hands
 them to prometheus-client as metric families. A counter is one hash field per label set; a
 histogram is one field per (label set, bucket) holding that bucket's own count, plus one for
-the sum. One observation is one ``MULTI`` of ``HINCRBYFLOAT``s, so a scrape never sees a
-histogram whose count and buckets disagree.
+the sum. A write is one ``MULTI`` of ``HINCRBYFLOAT``s, so a scrape never sees a histogram
+whose count and buckets disagree.
+
+The job path does not wait for Redis to count a job: :class:`Flusher` sums a process's samples
+in memory and writes them every ``metrics_flush_seconds`` (and when the process exits), one
+``MULTI`` for all the jobs in between instead of one round trip per job and stage.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import logging
 import math
+import os
+import threading
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +32,8 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from app.state import keys
+
+log = logging.getLogger(__name__)
 
 #: The field suffix of a histogram's running sum (bucket fields hold an ``le`` bound).
 SUM = "sum"
@@ -114,3 +124,50 @@ def _histogram(spec: MetricSpec, row: dict[str, str]) -> Metric:
             buckets.append((bound, cumulative))
         family.add_metric(list(values), buckets, sum_value=by_bound.get(SUM, 0.0))
     return family
+
+
+class Flusher:
+    """Sums a process's samples in memory and writes them to a store every ``interval`` seconds.
+
+    Options: ``store`` (where the sums go), ``interval`` (seconds between writes: what a scrape
+    may lag behind the jobs). Hooks: :meth:`add` (from any thread, no I/O), :meth:`flush`
+    (a daemon thread calls it; also at interpreter exit, so a worker stopped cleanly loses
+    nothing). A write that fails is kept and tried again with the next one; a process killed
+    outright loses at most its last ``interval`` of samples, which metrics can afford and the
+    job path's round trips could not.
+    """
+
+    def __init__(self, store: MetricStore, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self._lock = threading.Lock()
+        self._sums: dict[tuple[str, str], float] = defaultdict(float)
+        self._pid = 0  # the process whose thread flushes (a forked child starts its own)
+
+    def add(self, batch: Batch) -> None:
+        with self._lock:
+            for name, fld, amount in batch.increments:
+                self._sums[name, fld] += amount
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="metrics-flush", daemon=True).start()
+                atexit.register(self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            sums, self._sums = self._sums, defaultdict(float)
+        if not sums:
+            return
+        try:
+            self.store.write(Batch([(name, fld, amount) for (name, fld), amount in sums.items()]))
+        except redis.RedisError as exc:
+            log.warning("job metrics not recorded yet, kept for the next write: %s", exc)
+            with self._lock:
+                for k, amount in sums.items():
+                    self._sums[k] += amount
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while self._pid == pid:
+            threading.Event().wait(self.interval)
+            self.flush()

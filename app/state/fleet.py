@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import cast
 
 import redis
 
@@ -77,6 +78,17 @@ class FleetState:
         self.degradation = DegradationState(self.redis, self.ns, self.averages)
         self.fairness = FairnessCounters(self.redis, self.ns)
         self.policy = PolicyInForce(self.redis, self.ns)
+
+    def start_job(
+        self, job: str, instance: str, token: str, model: str
+    ) -> tuple[Confirmation, dict[str, float | bool | None]]:
+        """Before a call: confirm the job's slot (``Slots.confirm``) and read what silence
+        learned of the model there (``Instances.silence_stats``), in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            self.slots.confirm(job, instance, token, client=pipe)
+            self.instances.read_silence_stats(instance, model, client=pipe)
+            verdict, raw = pipe.execute()
+        return cast(Confirmation, verdict), self.instances.parse_silence_stats(model, raw)
 
     def ping(self) -> None:
         """Check that Redis answers (raises ``redis.RedisError`` if not)."""

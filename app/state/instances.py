@@ -16,11 +16,13 @@ from dataclasses import dataclass
 from typing import cast
 
 import redis
+from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from app.settings import InstanceConfig, get_settings
 from app.state import keys
 from app.state.averages import Averages
+from app.state.scripts import script
 from routing import FleetSnapshot, InstanceStats
 
 
@@ -136,8 +138,20 @@ class Instances:
         seconds of prompt evaluation per evaluated token; ``gap``: seconds between chunks;
         ``load``: seconds a cold load took (``record_load``); None where nothing was learned.
         """
+        return self.parse_silence_stats(model, self.read_silence_stats(name, model))
+
+    def read_silence_stats(
+        self, name: str, model: str, client: Pipeline | None = None
+    ) -> list[str | None]:
+        """The raw fields of ``silence_stats``; queued on ``client`` if given."""
         fields = [f"ttft:{model}", f"pe:{model}", f"gap:{model}", f"load:{model}", "loaded"]
-        ttft, pe, gap, load_ms, loaded = self.redis.hmget(keys.instance(self.ns, name), fields)
+        return cast(
+            list[str | None], (client or self.redis).hmget(keys.instance(self.ns, name), fields)
+        )
+
+    @staticmethod
+    def parse_silence_stats(model: str, raw: list[str | None]) -> dict[str, float | bool | None]:
+        ttft, pe, gap, load_ms, loaded = raw
         return {
             "ttft": float(ttft) if ttft else None,
             "pe": float(pe) if pe else None,
@@ -145,11 +159,6 @@ class Instances:
             "load": float(load_ms) / 1000 if load_ms else None,
             "loaded": model in json.loads(loaded or "[]"),
         }
-
-    def record_timing(self, name: str, samples: dict[str, float]) -> None:
-        """Fold measured ``{"ttft:<model>": s, "pe:<model>": s, "gap:<model>": s}`` into
-        the instance's moving averages."""
-        self.averages.fold(keys.instance(self.ns, name), samples)
 
     def set_version(self, name: str, version: str) -> None:
         self.redis.hset(keys.instance(self.ns, name), "version", version)
@@ -167,18 +176,25 @@ class Instances:
     def instance_names(self) -> list[str]:
         return sorted(cast(set[str], self.redis.smembers(keys.instances(self.ns))))
 
-    def snapshot(self, now: float | None = None) -> FleetSnapshot:
-        names = self.instance_names()
-        with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(keys.strategy(self.ns))
-            for name in names:
-                pipe.hgetall(keys.instance(self.ns, name))
-            strategies, *rows = pipe.execute()
+    def snapshot(self, now: float | None = None, *, waiting_for: str = "") -> FleetSnapshot:
+        """The fleet as the routers rank it, read in one round trip (``lua/snapshot.lua``).
+
+        With ``waiting_for`` (a model), its ``backlog`` holds that model's waiting jobs as
+        of this reading: the jobs held by router threads, which are all of a backlog's last
+        ones, so ``smart`` decides its end game on a current count.
+        """
+        ns = self.ns
+        strategy_pairs, waiting, *listed = script(self.redis, "snapshot.lua")(
+            keys=[keys.instances(ns), keys.strategy(ns), keys.waiters(ns, waiting_for)],
+            args=[keys.instance(ns, "")],
+        )
         stale = 3 * get_settings().heartbeat_interval
+        rows = sorted(zip(listed[::2], listed[1::2], strict=True))
         return FleetSnapshot(
-            tuple(_stats(n, r, stale) for n, r in zip(names, rows, strict=True) if r),
+            tuple(_stats(name, _pairs(pairs), stale) for name, pairs in rows if pairs),
             now or time.time(),
-            strategies,
+            _pairs(strategy_pairs),
+            backlog={waiting_for: int(waiting)} if waiting_for else {},
         )
 
     def set_strategy(self, strategy: str | None, model: str = "*") -> None:
@@ -225,6 +241,11 @@ class Instances:
             for name in names:
                 pipe.hget(keys.instance(self.ns, name), field)
             return cast(list[str | None], pipe.execute())
+
+
+def _pairs(flat: list[str]) -> dict[str, str]:
+    """A hash as Lua hands it back: field, value, field, value..."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:

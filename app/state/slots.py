@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import Literal, cast
 
 import redis
+from redis.client import Pipeline
 
 from app.settings import get_settings
 from app.state import keys
-from app.state.averages import EWMA_ALPHA
+from app.state.averages import EWMA_ALPHA, Averages
 from app.state.breaker import Breaker
 from app.state.instance_rate import InstanceRate
 from app.state.scripts import script
@@ -99,12 +100,19 @@ class Slots:
         got = self.redis.blpop([keys.handoff(self.ns, job)], timeout=timeout)
         return cast(str, got[1]) if got else None
 
-    def confirm(self, job: str, instance: str, token: str) -> Confirmation:
-        """Called by the instance worker before it runs a job: does it hold the slot?"""
+    def confirm(
+        self, job: str, instance: str, token: str, client: Pipeline | None = None
+    ) -> Confirmation:
+        """Called by the instance worker before it runs a job: does it hold the slot?
+
+        With ``client``, the step is queued on that pipeline (its answer comes from
+        ``execute``), so the worker's other reads before the call share the round trip.
+        """
         ns = self.ns
         verdict = script(self.redis, "confirm.lua")(
             keys=[keys.done(ns, job), keys.grants(ns), keys.running(ns), keys.leases(ns)],
             args=[job, instance, token, time.time(), get_settings().grant_lease],
+            client=client,
         )
         return cast(Confirmation, verdict)
 
@@ -118,19 +126,25 @@ class Slots:
         service_ms: float = 0.0,
         open_breaker: bool = False,
         cancelled: bool = False,
+        timing: dict[str, float] | None = None,
     ) -> str | None:
         """Free the job's slot (handing it to the best waiter) and record the outcome.
 
         A success folds ``service_ms`` into the instance's service times (overall and for
         ``model``) and closes its breaker; a failure counts against it, and ``open_breaker``
         opens the breaker at once (:mod:`app.state.breaker`). A ``cancelled`` job (revoked
-        while it ran) records no outcome at all.
+        while it ran) records no outcome at all. ``timing`` (the call's silence samples, see
+        ``app.jobs.silence.samples``) is folded in the same round trip: the slot's next job
+        waits for this step, so it makes one trip, not two.
 
         Idempotent: a second call for the same job does nothing. Returns the job the slot
         was handed to, if any.
         """
         s, ns = get_settings(), self.ns
-        handed = script(self.redis, "finish.lua")(
+        pipe = self.redis.pipeline(transaction=False)
+        if timing:
+            Averages(self.redis).fold(keys.instance(ns, instance), timing, client=pipe)
+        script(self.redis, "finish.lua")(
             keys=[
                 keys.grants(ns),
                 keys.running(ns),
@@ -161,7 +175,10 @@ class Slots:
                 self.rate.burst_seconds,
                 *self._handoff_prefixes(),
             ],
+            client=pipe,
         )
+        with pipe:
+            handed = pipe.execute()[-1]
         return cast(str | None, handed)
 
     def hold(self, instance: str, token: str, jobs: list[str]) -> None:

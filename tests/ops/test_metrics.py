@@ -58,12 +58,16 @@ def test_job_outcomes_latencies_and_routing_decisions(
     results = [j.get(timeout=30) for j in jobs]
     labels = {"model": CHAT, "tier": "normal"}
 
+    # Recorded by the worker and by the router, each writing its sums every
+    # metrics_flush_seconds: wait for both.
     after = metrics.wait_for(
         lambda s: (
             s.get("corral_job_duration_seconds_count", **labels)
             >= before.get("corral_job_duration_seconds_count", **labels) + 6
+            and s.total("corral_routing_decisions_total")
+            >= before.total("corral_routing_decisions_total") + 6
         ),
-        "six job durations",
+        "six job durations and routing decisions",
     )
 
     def delta(name: str, **extra: str) -> float:
@@ -131,17 +135,21 @@ def test_retries_and_dead_letters_are_counted(healthy_fleet: LocalFleet, metrics
     with pytest.raises(RetriesExhausted):
         job.get(timeout=60)
     labels = {"model": CHAT, "tier": "normal"}
+    dead = {"error": "RetriesExhausted", **labels}
     after = metrics.wait_for(
         lambda s: (
             s.get("corral_jobs_finished_total", outcome="failed", **labels)
             > before.get("corral_jobs_finished_total", outcome="failed", **labels)
+            and s.total("corral_job_retries_total", error="InstanceFailed", **labels)
+            >= before.total("corral_job_retries_total", error="InstanceFailed", **labels) + 2
+            and s.get("corral_jobs_dead_lettered_total", **dead)
+            > before.get("corral_jobs_dead_lettered_total", **dead)
         ),
-        "the failure recorded",
+        "the failure, its retries and its dead letter recorded",
     )
     # Three attempts on three instances: two went back to the router, the last gave up.
     retries = after.total("corral_job_retries_total", error="InstanceFailed", **labels)
     assert retries - before.total("corral_job_retries_total", error="InstanceFailed", **labels) == 2
-    dead = {"error": "RetriesExhausted", **labels}
     assert after.get("corral_jobs_dead_lettered_total", **dead) == (
         before.get("corral_jobs_dead_lettered_total", **dead) + 1
     )
@@ -157,19 +165,23 @@ def test_cache_hits_and_misses_are_counted(healthy_fleet: LocalFleet, metrics: A
     first = infer.delay(**same).get(timeout=30)
     second = infer.delay(**same).get(timeout=30)
     assert not first.cached and second.cached
+    cached = {"model": EMBED, "tier": "normal", "outcome": "cached"}
     after = metrics.wait_for(
-        lambda s: (
-            s.get("corral_cache_lookups_total", model=EMBED, result="hit")
-            > before.get("corral_cache_lookups_total", model=EMBED, result="hit")
+        lambda s: all(
+            s.get(name, **key) > before.get(name, **key)
+            for name, key in [
+                ("corral_cache_lookups_total", {"model": EMBED, "result": "hit"}),
+                ("corral_cache_lookups_total", {"model": EMBED, "result": "miss"}),
+                ("corral_jobs_finished_total", cached),
+            ]
         ),
-        "the cache hit recorded",
+        "the cache hit, miss and cached answer recorded",
     )
     for result in ("hit", "miss"):
         key = {"model": EMBED, "result": result}
         assert after.get("corral_cache_lookups_total", **key) == (
             before.get("corral_cache_lookups_total", **key) + 1
         )
-    cached = {"model": EMBED, "tier": "normal", "outcome": "cached"}
     assert after.get("corral_jobs_finished_total", **cached) == (
         before.get("corral_jobs_finished_total", **cached) + 1
     )
