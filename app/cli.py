@@ -370,7 +370,8 @@ def bench(
         report_file.write_text(json.dumps(report, indent=2))
         typer.echo(f"report written to {report_file}")
     png = publish(report_file, Path("docs/bench.png") if docs_plot else None)
-    typer.echo(f"plot written to {png}" + (" and docs/bench.png" if docs_plot else ""))
+    if png is not None:
+        typer.echo(f"plot written to {png}" + (" and docs/bench.png" if docs_plot else ""))
 
 
 @cli.command()

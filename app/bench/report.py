@@ -29,11 +29,19 @@ TIERS = ("interactive", "batch")
 MIN_WAIT_S = 1e-3  # the floor of the log scale: a wait below 1 ms is drawn at 1 ms
 
 
+#: The scenarios the plot draws (``short`` is a table of ratios: the report and the README).
+PLOTTED = ("backlog", "agents", "mixed", "burst", "placement", "overhead")
+
+
+def plottable(report: dict[str, Any]) -> bool:
+    return any(k in report for k in PLOTTED)
+
+
 def render(report: dict[str, Any], path: Path) -> Path:
     """Draw ``report`` (the dict ``corral bench`` writes) to the PNG ``path``."""
     backlog, agents = report.get("backlog"), report.get("agents")
     bottom = [k for k in ("mixed", "burst", "placement", "overhead") if k in report]
-    if not backlog and not agents and not bottom:
+    if not plottable(report):
         raise ValueError("the report has no scenario to plot")
     ratios = ([2.0] if backlog else []) + ([1.2] if agents else []) + ([1.0] if bottom else [])
     fig = Figure(figsize=(15, 5.2 * sum(ratios)), layout="constrained")
@@ -67,9 +75,13 @@ def render(report: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def publish(json_path: Path, copy_to: Path | None) -> Path:
-    """Draw a saved report beside itself (same stem, ``.png``), and copy the plot."""
-    png = render(json.loads(json_path.read_text()), json_path.with_suffix(".png"))
+def publish(json_path: Path, copy_to: Path | None) -> Path | None:
+    """Draw a saved report beside itself (same stem, ``.png``), and copy the plot; None when
+    nothing in it is drawn."""
+    report = json.loads(json_path.read_text())
+    if not plottable(report):
+        return None
+    png = render(report, json_path.with_suffix(".png"))
     if copy_to is not None:
         copy_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(png, copy_to)

@@ -30,7 +30,7 @@ from app.jobs.placement import with_plan
 from app.observe.tracing import tracer
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy
-from app.queues import instance_queue, queue_counts, route_queue
+from app.queues import INSTANCE_QUEUE_PRIORITY, instance_queue, queue_counts, route_queue
 from app.schemas import InferRequest, RouteState
 from app.settings import TIERS, get_settings
 from app.state.fleet import DONE, fleet_state
@@ -92,7 +92,8 @@ def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str
     sig = task.signature(
         kwargs={**job_fields(task), "_route": routed.model_dump()},
         queue=instance_queue(instance),
-        priority=state.queue_priority(request),
+        # Ahead of any look-ahead job of a lower tier queued there (app.state.slots).
+        priority=INSTANCE_QUEUE_PRIORITY[request.tier],
         ignore_result=False,
     )
     try:
@@ -161,6 +162,7 @@ def _reserve_slot(
             exclude=[i.name for i in snapshot.serving(request.model) if i.name not in candidates],
             agent_class=agent_class,
             class_cap=class_cap,
+            urgent=request.tier == "interactive",
             now=snapshot.now,
         )
         if got is None:

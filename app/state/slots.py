@@ -46,8 +46,9 @@ class Slots:
     breaker: Breaker
     rate: InstanceRate
 
-    def _handoff_prefixes(self) -> list[str]:
-        return [keys.waiters(self.ns, ""), keys.handoff(self.ns, "")]
+    def _handoff_args(self) -> list[str | int]:
+        """What ``lua/handoff.lua`` reads from its including script's ARGV."""
+        return [keys.waiters(self.ns, ""), keys.handoff(self.ns, ""), get_settings().lookahead]
 
     def acquire(
         self,
@@ -59,9 +60,12 @@ class Slots:
         exclude: list[str],
         agent_class: str = "default",
         class_cap: int = 0,
+        urgent: bool = False,
         now: float | None = None,
     ) -> str | None:
-        """Reserve a slot on the first candidate with one free; else queue as a waiter.
+        """Reserve a slot on the first candidate with one free; else a look-ahead grant on
+        the first that has room for one (see ``lua/lookahead.lua``; ``urgent``: an
+        interactive job, which may take one more); else queue as a waiter.
 
         With ``class_cap``, no more than that many slots go to jobs of ``agent_class`` at once
         (a bulkhead). Returns the instance, ``DONE`` when the job already finished, or None
@@ -90,6 +94,8 @@ class Slots:
                 agent_class,
                 class_cap,
                 self.rate.burst_seconds,
+                get_settings().lookahead,
+                int(urgent),
                 *candidates,
             ],
         )
@@ -173,7 +179,7 @@ class Slots:
                 self.breaker.cooldown(),
                 int(cancelled),
                 self.rate.burst_seconds,
-                *self._handoff_prefixes(),
+                *self._handoff_args(),
             ],
             client=pipe,
         )
@@ -227,7 +233,7 @@ class Slots:
                 self.rate.burst_seconds,
                 instance_prefix,
                 models_suffix,
-                *self._handoff_prefixes(),
+                *self._handoff_args(),
                 *jobs,
             ],
         )
