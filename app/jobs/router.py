@@ -190,10 +190,10 @@ def _reserve_slot(
                 continue
         if got == DONE:
             raise Ignore("job already finished")
-        if offered:
-            fleet.batches.withdraw(job)  # holds a slot, or rides: no other batch may take it
-        if got == BATCHED:
+        if got == BATCHED:  # the batch that took it in took its offer too
             return got, {}, ""
+        if offered:
+            fleet.batches.withdraw(job)  # it holds a slot: no batch may take it now
         chosen = next((c.score for c in choices if c.instance == got), {})
         return got, chosen, strategy
 
