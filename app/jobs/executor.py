@@ -95,9 +95,10 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     call = Call(job, bounds.first_s, bounds.gap_s)
     agent.job_started(job)
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
-    # Embed jobs of this model waiting for a slot ride in this call (app.jobs.embed_batch).
-    batch = embed_batch.gather(job, instance, request, state)
+    batch: embed_batch.Batch | None = None
     try:
+        # Embed jobs of this model waiting for a slot ride in this call (app.jobs.embed_batch).
+        batch = embed_batch.gather(job, instance, request, state)
         with (
             tracer.start_as_current_span(
                 f"ollama.{request.kind}",
