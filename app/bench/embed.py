@@ -2,9 +2,10 @@
 
 One fleet (2 simulated instances of parallelism 2) whose embedding model costs, as a GPU does,
 ``CALL_S`` per /api/embed call plus ``INPUT_S`` per input in it (an Ollama embedding runner
-runs one call at a time). N one-input embed jobs go through Corral twice, on two stacks that
-differ only in ``embed_batching``, with the same router threads; and the same N inputs go
-straight to the simulators over HTTP, one call each, as many at once as the fleet's slots.
+runs one call at a time). N one-input embed jobs go through Corral twice, on two stacks
+that differ only in ``embed_batching``, with the same routers (two of the batch tier); and
+the same N inputs go straight to the simulators over HTTP, one call each, as many at once as
+the fleet's slots.
 Reported: jobs/s of each, the ratio batched / unbatched, the calls the simulators saw, and
 that each input's vector is the same batched and unbatched.
 """
@@ -19,7 +20,8 @@ import requests
 import typer
 
 from app.bench.fleet import _stack
-from app.bench.harness import free_port
+from app.bench.harness import free_port, queue_counts, wait_until
+from app.queues import route_queue
 
 MODEL = "bench-embed:latest"
 #: The embedding model's cost: per call, and per input of the call.
@@ -29,6 +31,8 @@ PARALLELISM = 2
 #: Router threads per tier, in both Corral runs: a waiting job holds one, so they bound how
 #: many jobs can ride in the calls under way.
 ROUTER_THREADS = 64
+#: Router processes of the batch tier, in both Corral runs.
+BATCH_ROUTERS = 2
 
 
 def embed_fleet() -> list[dict[str, Any]]:
@@ -85,6 +89,12 @@ def _through_corral(batching: bool, texts: list[str]) -> tuple[dict[str, Any], l
     with _stack(embed_fleet(), "embed" + ("b" if batching else "u"), **env) as fleet:
         from tasks import infer
 
+        # A second batch router: the batched run is bound by the routers' CPU per job (a
+        # waiting job is held by a router thread), the unbatched one by the servers.
+        fleet.start_router("batch", name="router-batch-2")
+        queue = route_queue(MODEL, "batch")
+        wait_until(lambda: queue_counts(queue)[1] == BATCH_ROUTERS, 60, "second batch router")
+
         for i in range(8):  # warm: connections, scripts
             infer.delay(model=MODEL, kind="embed", input=f"warm {i}").get(timeout=60)
         fleet.reset_sims()
@@ -128,6 +138,7 @@ def run_embed(jobs: int = 1000) -> dict[str, Any]:
         "instances": 2,
         "parallelism": PARALLELISM,
         "router_threads": ROUTER_THREADS,
+        "batch_routers": BATCH_ROUTERS,
         "corral_batched": batched,
         "corral_unbatched": unbatched,
         "direct_one_call_per_job": direct,
