@@ -311,7 +311,9 @@ def up(
 def bench(
     scenario: Annotated[
         str,
-        typer.Option(help="overhead, mixed, short, backlog, agents, burst, placement or all"),
+        typer.Option(
+            help="overhead, mixed, short, backlog, agents, burst, placement, embed or all"
+        ),
     ] = "all",
     jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
     backlog: Annotated[
@@ -365,6 +367,11 @@ def bench(
 
             typer.echo("\nmore models than the boxes hold at once (placement, issue 16)")
             report["placement"] = run_placement()
+        if scenario in ("embed", "all"):
+            from app.bench.embed import run_embed
+
+            typer.echo("\nbatched embeddings against one call per job (issue 14)")
+            report["embed"] = run_embed(jobs)
         report_file = out or Path(f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}.json")
         report_file.parent.mkdir(parents=True, exist_ok=True)
         report_file.write_text(json.dumps(report, indent=2))

@@ -130,6 +130,20 @@ class InferRequest(BaseModel):
             body["stream"] = stream
         return body
 
+    @property
+    def inputs(self) -> list[str]:
+        """An embed request's inputs as a list (one string is one input)."""
+        if self.input is None:
+            return []
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+    def batch_key(self) -> str:
+        """What embed requests must share to go in one ``/api/embed`` call: every field sent to
+        Ollama but the inputs (the model, truncate, dimensions, options, keep_alive)."""
+        body = self.model_dump(exclude_none=True, exclude=set(CORRAL_FIELDS) | {"input"})
+        canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
     def cache_key(self) -> str:
         """Canonical hash of what determines the answer (not tier, agent or keep_alive)."""
         semantic = self.model_dump(
@@ -159,6 +173,10 @@ class RoutingInfo(BaseModel):
     strategy: str | None = None
     score: dict[str, float] = Field(default_factory=dict)
     excluded: list[str] = Field(default_factory=list)
+    #: Embed jobs answered by the same /api/embed call as this one (1: a call of its own).
+    batch_size: int = 1
+    #: The job whose slot that call used (None: a call of its own).
+    batch_leader: str | None = None
 
 
 class Answer(BaseModel):
@@ -210,3 +228,6 @@ class RouteState(BaseModel):
     routed_at: float | None = None
     strategy: str | None = None
     score: dict[str, float] = Field(default_factory=dict)
+    #: Back from a batched embed call that failed: run alone from now on, so one bad input
+    #: never fails a neighbour's job (``app.jobs.embed_batch``).
+    alone: bool = False

@@ -176,6 +176,19 @@ class Settings(BaseSettings):
     )
     priority_step_seconds: float = Field(1.0, ge=0, description="head start per priority step")
 
+    # Batched embeddings (app.jobs.embed_batch): embed jobs of one model waiting for a slot
+    # ride along in the call of one that got a slot, as one /api/embed call of many inputs.
+    embed_batching: bool = Field(True, description="False: one /api/embed call per embed job")
+    embed_batch_max: int = Field(
+        64, ge=1, description="most inputs in one batched /api/embed call (1: no batching)"
+    )
+    embed_batch_linger_ms: float = Field(
+        5.0,
+        ge=0,
+        description="a batch that is not full waits this long for more jobs of its model,"
+        " only while more of them are queued",
+    )
+
     # Response cache.
     cache_enabled: bool = True
     cache_ttl: int = Field(24 * 3600, ge=1)

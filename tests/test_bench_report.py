@@ -140,6 +140,21 @@ def test_renders_any_one_scenario(tmp_path: Path, scenario: str) -> None:
     assert _is_png(render(report, tmp_path / "one.png"))
 
 
+def test_renders_the_embed_scenario(tmp_path: Path) -> None:
+    run = {"jobs_per_s": 85.6, "embed_calls": 99, "jobs_per_call": 10.1, "largest_batch": 57}
+    report = {
+        "embed": {
+            "call_s": 0.1,
+            "input_s": 0.002,
+            "corral_batched": run,
+            "corral_unbatched": {"jobs_per_s": 18.6, "embed_calls": 1000},
+            "direct_one_call_per_job": {"jobs_per_s": 19.1},
+            "ratio_batched_to_unbatched": 4.6,
+        }
+    }
+    assert _is_png(render(report, tmp_path / "embed.png"))
+
+
 def test_agents_report_has_every_figure_the_plot_and_the_readme_use() -> None:
     agents = synthetic_agents()
     corral, proxy = agents["corral"], agents["proxy_least_connections"]

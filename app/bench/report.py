@@ -30,7 +30,7 @@ MIN_WAIT_S = 1e-3  # the floor of the log scale: a wait below 1 ms is drawn at 1
 
 
 #: The scenarios the plot draws (``short`` is a table of ratios: the report and the README).
-PLOTTED = ("backlog", "agents", "mixed", "burst", "placement", "overhead")
+PLOTTED = ("backlog", "agents", "mixed", "burst", "placement", "embed", "overhead")
 
 
 def plottable(report: dict[str, Any]) -> bool:
@@ -40,7 +40,7 @@ def plottable(report: dict[str, Any]) -> bool:
 def render(report: dict[str, Any], path: Path) -> Path:
     """Draw ``report`` (the dict ``corral bench`` writes) to the PNG ``path``."""
     backlog, agents = report.get("backlog"), report.get("agents")
-    bottom = [k for k in ("mixed", "burst", "placement", "overhead") if k in report]
+    bottom = [k for k in ("mixed", "burst", "placement", "embed", "overhead") if k in report]
     if not plottable(report):
         raise ValueError("the report has no scenario to plot")
     ratios = ([2.0] if backlog else []) + ([1.2] if agents else []) + ([1.0] if bottom else [])
@@ -54,7 +54,7 @@ def render(report: dict[str, Any], path: Path) -> Path:
         sub = subfigs.pop(0)
         axes = sub.subplots(1, len(bottom), squeeze=False)[0]
         for ax, key in zip(axes, bottom, strict=True):
-            draw = {"mixed": _mixed, "burst": _burst, "placement": _placement}
+            draw = {"mixed": _mixed, "burst": _burst, "placement": _placement, "embed": _embed}
             draw.get(key, _overhead)(ax, report[key])
     fig.suptitle(
         "corral bench: Corral vs a plain proxy, on the same simulated Ollama fleet",
@@ -447,6 +447,28 @@ def _placement(ax: Axes, placement: dict[str, Any]) -> None:
         fontsize=12,
     )
     ax.legend(loc="lower right", fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _embed(ax: Axes, embed: dict[str, Any]) -> None:
+    """Jobs/s of one-input embed jobs: batched, one call per job, and direct HTTP."""
+    rows = [
+        ("direct HTTP,\none call per job", embed["direct_one_call_per_job"], BASELINE),
+        ("Corral,\none call per job", embed["corral_unbatched"], CORRAL),
+        ("Corral, batched", embed["corral_batched"], CORRAL),
+    ]
+    rates = [r["jobs_per_s"] for _, r, _ in rows]
+    ax.barh([n for n, _, _ in rows], rates, color=[c for _, _, c in rows], alpha=0.85)
+    for y, (_, r, _) in enumerate(rows):
+        calls = f", {r['embed_calls']} calls" if "embed_calls" in r else ""
+        ax.annotate(f" {r['jobs_per_s']:.1f} jobs/s{calls}", (r["jobs_per_s"], y), va="center")
+    ax.set_xlim(0, max(rates) * 1.6)
+    ax.set_xlabel("jobs per second (higher is better)")
+    ax.set_title(
+        f"Batched embeddings: {embed['ratio_batched_to_unbatched']} x one call per job\n"
+        f"({embed['call_s']} s a call + {embed['input_s']} s an input)",
+        fontsize=12,
+    )
     ax.grid(axis="x", alpha=0.3)
 
 

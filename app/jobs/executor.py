@@ -40,7 +40,7 @@ from app.errors import (
     OllamaError,
     RetriesExhausted,
 )
-from app.jobs import silence
+from app.jobs import embed_batch, silence
 from app.jobs.call_guard import Call
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.instance_worker import InstanceAgent, current_agent
@@ -94,15 +94,25 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     call = Call(job, bounds.first_s, bounds.gap_s)
     agent.job_started(job)
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
+    batch: embed_batch.Batch | None = None
     try:
+        # Embed jobs of this model waiting for a slot ride in this call (app.jobs.embed_batch).
+        batch = embed_batch.gather(job, instance, request, state)
         with (
             tracer.start_as_current_span(
                 f"ollama.{request.kind}",
-                attributes={"instance": instance, "model": request.model, "attempt": attempt},
+                attributes={
+                    "instance": instance,
+                    "model": request.model,
+                    "attempt": attempt,
+                    "batch_size": batch.size if batch else 1,
+                },
             ),
             agent.watchdog.watching(call),
         ):
-            reply = agent.client.infer(request, on_chunk=relay, call=call)
+            own = batch.run(lambda r: agent.client.infer(r, call=call)) if batch else None
+            # No batch, or it failed and was split: this job's input alone, on its slot.
+            reply = own or agent.client.infer(request, on_chunk=relay, call=call)
     except JobCancelled:
         _cancelled(task, request, agent)
     except OllamaError as exc:
@@ -129,6 +139,8 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
             strategy=state.strategy,
             score=state.score,
             excluded=state.excluded,
+            batch_size=batch.size if batch and own else 1,
+            batch_leader=job if batch and own else None,
         ),
     )
     # The slot is freed by the after_success hooks, once the result is stored; the call's

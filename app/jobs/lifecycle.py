@@ -170,6 +170,8 @@ class Ran:
     cache_key: str | None
     #: The call's silence samples (``app.jobs.silence.samples``), folded as the slot is freed.
     timing: dict[str, float] = field(default_factory=dict)
+    #: False for an embed job that rode in another job's batched call: it held no slot.
+    held_slot: bool = True
 
 
 class Middleware:
@@ -325,7 +327,8 @@ class Degradation(Middleware):
 class Slots(Middleware):
     """Give back the slot a job holds when it ends, and its place among the waiters.
 
-    Hooks: ``after_success`` (frees the slot, records the service time), ``after_failure``
+    Hooks: ``after_success`` (frees the slot, records the service time; a job that rode in
+    another's batched embed call held none, it is only marked done), ``after_failure``
     (a safety net for errors the stages did not expect: never leak the slot),
     ``after_revoke`` (a job that ran: the slot is freed without a failure counted; one that
     waited or was dropped on arrival: it stops waiting and frees any slot granted to it).
@@ -338,7 +341,7 @@ class Slots(Middleware):
     def after_success(self, job: Job, result: dict[str, Any], ran: Ran | None) -> None:
         # Runs after the result is stored: only now may the slot (and the duplicate guard
         # that comes with it) go, so a crash in between redelivers rather than loses.
-        if ran is not None:
+        if ran is not None and ran.held_slot:
             fleet_state().slots.finish(
                 job.id,
                 ran.instance,
@@ -347,6 +350,8 @@ class Slots(Middleware):
                 service_ms=ran.service_ms,
                 timing=ran.timing,
             )
+        elif ran is not None:  # rode in a batch (app.jobs.embed_batch): no slot, but done
+            fleet_state().slots.settle(job.id)
 
     def after_failure(self, job: Job, exc: BaseException) -> None:
         if job.instance is not None:

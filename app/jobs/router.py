@@ -24,6 +24,7 @@ from celery.exceptions import Ignore, Reject
 from kombu.exceptions import OperationalError
 
 from app.errors import JobRejected
+from app.jobs import embed_batch
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.lifecycle import WHILE_WAITING, job_fields, job_id
 from app.jobs.placement import with_plan
@@ -33,7 +34,7 @@ from app.policy.live import live_policy
 from app.queues import INSTANCE_QUEUE_PRIORITY, instance_queue, queue_counts, route_queue
 from app.schemas import InferRequest, RouteState
 from app.settings import TIERS, get_settings
-from app.state.fleet import DONE, fleet_state
+from app.state.fleet import BATCHED, DONE, fleet_state
 from routing import FleetSnapshot, rank
 
 if TYPE_CHECKING:
@@ -77,9 +78,19 @@ def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str
     if handled is not None:
         answer: dict[str, Any] = handled.value
         return answer
-    with tracer.start_as_current_span("corral.route", attributes={"model": request.model}) as span:
-        instance, choice_score, strategy = _reserve_slot(task, request, state)
-        span.set_attributes({"instance": instance, "strategy": strategy})
+    while True:
+        with tracer.start_as_current_span(
+            "corral.route", attributes={"model": request.model}
+        ) as span:
+            instance, choice_score, strategy = _reserve_slot(task, request, state)
+            span.set_attributes({"instance": instance, "strategy": strategy})
+        if instance != BATCHED:
+            break
+        # A batched embed call took the job in (app.jobs.embed_batch): its answer comes here.
+        # None: that batch failed (the job now runs alone) or died; it waits for a slot again.
+        rode = embed_batch.ride(task, request, state)
+        if rode is not None:
+            return rode
     routed = state.model_copy(
         update={
             "instance": instance,
@@ -116,6 +127,9 @@ def _reserve_slot(
     give_back_at = time.monotonic() + settings.broker_consumer_timeout / 2
     levels = degradation()
     first = True
+    # An embed job that has to wait may ride in another's batched call instead (offered once).
+    offer = embed_batch.may_batch(request, state, class_cap)
+    offered = False
     while True:
         # A job back from waiting shares the process's latest reading of the fleet: dozens of
         # waiting threads each reading it every second cost the router the CPU it needs to
@@ -166,6 +180,9 @@ def _reserve_slot(
             now=snapshot.now,
         )
         if got is None:
+            if offer:
+                fleet.batches.offer(job, request.batch_key(), request.inputs)
+                offer, offered = False, True
             got = fleet.slots.wait_handoff(job, WAIT_POLL_SECONDS)
             if got is None:
                 if is_revoked(job):  # app.jobs.cancellation: no longer a waiter, REVOKED
@@ -182,6 +199,10 @@ def _reserve_slot(
                 continue
         if got == DONE:
             raise Ignore("job already finished")
+        if got == BATCHED:  # the batch that took it in took its offer too
+            return got, {}, ""
+        if offered:
+            fleet.batches.withdraw(job)  # it holds a slot: no batch may take it now
         chosen = next((c.score for c in choices if c.instance == got), {})
         return got, chosen, strategy
 

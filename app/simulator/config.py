@@ -36,6 +36,11 @@ class SimModel(BaseModel):
     prompt_tokens_per_second: float = Field(2000.0, ge=0)
     default_num_predict: int = Field(24, ge=0)
     embedding_length: int = Field(768, ge=1)
+    # An /api/embed call costs, as on a GPU, a fixed part per call (reading the weights,
+    # launching the pass: most of a short input's time) plus a part per input in it.
+    embed_call_seconds: float = Field(0.002, ge=0)
+    #: Each input of a call; None: its tokens at ``prompt_tokens_per_second``.
+    embed_input_seconds: float | None = Field(None, ge=0)
     family: str = "llama"
     parameter_size: str = "3.2B"
     quantization_level: str = "Q4_K_M"

@@ -300,12 +300,12 @@ class Inference:
                 counts = [approx_tokens(text) for text in inputs]
                 if truncate is False and any(c > num_ctx for c in counts):
                     raise HTTPError(400, "the input length exceeds the context length")
-                # Each input takes a slot in turn; embedding models have only one.
-                for index, count in enumerate(counts):
+                # One pass over every input, on the runner's one slot (embedding models have
+                # only one): a cost per call plus a cost per input, as a GPU's batch.
+                if counts:  # no input: Ollama only loads the model
                     async with self._slot(runner, model_stats):
-                        if index == 0:
-                            await self._runner_faults()
-                        await self._compute(count, model.prompt_tokens_per_second, runner)
+                        await self._runner_faults()
+                        await self._embed_pass(model, counts, runner)
             finally:
                 self.s.scheduler.release(runner)
             length = min(dims or model.embedding_length, model.embedding_length)
@@ -435,6 +435,18 @@ class Inference:
         if rate == 0 or math.isinf(rate):
             return 0.0
         return self._speed_factor(runner) / rate
+
+    async def _embed_pass(self, model: SimModel, counts: list[int], runner: Runner) -> None:
+        """The time of one /api/embed call over inputs of ``counts`` tokens."""
+        per_input = model.embed_input_seconds
+        if per_input is None:
+            rate = model.prompt_tokens_per_second
+            each = sum(counts) / rate if rate and not math.isinf(rate) else 0.0
+        else:
+            each = per_input * len(counts)
+        seconds = model.embed_call_seconds + each
+        if seconds:
+            await asyncio.sleep(seconds * self._speed_factor(runner))
 
     async def _compute(self, tokens: int, rate: float, runner: Runner) -> None:
         """Sleep for the time ``tokens`` of prompt take at ``rate`` tokens/s (0/inf: no time)."""

@@ -18,6 +18,7 @@ import redis
 from app.settings import get_settings
 from app.state import keys
 from app.state.averages import EWMA_ALPHA, Averages
+from app.state.batches import Batches
 from app.state.breaker import Breaker
 from app.state.buckets import TokenBuckets
 from app.state.classes import ClassCaps
@@ -29,9 +30,17 @@ from app.state.instances import Instances
 from app.state.job_keys import JobKeys
 from app.state.placement import PlacementShown
 from app.state.policy import PolicyInForce
-from app.state.slots import DONE, Confirmation, Slots
+from app.state.slots import BATCHED, DONE, Confirmation, Slots
 
-__all__ = ["DONE", "EWMA_ALPHA", "Confirmation", "FleetState", "fleet_state", "redis_client"]
+__all__ = [
+    "BATCHED",
+    "DONE",
+    "EWMA_ALPHA",
+    "Confirmation",
+    "FleetState",
+    "fleet_state",
+    "redis_client",
+]
 
 
 @dataclass
@@ -44,6 +53,8 @@ class FleetState:
     instances: Instances = field(init=False)
     #: Slots and hand-off: acquire, wait, confirm, finish, hold, reclaim, release.
     slots: Slots = field(init=False)
+    #: Batched embeddings: waiting embed jobs offered to, and taken into, others' calls.
+    batches: Batches = field(init=False)
     #: Each instance's circuit breaker.
     breaker: Breaker = field(init=False)
     #: Each instance's own rate limit.
@@ -73,6 +84,7 @@ class FleetState:
         self.classes = ClassCaps(self.redis, self.ns)
         self.buckets = TokenBuckets(self.redis)
         self.slots = Slots(self.redis, self.ns, self.breaker, self.rate)
+        self.batches = Batches(self.redis, self.ns)
         self.job_keys = JobKeys(self.redis, self.ns)
         self.placement = PlacementShown(self.redis, self.ns)
         self.degradation = DegradationState(self.redis, self.ns, self.averages)

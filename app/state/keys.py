@@ -86,6 +86,29 @@ def excluded(ns: str) -> str:
     return f"{ns}:excl"
 
 
+# Batched embeddings (app.state.batches) ---------------------------------------------------
+
+
+def batch_offers(ns: str) -> str:
+    # hash: waiting embed job -> "<batch key>|<input count>": it may ride in another's call
+    return f"{ns}:batch_offers"
+
+
+def batch_inputs(ns: str, job: str) -> str:
+    # string: the JSON list of a waiting embed job's inputs, read by the batch that takes it
+    return f"{ns}:batch_inputs:{job}"
+
+
+def batch_riders(ns: str) -> str:
+    # hash: embed job taken into another's call -> "<leader job>|<instance>"
+    return f"{ns}:batch_riders"
+
+
+def batch_reply(ns: str, job: str) -> str:
+    # list: the answer (or "run alone") the batch's leader pushes to a rider
+    return f"{ns}:batch_reply:{job}"
+
+
 # Class caps (bulkheads) -------------------------------------------------------------------
 
 

@@ -33,6 +33,9 @@ from app.state.scripts import script
 
 #: A job id returned by ``acquire`` for a job that already finished.
 DONE = "!done"
+#: What ``acquire`` or the hand-off gives a waiting embed job that a batch took in: it rides
+#: in that batch's call instead of taking a slot (``app.state.batches``).
+BATCHED = "!batch"
 
 Confirmation = Literal["ok", "dup", "nogrant", "done"]
 #: Where a job is in the slot bookkeeping: holding a grant, waiting for one, or neither.
@@ -68,8 +71,9 @@ class Slots:
         interactive job, which may take one more); else queue as a waiter.
 
         With ``class_cap``, no more than that many slots go to jobs of ``agent_class`` at once
-        (a bulkhead). Returns the instance, ``DONE`` when the job already finished, or None
-        (waiting). Calling it again for the same job returns the slot it already holds.
+        (a bulkhead). Returns the instance, ``DONE`` when the job already finished, ``BATCHED``
+        when a batched embed call took it in, or None (waiting). Calling it again for the same
+        job returns the slot it already holds.
         """
         ns = self.ns
         got = script(self.redis, "acquire.lua")(
@@ -83,6 +87,7 @@ class Slots:
                 keys.waiter_class(ns),
                 keys.class_in_flight(ns),
                 keys.job_class(ns),
+                keys.batch_riders(ns),
                 *(keys.instance(ns, c) for c in candidates),
             ],
             args=[
@@ -102,7 +107,8 @@ class Slots:
         return cast(str | None, got)
 
     def wait_handoff(self, job: str, timeout: float) -> str | None:
-        """Block until a finishing job hands its slot to this one, or ``timeout`` passes."""
+        """Block until a finishing job hands its slot to this one (or a batch takes it in:
+        ``BATCHED``), or ``timeout`` passes."""
         got = self.redis.blpop([keys.handoff(self.ns, job)], timeout=timeout)
         return cast(str, got[1]) if got else None
 
@@ -187,6 +193,11 @@ class Slots:
             handed = pipe.execute()[-1]
         return cast(str | None, handed)
 
+    def settle(self, job: str) -> None:
+        """A job answered without a slot of its own (it rode in another job's batched call)
+        is finished: a late or duplicated message of it is dropped, as after ``finish``."""
+        self.redis.set(keys.done(self.ns, job), "1", ex=get_settings().result_expires)
+
     def hold(self, instance: str, token: str, jobs: list[str]) -> None:
         """The instance's worker is running ``jobs``: extend their leases, and put back any
         grant Redis lost (see ``lua/hold.lua``)."""
@@ -254,6 +265,9 @@ class Slots:
             pipe.zrem(keys.waiters(self.ns, model), job)
             pipe.hdel(keys.excluded(self.ns), job)
             pipe.hdel(keys.waiter_class(self.ns), job)
+            # An embed job's offer to ride in a batch (app.state.batches) goes with it.
+            pipe.hdel(keys.batch_offers(self.ns), job)
+            pipe.delete(keys.batch_inputs(self.ns, job))
             pipe.execute()
         self.release([job])
 

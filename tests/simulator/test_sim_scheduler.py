@@ -191,6 +191,37 @@ def test_embedding_models_have_one_slot(start_sim, concurrently):
     assert (stats["peak_active"], stats["peak_in_flight"]) == (1, 3)
 
 
+def test_an_embed_call_costs_once_per_call_plus_per_input(start_sim):
+    """A GPU's batch: 20 inputs in one call cost the call once, not 20 times."""
+    sim = start_sim(
+        models=[
+            SimModel(
+                name="embedder",
+                kind="embed",
+                load_seconds=0,
+                embed_call_seconds=0.2,
+                embed_input_seconds=0.01,
+            )
+        ],
+        preloaded=["embedder"],
+    )
+    client = sim.client()
+
+    def timed(inputs):
+        started = time.perf_counter()
+        reply = client.embed(model="embedder", input=inputs)
+        return reply, time.perf_counter() - started
+
+    _, one = timed(["text 3"])
+    batch, twenty = timed([f"text {i}" for i in range(20)])
+    assert 0.2 <= one < 0.2 + 0.15
+    assert 0.2 + 20 * 0.01 <= twenty < 0.4 + 0.15
+    # Each input's vector does not depend on the call it came in.
+    alone, _ = timed(["text 3"])
+    assert batch.embeddings[3] == alone.embeddings[0]
+    assert sim.stats()["models"]["embedder:latest"]["requests"] == 3
+
+
 def test_client_leaving_aborts_its_load(start_sim):
     sim = start_sim(models=[SimModel(name="cold", load_seconds=1.0)])
     with pytest.raises(httpx.ReadTimeout):

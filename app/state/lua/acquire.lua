@@ -10,10 +10,11 @@
 -- candidate's look-ahead room count (a second pass), so no slot idles while this job queues.
 --
 -- KEYS: done(job), grants, handoff(job), leases, waiters(model), excluded, waiter_class,
---       class_in_flight, job_class, then instance(candidate) for each candidate
+--       class_in_flight, job_class, batch_riders, then instance(candidate) for each candidate
 -- ARGV: job, score, now, lease, excluded_csv, class, cap (0: none), burst_seconds,
 --       lookahead, urgent (1/0), then the candidates' names (in the order of their keys)
--- Returns the instance, '!done' when the job already finished, or false (waiting).
+-- Returns the instance, '!done' when the job already finished, '!batch' when a batched embed
+-- call took it in (app.state.batches), or false (waiting).
 
 local done, grants, handoff_key, leases = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local waiters, excluded, wclass, class_in_flight, job_class =
@@ -21,9 +22,12 @@ local waiters, excluded, wclass, class_in_flight, job_class =
 local job, score, now, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local class, cap, burst_seconds = ARGV[6], tonumber(ARGV[7]), tonumber(ARGV[8])
 local lookahead, urgent = tonumber(ARGV[9]), ARGV[10] == '1'
-local FIRST = 10  -- ARGV[FIRST + i] is candidate i, KEYS[9 + i] its hash
+local riders = KEYS[10]
+local FIRST = 10  -- ARGV[FIRST + i] is candidate i, KEYS[10 + i] its hash
 
 if redis.call('EXISTS', done) == 1 then return '!done' end
+-- Taken into a batch between two looks of its router: it rides there, it takes no slot.
+if redis.call('HEXISTS', riders, job) == 1 then return '!batch' end
 local held = redis.call('HGET', grants, job)
 if held then
   redis.call('DEL', handoff_key)
@@ -34,7 +38,7 @@ local candidates = #ARGV - FIRST
 if cap > 0 and class_full(class_in_flight, class, cap) then candidates = 0 end  -- at its cap
 for pass = 1, (lookahead > 0) and 2 or 1 do
   for i = 1, candidates do
-    local inst, key = ARGV[FIRST + i], KEYS[9 + i]
+    local inst, key = ARGV[FIRST + i], KEYS[10 + i]
     local v = redis.call('HMGET', key, 'in_flight', 'capacity', 'enabled', 'breaker',
                          'down_until', 'threads')
     local breaker, capacity = v[4] or 'closed', tonumber(v[2] or '0')
