@@ -177,6 +177,9 @@ def _reserve_slot(
             agent_class=agent_class,
             class_cap=class_cap,
             urgent=request.tier == "interactive",
+            # A waiting embed job rides in the next call of its model (app.jobs.embed_batch),
+            # which serves it sooner than a place of its own in a queue.
+            lookahead=0 if request.kind == "embed" and settings.embed_batching else None,
             now=snapshot.now,
         )
         if got is None:

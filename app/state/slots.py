@@ -64,11 +64,13 @@ class Slots:
         agent_class: str = "default",
         class_cap: int = 0,
         urgent: bool = False,
+        lookahead: int | None = None,
         now: float | None = None,
     ) -> str | None:
         """Reserve a slot on the first candidate with one free; else a look-ahead grant on
         the first that has room for one (see ``lua/lookahead.lua``; ``urgent``: an
-        interactive job, which may take one more); else queue as a waiter.
+        interactive job, which may take one more; ``lookahead`` overrides the setting);
+        else queue as a waiter.
 
         With ``class_cap``, no more than that many slots go to jobs of ``agent_class`` at once
         (a bulkhead). Returns the instance, ``DONE`` when the job already finished, ``BATCHED``
@@ -99,7 +101,7 @@ class Slots:
                 agent_class,
                 class_cap,
                 self.rate.burst_seconds,
-                get_settings().lookahead,
+                get_settings().lookahead if lookahead is None else lookahead,
                 int(urgent),
                 *candidates,
             ],
