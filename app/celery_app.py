@@ -45,11 +45,22 @@ def beat_schedule(schedules: list[EmbedFolder | PromptFile]) -> dict[str, dict[s
     return entries
 
 
+#: Celery's Redis result backend storing a result in one round trip (``app.state.result_backend``),
+#: named as Celery takes a backend class: ``<module>:<class>+<URL>``.
+RESULT_BACKEND_CLASS = "app.state.result_backend:ResultBackend"
+
+
+def _result_backend(url: str) -> str:
+    return (
+        f"{RESULT_BACKEND_CLASS}+{url}" if url.partition("://")[0] in ("redis", "rediss") else url
+    )
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """What every process shares: the client's configuration, and the base of every role's."""
     return {
         "broker_url": settings.broker_url,
-        "result_backend": settings.result_backend,
+        "result_backend": _result_backend(settings.result_backend),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
