@@ -22,7 +22,6 @@ from celery.exceptions import Reject
 from celery.result import AsyncResult
 from celery.signals import task_revoked
 from celery.utils import uuid
-from kombu import Producer
 from pydantic import ValidationError
 
 from app.celery_app import celery_app
@@ -44,7 +43,7 @@ from app.jobs.lifecycle import (
     Submission,
     Tracing,
 )
-from app.jobs.publish import publish_confirmed
+from app.jobs.publish import Outlet, publish_confirmed
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
 from app.state.fleet import fleet_state
@@ -158,14 +157,19 @@ class InferTask(Task[..., dict[str, Any]]):
         return Submission(self, request, job, request.priority, item)
 
     def _publish(
-        self, sub: Submission, options: dict[str, Any], producer: Producer | None = None
+        self, sub: Submission, options: dict[str, Any], outlet: Outlet | None = None
     ) -> InferAsyncResult:
-        """Publish an accepted job to its model and tier's queue. With ``producer`` (a bulk
-        call's), its confirm is awaited with the others' and the bulk call retries it."""
-        if producer is not None:
-            options = options | {"producer": producer, "retry": False}
+        """Publish an accepted job to its model and tier's queue. Through a bulk call's
+        ``outlet``, its confirm is awaited with the others' and the bulk call retries it."""
         request = sub.request
-        options.setdefault("queue", route_queue(request.model, request.tier))
+        queue = route_queue(request.model, request.tier)
+        if outlet is not None:
+            options = options | {
+                "producer": outlet.producer,
+                "queue": outlet.queue(queue),
+                "retry": False,
+            }
+        options.setdefault("queue", queue)
         options.setdefault("priority", sub.priority)
         accepted = request.model_dump(mode="json", exclude_none=True)
         route = RouteState(submitted_at=time.time(), priority=sub.priority)

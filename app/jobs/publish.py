@@ -26,7 +26,7 @@ from typing import Any, TypeVar, cast
 
 from amqp.exceptions import MessageNacked
 from celery import Celery
-from kombu import Connection, Producer
+from kombu import Connection, Producer, Queue
 
 T = TypeVar("T")
 
@@ -37,15 +37,31 @@ CHUNK = 500
 CONFIRM_TIMEOUT_S = 30.0
 
 
-def publish_confirmed(app: Celery, sends: Sequence[Callable[[Producer], T]]) -> list[T]:
-    """Call each of ``sends`` with a producer whose messages are confirmed together; return
+class Outlet:
+    """What a send publishes with: the producer of the call's channel, and queues bound to it."""
+
+    def __init__(self, app: Celery, channel: Any) -> None:
+        self.app, self.channel, self.producer = app, channel, Producer(channel)
+        self._queues: dict[str, Queue] = {}
+
+    def queue(self, name: str) -> Queue:
+        """The app's queue ``name`` (declared as every Corral process declares it), bound to
+        this channel once: kombu otherwise copies an unbound queue to bind it, per message."""
+        found = self._queues.get(name)
+        if found is None:
+            found = self._queues[name] = self.app.amqp.queues[name].bind(self.channel)
+        return found
+
+
+def publish_confirmed(app: Celery, sends: Sequence[Callable[[Outlet], T]]) -> list[T]:
+    """Call each of ``sends`` with an outlet whose messages are confirmed together; return
     what they returned, in order, once the broker confirmed every message they published."""
     if not sends:
         return []
     # A pooled producer's connection (the app's pool), with a channel of this call's own.
     with app.producer_pool.acquire(block=True) as pooled:
         connection = cast(Connection, pooled.connection)  # a pooled producer always has one
-        batch = _Batch(connection, sends)
+        batch = _Batch(app, connection, sends)
         policy = app.conf.task_publish_retry_policy or {}
         connection.ensure(batch, batch.publish_rest, **policy)()
         return batch.results
@@ -54,8 +70,10 @@ def publish_confirmed(app: Celery, sends: Sequence[Callable[[Producer], T]]) -> 
 class _Batch:
     """A bulk call's sends, published chunk by chunk; ``results`` grows as chunks are confirmed."""
 
-    def __init__(self, connection: Connection, sends: Sequence[Callable[[Producer], T]]) -> None:
-        self.connection, self.sends = connection, sends
+    def __init__(
+        self, app: Celery, connection: Connection, sends: Sequence[Callable[[Outlet], T]]
+    ) -> None:
+        self.app, self.connection, self.sends = app, connection, sends
         self.results: list[Any] = []
 
     def revive(self, channel: Any) -> None:
@@ -66,10 +84,10 @@ class _Batch:
         channel = _ConfirmingChannel(self.connection.channel())
         failed = True
         try:
-            producer = Producer(channel.channel)
+            outlet = Outlet(self.app, channel.channel)
             while len(self.results) < len(self.sends):
                 chunk = self.sends[len(self.results) : len(self.results) + CHUNK]
-                sent = [send(producer) for send in chunk]
+                sent = [send(outlet) for send in chunk]
                 channel.wait_for_confirms(CONFIRM_TIMEOUT_S)
                 self.results += sent
             failed = False
