@@ -312,7 +312,7 @@ def bench(
     scenario: Annotated[
         str,
         typer.Option(
-            help="overhead, mixed, short, backlog, agents, burst, placement, embed or all"
+            help="overhead, submit, mixed, short, backlog, agents, burst, placement, embed or all"
         ),
     ] = "all",
     jobs: Annotated[int, typer.Option(help="jobs per throughput and mixed-fleet run")] = 500,
@@ -343,6 +343,10 @@ def bench(
         batch = {} if backlog is None else {"batch": backlog}
         if scenario in ("overhead", "all"):
             report["overhead"] = run_benchmark(jobs=jobs)
+        if scenario == "submit":  # also part of overhead
+            from app.bench.overhead import run_submission
+
+            report["submit"] = run_submission()
         if scenario in ("mixed", "all"):
             typer.echo(f"\nmixed fleet, {jobs} jobs per run")
             report["mixed"] = bench_fleet.run_mixed(jobs)

@@ -13,6 +13,16 @@ from typing import Any
 class CorralError(Exception):
     """Base of every error Corral raises."""
 
+    #: The request refused, by its index in the list given to ``infer.submit_many`` (which
+    #: queues none of them); None for a single call. Its message then starts with it.
+    item: int | None = None
+
+    def __str__(self) -> str:
+        return self._naming_item(super().__str__())
+
+    def _naming_item(self, text: str) -> str:
+        return text if self.item is None else f"item {self.item}: {text}"
+
 
 # Raised at the call, before anything is queued.
 
@@ -36,7 +46,7 @@ class RateLimited(CorralError):
         self.message, self.retry_after = message, retry_after
 
     def __str__(self) -> str:
-        return self.message
+        return self._naming_item(self.message)
 
 
 class Overloaded(CorralError):
@@ -48,7 +58,7 @@ class Overloaded(CorralError):
         self.message, self.retry_after = message, retry_after
 
     def __str__(self) -> str:
-        return self.message
+        return self._naming_item(self.message)
 
 
 # Raised by one call to an Ollama instance (inside a worker).

@@ -12,6 +12,8 @@ final :class:`~app.schemas.InferResult` or raises a typed :class:`~app.errors.Jo
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any, cast
 
 import redis
@@ -41,6 +43,7 @@ from app.jobs.lifecycle import (
     Submission,
     Tracing,
 )
+from app.jobs.publish import Outlet, publish_confirmed
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
 from app.state.fleet import fleet_state
@@ -91,20 +94,82 @@ class InferTask(Task[..., dict[str, Any]]):
     ) -> InferAsyncResult:
         kwargs = dict(kwargs or {})
         options.setdefault("kwargsrepr", _display(kwargs))
-        if "_route" in kwargs:
-            if "queue" in options:  # a stage of a job already accepted: replace, retry
-                return _ours(super().apply_async(args, kwargs, **options))
-            # E.g. an app passing a request body straight to infer.delay(**body).
-            raise InvalidRequest("_route is Corral's own bookkeeping: a request may not set it")
+        if "_route" in kwargs and "queue" in options:
+            # A stage of a job already accepted: replace, retry.
+            return _ours(super().apply_async(args, kwargs, **options))
         if args:
             raise InvalidRequest("infer takes keyword arguments only, e.g. infer.delay(model=...)")
-        request = validate(kwargs)
-        sub = Submission(self, request, options.setdefault("task_id", uuid()), request.priority)
+        sub = self._submission(kwargs, options)
         handled = self.middleware.before_publish(sub)
         if handled is not None:
             answer: InferAsyncResult = handled.value
             return answer
-        options.setdefault("queue", route_queue(request.model, request.tier))
+        return self._publish(sub, options)
+
+    def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[InferAsyncResult]:
+        """Submit many jobs at once: one ``infer.delay(**fields)`` per mapping of ``requests``,
+        all or none; a result per request, in order.
+
+        Every request is validated first, and the publish-time policies see them all at once
+        (one Redis round trip each for the lot), then every job is published and the broker's
+        confirms are awaited together (``app.jobs.publish``). So any refusal refuses the whole
+        call and queues nothing: an invalid request (``InvalidRequest``, naming every invalid
+        item), a model nobody serves, a normal job at the refusing degradation level
+        (``Overloaded``), or jobs of a refusing class over its rate limit (``RateLimited``:
+        their tokens are taken all at once or none). The error's ``item`` is the index of the
+        request refused. Each job is otherwise exactly what ``infer.delay`` would make of it:
+        the same queue, priority (fairness counts them in list order), idempotency (a
+        ``job_key`` bound already, or given twice in the list, answers with the first job).
+        """
+        subs: list[tuple[Submission, dict[str, Any]]] = []
+        invalid: list[tuple[int, InvalidRequest]] = []
+        for item, fields in enumerate(requests):
+            try:
+                request = _fields(fields)
+                options = {"kwargsrepr": _display(request)}
+                subs.append((self._submission(request, options, item), options))
+            except InvalidRequest as exc:
+                invalid.append((item, exc))
+        if invalid:
+            raise _refusing_all(invalid)
+        answers = self.middleware.before_publish_many([sub for sub, _ in subs])
+        published = iter(
+            publish_confirmed(
+                self.app,
+                [
+                    partial(self._publish, sub, options)
+                    for (sub, options), handled in zip(subs, answers, strict=True)
+                    if handled is None
+                ],
+            )
+        )
+        return [next(published) if handled is None else handled.value for handled in answers]
+
+    def _submission(
+        self, fields: dict[str, Any], options: dict[str, Any], item: int | None = None
+    ) -> Submission:
+        """The job a request makes, once valid; ``options`` gets its task id."""
+        if "_route" in fields:
+            # E.g. an app passing a request body straight to infer.delay(**body).
+            raise InvalidRequest("_route is Corral's own bookkeeping: a request may not set it")
+        request = validate(fields)
+        job = options.setdefault("task_id", uuid())
+        return Submission(self, request, job, request.priority, item)
+
+    def _publish(
+        self, sub: Submission, options: dict[str, Any], outlet: Outlet | None = None
+    ) -> InferAsyncResult:
+        """Publish an accepted job to its model and tier's queue. Through a bulk call's
+        ``outlet``, its confirm is awaited with the others' and the bulk call retries it."""
+        request = sub.request
+        queue = route_queue(request.model, request.tier)
+        if outlet is not None:
+            options = options | {
+                "producer": outlet.producer,
+                "queue": outlet.queue(queue),
+                "retry": False,
+            }
+        options.setdefault("queue", queue)
         options.setdefault("priority", sub.priority)
         accepted = request.model_dump(mode="json", exclude_none=True)
         route = RouteState(submitted_at=time.time(), priority=sub.priority)
@@ -171,6 +236,33 @@ def _display(value: Any, limit: int = 80) -> str:
         return v
 
     return repr(short(value))
+
+
+def _fields(request: Any) -> dict[str, Any]:
+    """A bulk call's request as ``infer``'s keyword arguments."""
+    if not isinstance(request, Mapping):
+        raise InvalidRequest(
+            "each request of submit_many is a mapping of infer's fields,"
+            f" not {type(request).__name__}"
+        )
+    return dict(request)
+
+
+#: How many invalid requests of a bulk call its error names beside the first.
+NAMED_INVALID = 10
+
+
+def _refusing_all(invalid: list[tuple[int, InvalidRequest]]) -> InvalidRequest:
+    """One error for a bulk call's invalid requests: the first one's, naming the others."""
+    (item, first), others = invalid[0], [i for i, _ in invalid[1:]]
+    text = str(first)
+    if others:
+        named = ", ".join(str(i) for i in others[:NAMED_INVALID])
+        more = f" and {len(others) - NAMED_INVALID} more" if len(others) > NAMED_INVALID else ""
+        text += f" (also invalid: items {named}{more})"
+    error = InvalidRequest(f"{text}; nothing was queued")
+    error.item = item
+    return error
 
 
 def validate(fields: dict[str, Any]) -> InferRequest:

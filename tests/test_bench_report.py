@@ -53,6 +53,22 @@ def synthetic_agents() -> dict[str, Any]:
     }
 
 
+SUBMISSION = {
+    "jobs": 1000,
+    "rounds": 3,
+    "delay": {
+        "jobs_per_s": [180.0, 210.5, 195.2],
+        "median_jobs_per_s": 195.2,
+        "cpu_ms_per_job": [1.9, 1.7, 1.8],
+    },
+    "submit_many": {
+        "jobs_per_s": [1210.0, 1450.3, 1302.8],
+        "median_jobs_per_s": 1302.8,
+        "cpu_ms_per_job": [0.55, 0.5, 0.52],
+    },
+}
+
+
 def synthetic_report() -> dict[str, Any]:
     rng = random.Random(7)
     batch = [rng.uniform(0, 20) for _ in range(200)]
@@ -65,7 +81,9 @@ def synthetic_report() -> dict[str, Any]:
                 "overhead": {"p50_ms": 13.9, "p95_ms": 22.6, "mean_ms": 15.0},
             },
             "throughput": {"jobs": 500, "corral_jobs_per_s": 88.0, "direct_requests_per_s": 531.0},
+            "submission": SUBMISSION,
         },
+        "submit": SUBMISSION,
         "mixed": {
             "jobs": 500,
             "fleet": "2 fast, 2 slow, 1 cold",
@@ -134,7 +152,7 @@ def test_renders_a_png_from_a_report(tmp_path: Path) -> None:
     assert png.stat().st_size > 50_000  # four figures' worth of drawing, not a blank canvas
 
 
-@pytest.mark.parametrize("scenario", ["backlog", "mixed", "overhead", "agents", "burst"])
+@pytest.mark.parametrize("scenario", ["backlog", "mixed", "overhead", "agents", "burst", "submit"])
 def test_renders_any_one_scenario(tmp_path: Path, scenario: str) -> None:
     report = {scenario: synthetic_report()[scenario]}
     assert _is_png(render(report, tmp_path / "one.png"))

@@ -14,17 +14,47 @@ from tasks import infer
 CHAT = "llama3.2:3b"
 
 
+def _fair(job: str, agent: str | None, priority: int = 5) -> int:
+    return fairness.fair_priorities([fairness.Counted(job, "normal", agent, priority)])[0]
+
+
 def test_an_agents_priority_drops_a_step_as_its_backlog_doubles() -> None:
     agent = f"hog-{uuid.uuid4().hex[:6]}"
     jobs = [f"j{i}" for i in range(9)]
-    got = [fairness.fair_priority(j, "normal", agent, 5) for j in jobs]
+    got = [_fair(j, agent) for j in jobs]
     assert got == [5, 4, 4, 3, 3, 3, 3, 2, 2]
-    assert fairness.fair_priority("other", "normal", f"mouse-{agent}", 5) == 5
-    assert fairness.fair_priority("anon", "normal", None, 5) == 5  # no agent: not adjusted
+    assert _fair("other", f"mouse-{agent}") == 5
+    assert _fair("anon", None) == 5  # no agent: not adjusted
     for j in jobs:
         fairness.job_ended(j, "normal", agent)
-    assert fairness.fair_priority("again", "normal", agent, 5) == 5
+    assert _fair("again", agent) == 5
     fairness.job_ended("again", "normal", agent)
+
+
+def test_counting_many_jobs_at_once_gives_what_counting_them_one_by_one_gives() -> None:
+    """A bulk call's jobs are counted in one round trip, in list order, several agents and
+    tiers mixed: each gets the priority it would have had submitted alone, in that order."""
+    hog, mouse = f"hog-{uuid.uuid4().hex[:6]}", f"mouse-{uuid.uuid4().hex[:6]}"
+    jobs = [
+        fairness.Counted(f"b{i}", tier, agent, priority)
+        for i, (tier, agent, priority) in enumerate(
+            [("normal", hog, 5)] * 3
+            + [("normal", mouse, 5), ("batch", hog, 5), ("normal", None, 7)]
+            + [("normal", hog, 9)] * 6
+        )
+    ]
+    one_by_one_agent = f"alone-{uuid.uuid4().hex[:6]}"
+    alone = [
+        fairness.fair_priorities([fairness.Counted(f"a{i}", "normal", one_by_one_agent, p)])[0]
+        for i, p in enumerate([5, 5, 5] + [9] * 6)
+    ]
+    got = fairness.fair_priorities(jobs)
+    assert [got[i] for i in (0, 1, 2, *range(6, 12))] == alone == [5, 4, 4, 7, 7, 7, 7, 6, 6]
+    assert got[3:6] == [5, 5, 7]  # another agent, another tier, no agent: counted apart
+    for job in jobs:
+        fairness.job_ended(job.job, job.tier, job.agent)
+    for i in range(9):
+        fairness.job_ended(f"a{i}", "normal", one_by_one_agent)
 
 
 @pytest.mark.fleet

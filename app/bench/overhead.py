@@ -11,14 +11,19 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 import typer
 
 from app.bench.stats import percentile
+
+if TYPE_CHECKING:
+    from app.bench.harness import LocalFleet
 
 MODEL = "bench:latest"
 SIMS = [
@@ -143,9 +148,54 @@ def measure_decision_time(samples: int = 2000) -> dict[str, Any]:
     return out
 
 
-def run_benchmark(jobs: int = 400, sequential: int = 200) -> dict[str, Any]:
-    from app.bench.harness import LocalFleet, free_port, instances_env, queue_counts, wait_until
-    from app.queues import route_queue
+#: The agent of the submission measurement's jobs: counted for fairness, as an agent's are.
+SUBMIT_AGENT = "bench-submitter"
+
+
+def measure_submission(n: int, rounds: int = 3) -> dict[str, Any]:
+    """Jobs published per second from one thread: ``infer.delay`` one job after another, and
+    ``infer.submit_many`` with all of them, alternately, each round's jobs run to the end
+    before the next round (the fleet's routers share the machine with this thread)."""
+    from tasks import infer
+
+    def requests(method: str, k: int) -> list[dict[str, Any]]:
+        return [
+            {"model": MODEL, "prompt": f"{method} {k}.{i}", "tier": "batch", "agent": SUBMIT_AGENT}
+            for i in range(n)
+        ]
+
+    def delay(fields: list[dict[str, Any]]) -> list[Any]:
+        return [infer.delay(**f) for f in fields]
+
+    rates: dict[str, list[float]] = {"delay": [], "submit_many": []}
+    cpu_ms: dict[str, list[float]] = {"delay": [], "submit_many": []}
+    for k in range(rounds):
+        for method, submit in (("delay", delay), ("submit_many", infer.submit_many)):
+            fields = requests(method, k)
+            wall, cpu = time.perf_counter(), time.process_time()
+            sent = submit(fields)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            rates[method].append(round(n / wall, 1))
+            cpu_ms[method].append(round(cpu * 1000 / n, 3))
+            assert len({r.get(timeout=300).id for r in sent}) == n
+    return {
+        "jobs": n,
+        "rounds": rounds,
+        **{
+            method: {
+                "jobs_per_s": rates[method],
+                "median_jobs_per_s": statistics.median(rates[method]),
+                "cpu_ms_per_job": cpu_ms[method],
+            }
+            for method in rates
+        },
+    }
+
+
+@contextmanager
+def _bench_stack() -> Iterator[LocalFleet]:
+    """The benchmark's stack, under a namespace of its own; stopped and purged after."""
+    from app.bench.harness import LocalFleet, free_port, instances_env
 
     sims = [{**s, "port": free_port()} for s in SIMS]
     namespace = f"bench{os.getpid()}"
@@ -164,6 +214,17 @@ def run_benchmark(jobs: int = 400, sequential: int = 200) -> dict[str, Any]:
     typer.echo(f"starting a benchmark stack (logs in {workdir})")
     try:
         fleet.start()
+        yield fleet
+    finally:
+        fleet.stop()
+        fleet.purge()
+
+
+def run_benchmark(jobs: int = 400, sequential: int = 200, submitted: int = 1000) -> dict[str, Any]:
+    from app.bench.harness import queue_counts, wait_until
+    from app.queues import route_queue
+
+    with _bench_stack() as fleet:
         urls = list(fleet.sim_urls.values())
         report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
         typer.echo("latency: sequential jobs, direct HTTP vs Corral...")
@@ -171,6 +232,8 @@ def run_benchmark(jobs: int = 400, sequential: int = 200) -> dict[str, Any]:
         fleet.reset_sims()
         typer.echo(f"throughput: {jobs} jobs at once...")
         report["throughput"] = measure_throughput(urls, jobs)
+        typer.echo(f"submission: {submitted} jobs from one thread, one by one and in one call...")
+        report["submission"] = measure_submission(submitted)
         # The throughput jobs are batch jobs: what a second router of that tier adds.
         fleet.start_router("batch", name="router-batch-2")
         wait_until(lambda: queue_counts(route_queue(MODEL, "batch"))[1] == 2, 60, "router 2")
@@ -181,10 +244,16 @@ def run_benchmark(jobs: int = 400, sequential: int = 200) -> dict[str, Any]:
             for name in fleet.sim_urls
         }
         report["decision_time"] = measure_decision_time()
-    finally:
-        fleet.stop()
-        fleet.purge()
     _print(report)
+    return report
+
+
+def run_submission(submitted: int = 1000, rounds: int = 3) -> dict[str, Any]:
+    """``corral bench --scenario submit``: the submission measurement alone, on the same stack."""
+    with _bench_stack():
+        typer.echo(f"submission: {submitted} jobs from one thread, one by one and in one call...")
+        report = measure_submission(submitted, rounds)
+    _print_submission(report)
     return report
 
 
@@ -219,3 +288,17 @@ def _print(r: dict[str, Any]) -> None:
         "routing decision, 50 instances x 20 models: "
         + ", ".join(f"{s} p50 {v['p50_us']} us" for s, v in r["decision_time"].items())
     )
+    _print_submission(r["submission"])
+
+
+def _print_submission(s: dict[str, Any]) -> None:
+    typer.echo(f"\njobs published from one thread, {s['jobs']} jobs, {s['rounds']} rounds:")
+    for method, name in (
+        ("delay", "infer.delay, one by one"),
+        ("submit_many", "infer.submit_many"),
+    ):
+        m = s[method]
+        typer.echo(
+            f"  {name:24} median {m['median_jobs_per_s']:7.1f} jobs/s (rounds {m['jobs_per_s']}),"
+            f" CPU {m['cpu_ms_per_job']} ms a job"
+        )

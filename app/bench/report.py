@@ -13,6 +13,7 @@ import os
 import random
 import shlex
 import shutil
+import statistics
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ MIN_WAIT_S = 1e-3  # the floor of the log scale: a wait below 1 ms is drawn at 1
 
 
 #: The scenarios the plot draws (``short`` is a table of ratios: the report and the README).
-PLOTTED = ("backlog", "agents", "mixed", "burst", "placement", "embed", "overhead")
+PLOTTED = ("backlog", "agents", "mixed", "burst", "placement", "embed", "overhead", "submit")
 
 
 def plottable(report: dict[str, Any]) -> bool:
@@ -40,7 +41,9 @@ def plottable(report: dict[str, Any]) -> bool:
 def render(report: dict[str, Any], path: Path) -> Path:
     """Draw ``report`` (the dict ``corral bench`` writes) to the PNG ``path``."""
     backlog, agents = report.get("backlog"), report.get("agents")
-    bottom = [k for k in ("mixed", "burst", "placement", "embed", "overhead") if k in report]
+    bottom = [
+        k for k in ("mixed", "burst", "placement", "embed", "overhead", "submit") if k in report
+    ]
     if not plottable(report):
         raise ValueError("the report has no scenario to plot")
     ratios = ([2.0] if backlog else []) + ([1.2] if agents else []) + ([1.0] if bottom else [])
@@ -54,7 +57,13 @@ def render(report: dict[str, Any], path: Path) -> Path:
         sub = subfigs.pop(0)
         axes = sub.subplots(1, len(bottom), squeeze=False)[0]
         for ax, key in zip(axes, bottom, strict=True):
-            draw = {"mixed": _mixed, "burst": _burst, "placement": _placement, "embed": _embed}
+            draw = {
+                "mixed": _mixed,
+                "burst": _burst,
+                "placement": _placement,
+                "embed": _embed,
+                "submit": _submit,
+            }
             draw.get(key, _overhead)(ax, report[key])
     fig.suptitle(
         "corral bench: Corral vs a plain proxy, on the same simulated Ollama fleet",
@@ -486,13 +495,44 @@ def _overhead(ax: Axes, overhead: dict[str, Any]) -> None:
     ax.set_xticks([0, 1], ["p50", "p95"])
     ax.set_ylabel("round trip per job (ms)")
     t = overhead["throughput"]
+    published = overhead.get("submission")  # absent from reports made before it was measured
+    one_thread = ""
+    if published:
+        delay, many = (published[m]["median_jobs_per_s"] for m in ("delay", "submit_many"))
+        one_thread = (
+            f"\npublished from one thread: infer.delay {delay:.0f} jobs/s,"
+            f" submit_many {many:.0f} jobs/s"
+        )
     ax.set_title(
         "Added latency per job: sequential jobs, zero-latency backend\n"
         f"{t['jobs']} jobs at once: Corral {t['corral_jobs_per_s']} jobs/s, "
-        f"direct HTTP {t['direct_requests_per_s']} req/s",
+        f"direct HTTP {t['direct_requests_per_s']} req/s{one_thread}",
         fontsize=12,
     )
     ax.legend(loc="upper left", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def _submit(ax: Axes, submission: dict[str, Any]) -> None:
+    names = {"delay": "infer.delay, one by one", "submit_many": "infer.submit_many"}
+    for k, method in enumerate(names):
+        rates = submission[method]["jobs_per_s"]
+        ax.bar(k, statistics.median(rates), 0.6, color=(BASELINE, CORRAL)[k], alpha=0.85)
+        ax.plot([k] * len(rates), rates, "k.", alpha=0.6)
+        ax.annotate(
+            f"{statistics.median(rates):.0f} jobs/s",
+            (k, max(rates)),
+            ha="center",
+            va="bottom",
+            fontsize=10,
+        )
+    ax.set_xticks([0, 1], list(names.values()))
+    ax.set_ylabel("jobs published per second, one thread")
+    ax.set_title(
+        f"Submitting {submission['jobs']} jobs from one client thread, fleet up\n"
+        f"(bar: median of {submission['rounds']} rounds; dots: each round)",
+        fontsize=12,
+    )
     ax.grid(axis="y", alpha=0.3)
 
 

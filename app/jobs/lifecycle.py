@@ -12,6 +12,13 @@ The transitions, and who calls their hooks (always through :class:`Lifecycle`, i
   request is valid and before anything is published. A hook may refuse the job by raising
   (``ModelNotServed``, ``Overloaded``, ``RateLimited``: raised at the call, nothing queued) or
   answer it with an earlier job (:class:`Handled`); the hooks after it do not run.
+  ``before_publish_many`` is the same transition for the jobs of a bulk call
+  (``infer.submit_many``), and a single call is a bulk call of one: each concern sees all the
+  jobs at once, in list order, so one whose check costs a Redis round trip makes one for the
+  lot (by default it calls ``before_publish`` job by job). Any refusal refuses the whole call,
+  naming the job refused (``CorralError.item``); since the concerns that refuse come before
+  those that write anything (idempotency keys, fairness counts), a refused call leaves no trace
+  but the rate-limit tokens it took, as a refused single call does.
 * ``before_route`` / ``after_route``: in the router stage (``app.jobs.router``), before the
   router reserves a slot (a hook may end the stage: answer from the cache, park the job in a
   delay queue) and once it holds one.
@@ -52,6 +59,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -60,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from celery import states
 from pydantic import ValidationError
 
-from app.errors import ModelNotServed, Overloaded, RateLimited
+from app.errors import CorralError, ModelNotServed, Overloaded, RateLimited
 from app.jobs.cache import response_cache
 from app.observe import metrics
 from app.observe.tracing import record_queue_wait
@@ -100,6 +108,8 @@ class Submission:
     job: str
     #: The priority it is queued with inside its tier; ``Fairness`` lowers it.
     priority: int
+    #: Its index in the list of a bulk call (``infer.submit_many``); None for a single call.
+    item: int | None = None
 
 
 class Job:
@@ -184,6 +194,18 @@ class Middleware:
         with another job."""
         return None
 
+    def before_publish_many(self, subs: Sequence[Submission]) -> list[Handled | None]:
+        """``before_publish`` for the jobs of one call at once, an answer per job. Override it
+        (not ``before_publish``) where the jobs' checks can share a round trip."""
+        answers = []
+        for sub in subs:
+            try:
+                answers.append(self.before_publish(sub))
+            except CorralError as exc:
+                exc.item = sub.item
+                raise
+        return answers
+
     def before_route(
         self, task: Task[Any, Any], request: InferRequest, state: RouteState
     ) -> Handled | None:
@@ -213,10 +235,21 @@ class Lifecycle:
         self.middleware = tuple(middleware)
 
     def before_publish(self, sub: Submission) -> Handled | None:
+        return self.before_publish_many([sub])[0]
+
+    def before_publish_many(self, subs: Sequence[Submission]) -> list[Handled | None]:
+        """An answer per job: None to publish it, ``Handled`` when a hook answered it (the
+        hooks after that one do not see it)."""
+        answers: list[Handled | None] = [None] * len(subs)
+        pending = list(range(len(subs)))
         for m in self.middleware:
-            if (handled := m.before_publish(sub)) is not None:
-                return handled
-        return None
+            if not pending:
+                break
+            got = m.before_publish_many([subs[i] for i in pending])
+            for i, handled in zip(pending, got, strict=True):
+                answers[i] = handled
+            pending = [i for i, handled in zip(pending, got, strict=True) if handled is None]
+        return answers
 
     def before_route(
         self, task: Task[Any, Any], request: InferRequest, state: RouteState
@@ -445,27 +478,42 @@ class RateLimits(Middleware):
     ``RateLimited`` there; any other limited class takes it in the router, where a job over
     its limit waits its turn in a delay queue (no thread held meanwhile).
 
-    Hooks: ``before_publish`` (refusing classes), ``before_route`` (waiting classes: parks the
-    job, ending the stage). Settings: the live policy's classes and limits
-    (``app.policy.live``).
+    Hooks: ``before_publish_many`` (refusing classes: a bulk call's tokens all at once, or
+    none), ``before_route`` (waiting classes: parks the job, ending the stage). Settings: the
+    live policy's classes and limits (``app.policy.live``).
     """
 
-    def before_publish(self, sub: Submission) -> Handled | None:
-        request = sub.request
-        agent_class, limits_of = live_policy(get_settings()).class_limits(
-            request.agent, request.agent_class
-        )
-        if limits_of is None or limits_of.on_limit != "refuse":
-            return None  # waits its turn in the router, if limited at all
-        wait = rate_limits.take(request.agent, agent_class, refuse=True)
-        if wait > 0:
-            metrics.rate_limited(agent_class, "refused")
-            raise RateLimited(
-                f"agent {request.agent!r} (class {agent_class!r}) is over its rate limit:"
-                f" retry in {wait:.1f} s",
-                wait,
+    def before_publish_many(self, subs: Sequence[Submission]) -> list[Handled | None]:
+        policy = live_policy(get_settings())
+        refusing: list[tuple[Submission, str]] = []  # the jobs taking their token now
+        for sub in subs:
+            agent_class, limits_of = policy.class_limits(sub.request.agent, sub.request.agent_class)
+            if limits_of is not None and limits_of.on_limit == "refuse":
+                refusing.append((sub, agent_class))
+            # Any other class waits its turn in the router, if limited at all.
+        short = rate_limits.take_all([(sub.request.agent, c) for sub, c in refusing])
+        if short is None:
+            return [None] * len(subs)
+        for agent_class, jobs in Counter(c for _, c in refusing).items():
+            metrics.rate_limited(agent_class, "refused", jobs)
+        sub, agent_class = refusing[short.job]
+        over = f"agent {sub.request.agent!r} (class {agent_class!r}) is over its rate limit"
+        if short.needed == 1:
+            message = f"{over}: retry in {short.wait:.1f} s"
+        elif short.never_fits:
+            message = (
+                f"{over}: this call's {short.needed} jobs under {short.limit} limit take their"
+                f" tokens at once, and it holds at most {short.bucket.burst:g}: split the call"
+                f" (it holds that many again in {short.wait:.1f} s)"
             )
-        return None
+        else:
+            message = (
+                f"{over}: this call's {short.needed} jobs under {short.limit} limit take their"
+                f" tokens at once, or none: retry in {short.wait:.1f} s"
+            )
+        refused = RateLimited(message, short.wait)
+        refused.item = sub.item
+        raise refused
 
     def before_route(
         self, task: Task[Any, Any], request: InferRequest, state: RouteState
@@ -527,16 +575,23 @@ MAX_DELAY_SECONDS = 1024
 class Idempotency(Middleware):
     """A job submitted with a ``job_key`` already bound to a job is answered by that job.
 
-    Hooks: ``before_publish`` (binds the key to this job, or answers with the earlier one's
-    result). Settings: ``result_expires`` (how long a key stays bound).
+    Hooks: ``before_publish_many`` (binds each key to its job, or answers with the earlier
+    one's result; a key given twice in one bulk call is the first one's). Settings:
+    ``result_expires`` (how long a key stays bound).
     """
 
-    def before_publish(self, sub: Submission) -> Handled | None:
-        if sub.request.job_key is None:
-            return None
-        ttl = get_settings().result_expires
-        first = fleet_state().job_keys.claim(sub.request.job_key, sub.job, ttl)
-        return None if first is None else Handled(sub.task.AsyncResult(first))
+    def before_publish_many(self, subs: Sequence[Submission]) -> list[Handled | None]:
+        claims = [(key, sub.job) for sub in subs if (key := sub.request.job_key) is not None]
+        if not claims:
+            return [None] * len(subs)
+        firsts = fleet_state().job_keys.claim(claims, get_settings().result_expires)
+        earlier = {job: first for (_, job), first in zip(claims, firsts, strict=True)}
+        return [
+            None
+            if (first := earlier.get(sub.job)) is None
+            else Handled(sub.task.AsyncResult(first))
+            for sub in subs
+        ]
 
 
 class Fairness(Middleware):
@@ -544,14 +599,18 @@ class Fairness(Middleware):
     against its agent when published, which lowers its queue priority, and leaves the count
     when it ends, however it ends.
 
-    Hooks: ``before_publish`` (counts it, sets ``Submission.priority``), ``after_success``,
-    ``after_failure``, ``after_revoke`` (uncount it). Settings: none of its own.
+    Hooks: ``before_publish_many`` (counts them, sets each ``Submission.priority``),
+    ``after_success``, ``after_failure``, ``after_revoke`` (uncount it). Settings: none of its
+    own.
     """
 
-    def before_publish(self, sub: Submission) -> Handled | None:
-        request = sub.request
-        sub.priority = fairness.fair_priority(sub.job, request.tier, request.agent, sub.priority)
-        return None
+    def before_publish_many(self, subs: Sequence[Submission]) -> list[Handled | None]:
+        priorities = fairness.fair_priorities(
+            [fairness.Counted(s.job, s.request.tier, s.request.agent, s.priority) for s in subs]
+        )
+        for sub, priority in zip(subs, priorities, strict=True):
+            sub.priority = priority
+        return [None] * len(subs)
 
     def after_success(self, job: Job, result: dict[str, Any], ran: Ran | None) -> None:
         fairness.job_ended(job.id, job.tier, job.agent)

@@ -156,9 +156,9 @@ def cache_lookup(model: str, *, hit: bool) -> None:
     _write(batch)
 
 
-def rate_limited(agent_class: str, action: str) -> None:
+def rate_limited(agent_class: str, action: str, jobs: int = 1) -> None:
     batch = Batch()
-    batch.inc(LIMITED, agent_class=agent_class, action=action)
+    batch.inc(LIMITED, jobs, agent_class=agent_class, action=action)
     _write(batch)
 
 

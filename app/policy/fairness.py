@@ -17,6 +17,8 @@ without a trace cannot lower its agent's priority forever. The sets are the stat
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from app.settings import Tier
 from app.state.fleet import fleet_state
@@ -25,12 +27,29 @@ from app.state.fleet import fleet_state
 FORGET_AFTER_S = 6 * 3600
 
 
-def fair_priority(job: str, tier: Tier, agent: str | None, priority: int) -> int:
-    """Count the job against its agent and return the priority it is queued with."""
-    if not agent:
-        return priority
-    outstanding = fleet_state().fairness.count(job, tier, agent, FORGET_AFTER_S)
-    return max(0, priority - int(math.log2(max(outstanding, 1))))
+@dataclass(frozen=True)
+class Counted:
+    """A job about to be published, as fairness sees it."""
+
+    job: str
+    tier: Tier
+    agent: str | None
+    #: The priority it would be queued with inside its tier, before fairness.
+    priority: int
+
+
+def fair_priorities(jobs: Sequence[Counted]) -> list[int]:
+    """Count the jobs against their agents, in order, and return the priority each is queued
+    with (one Redis round trip for the lot: a bulk call's jobs)."""
+    counted = [(j.job, j.tier, j.agent) for j in jobs if j.agent]
+    counts = fleet_state().fairness.count(counted, FORGET_AFTER_S)
+    outstanding = dict(zip((job for job, _, _ in counted), counts, strict=True))
+    return [
+        max(0, j.priority - int(math.log2(max(outstanding[j.job], 1))))
+        if j.job in outstanding
+        else j.priority
+        for j in jobs
+    ]
 
 
 def job_ended(job: str, tier: str | None, agent: str | None) -> None:

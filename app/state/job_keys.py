@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import redis
@@ -15,9 +16,18 @@ class JobKeys:
     def __init__(self, client: redis.Redis, ns: str) -> None:
         self.redis, self.ns = client, ns
 
-    def claim(self, key: str, job: str, ttl: float) -> str | None:
-        """Bind ``key`` to ``job`` for ``ttl`` seconds; the earlier job's id if it was bound."""
-        name = keys.job_key(self.ns, key)
-        if self.redis.set(name, job, nx=True, ex=max(1, int(ttl))):
-            return None
-        return cast("str | None", self.redis.get(name))  # the client decodes responses
+    def claim(self, wanted: Sequence[tuple[str, str]], ttl: float) -> list[str | None]:
+        """Bind each ``(key, job)`` for ``ttl`` seconds, in order; for each, the earlier job's
+        id if its key was bound (by an earlier call, or earlier in ``wanted``), else None.
+        One round trip for the lot (a bulk call's keys)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key, job in wanted:
+                name = keys.job_key(self.ns, key)
+                pipe.set(name, job, nx=True, ex=max(1, int(ttl)))
+                pipe.get(name)
+            replies = pipe.execute()
+        # The client decodes responses: GET gives the job the key is bound to now.
+        return [
+            None if bound else cast("str | None", first)
+            for bound, first in zip(replies[::2], replies[1::2], strict=True)
+        ]
