@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -81,6 +82,44 @@ def measure_latency(urls: list[str], n: int) -> dict[str, Any]:
     d, c = _summary(direct), _summary(corral)
     overhead = {k: round(c[k] - d[k], 2) for k in ("p50_ms", "p95_ms", "mean_ms")}
     return {"direct": d, "corral": c, "overhead": overhead}
+
+
+def _timed_stream(session: requests.Session, url: str, body: dict[str, Any]) -> tuple[float, float]:
+    """(ms to the first line, ms to the last) of one streamed /api/generate."""
+    t = time.perf_counter()
+    first = None
+    with session.post(f"{url}/api/generate", json=body, stream=True, timeout=30) as resp:
+        resp.raise_for_status()
+        for _ in resp.iter_lines():
+            first = first or time.perf_counter()
+    end = time.perf_counter()
+    return ((first or end) - t) * 1000, (end - t) * 1000
+
+
+def _timed_whole(session: requests.Session, url: str, body: dict[str, Any]) -> float:
+    t = time.perf_counter()
+    session.post(f"{url}/api/generate", json=body, timeout=30).raise_for_status()
+    return (time.perf_counter() - t) * 1000
+
+
+def measure_gateway(sim_url: str, gateway_url: str, n: int) -> dict[str, Any]:
+    """Sequential Ollama API requests, each straight to a simulator and then through the
+    gateway: whole answers, and streams (time to the first line and to the last)."""
+    session = requests.Session()
+    ms: dict[str, list[float]] = {}
+    for i in range(n + 20):
+        for where, url in (("direct", sim_url), ("gateway", gateway_url)):
+            prompt = f"gateway {i}"  # a new prompt each time: nothing comes from the cache
+            whole = _timed_whole(session, url, {"model": MODEL, "prompt": prompt, "stream": False})
+            ttft, total = _timed_stream(session, url, {"model": MODEL, "prompt": prompt + " s"})
+            if i >= 20:  # the first 20 warm the connections and the fleet up
+                for name, v in (("whole", whole), ("stream_first", ttft), ("stream", total)):
+                    ms.setdefault(f"{where}_{name}", []).append(v)
+    out: dict[str, Any] = {k: _summary(v) for k, v in ms.items()}
+    for name in ("whole", "stream_first", "stream"):
+        d, g = out[f"direct_{name}"], out[f"gateway_{name}"]
+        out[f"overhead_{name}"] = {k: round(g[k] - d[k], 2) for k in ("p50_ms", "p95_ms")}
+    return out
 
 
 def measure_throughput(urls: list[str], n: int) -> dict[str, Any]:
@@ -229,6 +268,8 @@ def run_benchmark(jobs: int = 400, sequential: int = 200, submitted: int = 1000)
         report: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
         typer.echo("latency: sequential jobs, direct HTTP vs Corral...")
         report["latency"] = measure_latency(urls, sequential)
+        typer.echo("latency through the gateway (Ollama API), sequential...")
+        report["gateway"] = _through_gateway(fleet.workdir, urls[0], sequential)
         fleet.reset_sims()
         typer.echo(f"throughput: {jobs} jobs at once...")
         report["throughput"] = measure_throughput(urls, jobs)
@@ -257,6 +298,30 @@ def run_submission(submitted: int = 1000, rounds: int = 3) -> dict[str, Any]:
     return report
 
 
+def _through_gateway(workdir: Path, sim_url: str, n: int) -> dict[str, Any]:
+    from app.bench.harness import free_port, wait_until
+    from app.bench.stack import Child
+
+    port = free_port()
+    env = dict(os.environ, CORRAL_GATEWAY_AUTH="false")
+    argv = [sys.executable, "-m", "app.cli", "gateway", "--port", str(port), "--no-access-log"]
+    child = Child("gateway", argv, env, log_dir=workdir)
+    child.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _up(url + "/api/version"), 30, "the gateway")
+        return measure_gateway(sim_url, url, n)
+    finally:
+        child.stop()
+
+
+def _up(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
 def _print(r: dict[str, Any]) -> None:
     lat = r["latency"]
     typer.echo("\nper-job latency, sequential, zero-latency backend")
@@ -272,6 +337,19 @@ def _print(r: dict[str, Any]) -> None:
         f"  overhead      p50 {lat['overhead']['p50_ms']:7.2f} ms  p95 "
         f"{lat['overhead']['p95_ms']:7.2f} ms"
     )
+    g = r.get("gateway")
+    if g:
+        typer.echo("\nthrough the gateway (Ollama API), sequential: overhead over direct")
+        for name, label in (
+            ("whole", "stream: false"),
+            ("stream", "stream, to the end"),
+            ("stream_first", "stream, first line"),
+        ):
+            o = g[f"overhead_{name}"]
+            typer.echo(
+                f"  {label:20} p50 {o['p50_ms']:7.2f} ms  p95 {o['p95_ms']:7.2f} ms"
+                f"  (direct p50 {g[f'direct_{name}']['p50_ms']:.2f} ms)"
+            )
     t = r["throughput"]
     typer.echo(
         f"\nthroughput, {t['jobs']} jobs: Corral {t['corral_jobs_per_s']} jobs/s "

@@ -129,7 +129,8 @@ def _instance_families(snap: FleetSnapshot) -> list[GaugeMetricFamily]:
         ),
         _gauge(
             "corral_instance_jobs_in_flight",
-            "Slots held by jobs: reserved, queued on the instance or running.",
+            "Grants held by jobs: reserved, queued on the instance (its look-ahead among them:"
+            " up to lookahead more than its slots) or running.",
             ["instance"],
             ((k, i.in_flight) for k, i in per),
         ),
