@@ -306,3 +306,16 @@ def test_look_ahead_zero_turns_it_off(busy: FleetState, monkeypatch: pytest.Monk
     finally:
         monkeypatch.delenv("CORRAL_LOOKAHEAD")
         get_settings.cache_clear()
+
+
+def test_steps_sharing_a_round_trip_survive_redis_losing_its_scripts(fleet: FleetState) -> None:
+    # As after a Redis restart: the pipelined steps load the scripts again and run once more.
+    assert acquire(fleet, "j1") == "a"
+    fleet.redis.script_flush()
+    verdict, stats = fleet.start_job("j1", "a", "w1", M)
+    assert verdict == "ok" and stats["ttft"] is None
+    fleet.redis.script_flush()
+    timing = {f"ttft:{M}": 0.25}
+    assert fleet.slots.finish("j1", "a", ok=True, model=M, service_ms=5, timing=timing) is None
+    assert in_flight(fleet, "a") == 0
+    assert fleet.instances.silence_stats("a", M)["ttft"] == pytest.approx(0.25)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import redis
 from redis.client import Pipeline
 
-from app.state.scripts import script
+from app.state.scripts import evalsha_on, script
 
 #: Weight of the newest sample in a moving average.
 EWMA_ALPHA = 0.2
@@ -30,7 +30,10 @@ class Averages:
         client: Pipeline | None = None,
     ) -> None:
         """Fold ``samples`` into the moving averages of the hash ``key`` (one round trip,
-        or part of ``client``'s pipeline)."""
+        or part of ``client``'s pipeline, which ``scripts.pipelined`` runs)."""
         if samples:
             args = [alpha, *(x for item in samples.items() for x in item)]
-            script(self.redis, "average.lua")(keys=[key], args=args, client=client)
+            if client is None:
+                script(self.redis, "average.lua")(keys=[key], args=args)
+            else:
+                evalsha_on(client, self.redis, "average.lua", [key], args)

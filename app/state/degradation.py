@@ -13,10 +13,12 @@ import time
 from typing import cast
 
 import redis
+from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 
 from app.state import keys
 from app.state.averages import Averages
+from app.state.scripts import pipelined
 
 
 class DegradationState:
@@ -42,10 +44,12 @@ class DegradationState:
     def record_wait(self, wait_s: float, alpha: float) -> None:
         """Fold an interactive job's wait into the moving average, and note when (one round
         trip)."""
-        with self.redis.pipeline(transaction=False) as pipe:
+
+        def queue(pipe: Pipeline) -> None:
             self.averages.fold(self.key, {"interactive_wait_s": wait_s}, alpha=alpha, client=pipe)
             pipe.hset(self.key, "waited_at", time.time())
-            pipe.execute()
+
+        pipelined(self.redis, queue)
 
     def interactive_wait(self) -> tuple[float, float | None]:
         """The interactive wait's moving average (0 if none yet), and when it was last fed

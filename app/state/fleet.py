@@ -14,6 +14,7 @@ from functools import lru_cache
 from typing import cast
 
 import redis
+from redis.client import Pipeline
 
 from app.settings import get_settings
 from app.state import keys
@@ -30,6 +31,7 @@ from app.state.instances import Instances
 from app.state.job_keys import JobKeys
 from app.state.placement import PlacementShown
 from app.state.policy import PolicyInForce
+from app.state.scripts import pipelined
 from app.state.slots import BATCHED, DONE, Confirmation, Slots
 
 __all__ = [
@@ -96,10 +98,12 @@ class FleetState:
     ) -> tuple[Confirmation, dict[str, float | bool | None]]:
         """Before a call: confirm the job's slot (``Slots.confirm``) and read what silence
         learned of the model there (``Instances.silence_stats``), in one round trip."""
-        with self.redis.pipeline(transaction=False) as pipe:
+
+        def queue(pipe: Pipeline) -> None:
             self.slots.confirm(job, instance, token, client=pipe)
             self.instances.read_silence_stats(instance, model, client=pipe)
-            verdict, raw = pipe.execute()
+
+        verdict, raw = pipelined(self.redis, queue)
         return cast(Confirmation, verdict), self.instances.parse_silence_stats(model, raw)
 
     def ping(self) -> None:

@@ -29,7 +29,7 @@ from app.state import keys
 from app.state.averages import EWMA_ALPHA, Averages
 from app.state.breaker import Breaker
 from app.state.instance_rate import InstanceRate
-from app.state.scripts import script
+from app.state.scripts import evalsha_on, pipelined, script
 
 #: A job id returned by ``acquire`` for a job that already finished.
 DONE = "!done"
@@ -119,16 +119,16 @@ class Slots:
     ) -> Confirmation:
         """Called by the instance worker before it runs a job: does it hold the slot?
 
-        With ``client``, the step is queued on that pipeline (its answer comes from
-        ``execute``), so the worker's other reads before the call share the round trip.
+        With ``client``, the step is queued on that pipeline (run by ``scripts.pipelined``,
+        which returns its answer), so the worker's reads before the call share its round trip.
         """
         ns = self.ns
-        verdict = script(self.redis, "confirm.lua")(
-            keys=[keys.done(ns, job), keys.grants(ns), keys.running(ns), keys.leases(ns)],
-            args=[job, instance, token, time.time(), get_settings().grant_lease],
-            client=client,
-        )
-        return cast(Confirmation, verdict)
+        step_keys = [keys.done(ns, job), keys.grants(ns), keys.running(ns), keys.leases(ns)]
+        args: list[str | float] = [job, instance, token, time.time(), get_settings().grant_lease]
+        if client is not None:
+            evalsha_on(client, self.redis, "confirm.lua", step_keys, args)
+            return cast(Confirmation, None)
+        return cast(Confirmation, script(self.redis, "confirm.lua")(keys=step_keys, args=args))
 
     def finish(
         self,
@@ -155,45 +155,44 @@ class Slots:
         was handed to, if any.
         """
         s, ns = get_settings(), self.ns
-        pipe = self.redis.pipeline(transaction=False)
-        if timing:
-            Averages(self.redis).fold(keys.instance(ns, instance), timing, client=pipe)
-        script(self.redis, "finish.lua")(
-            keys=[
-                keys.grants(ns),
-                keys.running(ns),
-                keys.leases(ns),
-                keys.done(ns, job),
-                keys.instances(ns),
-                keys.instance(ns, instance),
-                keys.instance_models(ns, instance),
-                keys.excluded(ns),
-                keys.waiter_class(ns),
-                keys.class_in_flight(ns),
-                keys.job_class(ns),
-            ],
-            args=[
-                job,
-                instance,
-                time.time(),
-                s.grant_lease,
-                int(ok),
-                service_ms,
-                model,
-                int(open_breaker),
-                s.result_expires,
-                EWMA_ALPHA,
-                self.breaker.threshold(),
-                self.breaker.cooldown(),
-                int(cancelled),
-                self.rate.burst_seconds,
-                *self._handoff_args(),
-            ],
-            client=pipe,
-        )
-        with pipe:
-            handed = pipe.execute()[-1]
-        return cast(str | None, handed)
+        step_keys = [
+            keys.grants(ns),
+            keys.running(ns),
+            keys.leases(ns),
+            keys.done(ns, job),
+            keys.instances(ns),
+            keys.instance(ns, instance),
+            keys.instance_models(ns, instance),
+            keys.excluded(ns),
+            keys.waiter_class(ns),
+            keys.class_in_flight(ns),
+            keys.job_class(ns),
+        ]
+        args = [
+            job,
+            instance,
+            time.time(),
+            s.grant_lease,
+            int(ok),
+            service_ms,
+            model,
+            int(open_breaker),
+            s.result_expires,
+            EWMA_ALPHA,
+            self.breaker.threshold(),
+            self.breaker.cooldown(),
+            int(cancelled),
+            self.rate.burst_seconds,
+            *self._handoff_args(),
+        ]
+
+        def queue(pipe: Pipeline) -> None:
+            if timing:
+                Averages(self.redis).fold(keys.instance(ns, instance), timing, client=pipe)
+            evalsha_on(pipe, self.redis, "finish.lua", step_keys, args)
+
+        # A second run (Redis lost the scripts) folds the timing twice: one sample, no harm.
+        return cast(str | None, pipelined(self.redis, queue)[-1])
 
     def settle(self, job: str) -> None:
         """A job answered without a slot of its own (it rode in another job's batched call)
