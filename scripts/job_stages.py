@@ -39,7 +39,7 @@ def run_jobs(n: int) -> dict[str, float]:
 
     from app.bench.harness import free_port, own_fleet
     from app.bench.overhead import MODEL, SIMS
-    from app.ops import tracing
+    from app.observe import tracing
 
     sims = [{**s, "port": free_port()} for s in SIMS]
     returned = {}

@@ -337,7 +337,8 @@ class Degradation(Middleware):
     """Graceful degradation (``app.policy.degradation``): refuse new normal jobs at the call
     from ``REFUSE_LEVEL`` on, and feed each job's wait into the signals that set the level.
 
-    Hooks: ``before_publish`` (raises ``Overloaded``), ``before_run`` (records the wait).
+    Hooks: ``before_publish`` (raises ``Overloaded``), ``after_success`` (records the wait
+    of a job that ran: once its answer is stored, so its caller does not wait for it).
     Settings: ``degradation_hold`` (the retry-after a refused caller is told), and those of
     ``app.policy.degradation``.
     """
@@ -353,8 +354,9 @@ class Degradation(Middleware):
             )
         return None
 
-    def before_run(self, request: InferRequest, state: RouteState, started: float) -> None:
-        degradation().record_wait(request.tier, started - state.submitted_at)
+    def after_success(self, job: Job, result: dict[str, Any], ran: Ran | None) -> None:
+        if ran is not None and job.tier == "interactive":  # the only tier whose wait counts
+            degradation().record_wait("interactive", result["routing"]["wait_s"])
 
 
 class Slots(Middleware):
