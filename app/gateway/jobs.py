@@ -39,12 +39,13 @@ Place = Literal["queued", "waiting_for_slot", "running"]
 def place(job_id: str, model: str) -> Place:
     """Where an unfinished job is, from the slot bookkeeping of ``app.state.slots``.
 
-    A job holding a grant is running (or about to); one in its model's waiter set is held by
-    a router thread until a slot frees; anything else is a message in RabbitMQ (a route
-    queue, or a retry's countdown).
+    A job its instance's worker confirmed is running; one in its model's waiter set is held
+    by a router thread until a slot frees; anything else is a message in RabbitMQ: a route
+    queue, a retry's countdown, or its instance's queue (a grant on its way there, or the
+    instance's look-ahead, which starts when a slot frees).
     """
     position = fleet_state().slots.position(job_id, model)
-    if position == "granted":
+    if position == "running":
         return "running"
     if position == "waiting":
         return "waiting_for_slot"

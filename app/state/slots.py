@@ -38,8 +38,8 @@ DONE = "!done"
 BATCHED = "!batch"
 
 Confirmation = Literal["ok", "dup", "nogrant", "done"]
-#: Where a job is in the slot bookkeeping: holding a grant, waiting for one, or neither.
-Position = Literal["granted", "waiting", "none"]
+#: Where a job is in the slot bookkeeping: running, holding a grant, waiting for one, or none.
+Position = Literal["running", "granted", "waiting", "none"]
 
 
 @dataclass(frozen=True)
@@ -281,12 +281,18 @@ class Slots:
         return cast(dict[str, str], self.redis.hgetall(keys.grants(self.ns)))
 
     def position(self, job: str, model: str) -> Position:
-        """Whether the job holds a slot, waits for one of ``model``'s, or neither."""
-        if self.redis.hexists(keys.grants(self.ns), job):
+        """Whether the job runs on its instance, holds a grant (on its way there, or queued
+        there as its look-ahead), waits for one of ``model``'s slots, or none of these."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hexists(keys.running(self.ns), job)
+            pipe.hexists(keys.grants(self.ns), job)
+            pipe.zscore(keys.waiters(self.ns, model), job)
+            running, granted, waiting = pipe.execute()
+        if running and granted:
+            return "running"
+        if granted:
             return "granted"
-        if self.redis.zscore(keys.waiters(self.ns, model), job) is not None:
-            return "waiting"
-        return "none"
+        return "waiting" if waiting is not None else "none"
 
     def waiting(self, model: str) -> int:
         """Jobs waiting for a slot of ``model``."""
