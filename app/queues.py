@@ -74,11 +74,6 @@ def instance_queue(instance: str) -> str:
     return f"{get_settings().namespace}.instance.{instance}"
 
 
-#: A job's priority in an instance's queue: by tier only, since all a queue holds beyond the
-#: jobs starting now is its look-ahead (``app.state.slots``), which an urgent job overtakes.
-INSTANCE_QUEUE_PRIORITY: dict[Tier, int] = {"interactive": 9, "normal": 5, "batch": 1}
-
-
 def dead_letter_queue() -> str:
     return f"{get_settings().namespace}.dead"
 

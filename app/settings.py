@@ -221,12 +221,6 @@ class Settings(BaseSettings):
     router_concurrency: int = Field(32, ge=1, description="router threads per tier")
     heartbeat_interval: float = Field(2.0, gt=0)
     grant_lease: float = Field(60.0, gt=0, description="a granted slot is reclaimed if unused")
-    lookahead: int = Field(
-        1,
-        ge=0,
-        description="jobs granted to a busy instance beyond its slots, waiting in its own queue"
-        " to start the moment a slot frees (0: none); only once no instance has a free slot",
-    )
 
     # Logs and traces
     log_format: Literal["text", "json"] = Field(

@@ -245,69 +245,6 @@ def test_a_hand_off_waits_for_the_instance_rate_limit(fleet: FleetState) -> None
     assert in_flight(fleet, "a") == 0 and fleet.slots.waiting(M) == 1
 
 
-# Look-ahead: a grant beyond the slots, queued on the instance -----------------------------
-
-
-@pytest.fixture
-def busy(fleet: FleetState) -> FleetState:
-    """Instances whose workers run as many threads as they have slots (2), so look-ahead
-    applies (the default, one job per instance), and "a" has both slots taken."""
-    for name in ("a", "b"):
-        fleet.instances.register(
-            InstanceConfig(name=name, url=f"http://{name}", models=[M]), threads=2
-        )
-    acquire(fleet, "r1")
-    acquire(fleet, "r2")
-    return fleet
-
-
-def test_a_free_slot_anywhere_goes_before_a_look_ahead(busy: FleetState) -> None:
-    assert acquire(busy, "j", cands=("a", "b")) == "b"
-    assert in_flight(busy, "a") == 2
-
-
-def test_look_ahead_once_no_slot_is_free_then_wait(busy: FleetState) -> None:
-    assert acquire(busy, "ahead") == "a"
-    assert in_flight(busy, "a") == 3
-    assert acquire(busy, "next") is None
-    assert busy.slots.waiting(M) == 1
-
-
-def test_an_interactive_job_takes_one_look_ahead_more(busy: FleetState) -> None:
-    assert acquire(busy, "ahead") == "a"
-    assert busy.slots.acquire("now", M, score=0, candidates=["a"], exclude=[], urgent=True) == "a"
-    assert in_flight(busy, "a") == 4
-    # A freed grant is not passed on while the instance holds more than slots + look-ahead.
-    assert acquire(busy, "w") is None
-    assert busy.slots.finish("r1", "a", ok=True, model=M, service_ms=10) is None
-    assert in_flight(busy, "a") == 3
-    assert busy.slots.finish("r2", "a", ok=True, model=M, service_ms=10) == "w"
-    assert in_flight(busy, "a") == 3
-
-
-def test_no_look_ahead_with_more_threads_than_slots_or_a_breaker_not_closed(
-    busy: FleetState,
-) -> None:
-    # parallelism 1 on a worker of 2 threads: a queued job would start beside the running one.
-    busy.instances.register(
-        InstanceConfig(name="b", url="http://b", models=[M], parallelism=1), threads=2
-    )
-    assert acquire(busy, "b1", cands=("b",)) == "b"
-    assert acquire(busy, "b2", cands=("b",)) is None
-    busy.redis.hset(keys.instance(busy.ns, "a"), "breaker", "half_open")
-    assert acquire(busy, "a3") is None
-
-
-def test_look_ahead_zero_turns_it_off(busy: FleetState, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CORRAL_LOOKAHEAD", "0")
-    get_settings.cache_clear()
-    try:
-        assert acquire(busy, "ahead") is None
-    finally:
-        monkeypatch.delenv("CORRAL_LOOKAHEAD")
-        get_settings.cache_clear()
-
-
 def test_steps_sharing_a_round_trip_survive_redis_losing_its_scripts(fleet: FleetState) -> None:
     # As after a Redis restart: the pipelined steps load the scripts again and run once more.
     assert acquire(fleet, "j1") == "a"

@@ -35,7 +35,6 @@ class InstanceRow(BaseModel):
     name: str
     status: Status
     breaker: str
-    #: Grants held: running, and beyond ``capacity`` queued on the instance (its look-ahead).
     in_flight: int
     capacity: int
     models: list[str]

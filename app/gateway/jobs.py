@@ -41,8 +41,7 @@ def place(job_id: str, model: str) -> Place:
 
     A job its instance's worker confirmed is running; one in its model's waiter set is held
     by a router thread until a slot frees; anything else is a message in RabbitMQ: a route
-    queue, a retry's countdown, or its instance's queue (a grant on its way there, or the
-    instance's look-ahead, which starts when a slot frees).
+    queue, a retry's countdown, or its instance's queue (granted, on its way to the worker).
     """
     position = fleet_state().slots.position(job_id, model)
     if position == "running":

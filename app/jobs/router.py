@@ -31,7 +31,7 @@ from app.jobs.placement import with_plan
 from app.observe.tracing import tracer
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy
-from app.queues import INSTANCE_QUEUE_PRIORITY, instance_queue, queue_counts, route_queue
+from app.queues import instance_queue, queue_counts, route_queue
 from app.schemas import InferRequest, RouteState
 from app.settings import TIERS, get_settings
 from app.state.fleet import BATCHED, DONE, fleet_state
@@ -103,8 +103,7 @@ def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str
     sig = task.signature(
         kwargs={**job_fields(task), "_route": routed.model_dump()},
         queue=instance_queue(instance),
-        # Ahead of any look-ahead job of a lower tier queued there (app.state.slots).
-        priority=INSTANCE_QUEUE_PRIORITY[request.tier],
+        priority=state.queue_priority(request),
         ignore_result=False,
     )
     try:
@@ -176,10 +175,6 @@ def _reserve_slot(
             exclude=[i.name for i in snapshot.serving(request.model) if i.name not in candidates],
             agent_class=agent_class,
             class_cap=class_cap,
-            urgent=request.tier == "interactive",
-            # A waiting embed job rides in the next call of its model (app.jobs.embed_batch),
-            # which serves it sooner than a place of its own in a queue.
-            lookahead=0 if request.kind == "embed" and settings.embed_batching else None,
             now=snapshot.now,
         )
         if got is None:

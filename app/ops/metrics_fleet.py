@@ -129,8 +129,7 @@ def _instance_families(snap: FleetSnapshot) -> list[GaugeMetricFamily]:
         ),
         _gauge(
             "corral_instance_jobs_in_flight",
-            "Grants held by jobs: reserved, queued on the instance (its look-ahead among them:"
-            " up to lookahead more than its slots) or running.",
+            "Slots held by jobs: reserved, queued on the instance or running.",
             ["instance"],
             ((k, i.in_flight) for k, i in per),
         ),

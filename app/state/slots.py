@@ -49,9 +49,8 @@ class Slots:
     breaker: Breaker
     rate: InstanceRate
 
-    def _handoff_args(self) -> list[str | int]:
-        """What ``lua/handoff.lua`` reads from its including script's ARGV."""
-        return [keys.waiters(self.ns, ""), keys.handoff(self.ns, ""), get_settings().lookahead]
+    def _handoff_prefixes(self) -> list[str]:
+        return [keys.waiters(self.ns, ""), keys.handoff(self.ns, "")]
 
     def acquire(
         self,
@@ -63,14 +62,9 @@ class Slots:
         exclude: list[str],
         agent_class: str = "default",
         class_cap: int = 0,
-        urgent: bool = False,
-        lookahead: int | None = None,
         now: float | None = None,
     ) -> str | None:
-        """Reserve a slot on the first candidate with one free; else a look-ahead grant on
-        the first that has room for one (see ``lua/lookahead.lua``; ``urgent``: an
-        interactive job, which may take one more; ``lookahead`` overrides the setting);
-        else queue as a waiter.
+        """Reserve a slot on the first candidate with one free; else queue as a waiter.
 
         With ``class_cap``, no more than that many slots go to jobs of ``agent_class`` at once
         (a bulkhead). Returns the instance, ``DONE`` when the job already finished, ``BATCHED``
@@ -101,8 +95,6 @@ class Slots:
                 agent_class,
                 class_cap,
                 self.rate.burst_seconds,
-                get_settings().lookahead if lookahead is None else lookahead,
-                int(urgent),
                 *candidates,
             ],
         )
@@ -183,7 +175,7 @@ class Slots:
             self.breaker.cooldown(),
             int(cancelled),
             self.rate.burst_seconds,
-            *self._handoff_args(),
+            *self._handoff_prefixes(),
         ]
 
         def queue(pipe: Pipeline) -> None:
@@ -245,7 +237,7 @@ class Slots:
                 self.rate.burst_seconds,
                 instance_prefix,
                 models_suffix,
-                *self._handoff_args(),
+                *self._handoff_prefixes(),
                 *jobs,
             ],
         )
@@ -281,8 +273,8 @@ class Slots:
         return cast(dict[str, str], self.redis.hgetall(keys.grants(self.ns)))
 
     def position(self, job: str, model: str) -> Position:
-        """Whether the job runs on its instance, holds a grant (on its way there, or queued
-        there as its look-ahead), waits for one of ``model``'s slots, or none of these."""
+        """Whether the job runs on its instance, holds a grant (on its way there), waits for
+        one of ``model``'s slots, or none of these."""
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.hexists(keys.running(self.ns), job)
             pipe.hexists(keys.grants(self.ns), job)

@@ -73,13 +73,12 @@ def test_jobs_are_private_to_their_agent(gateway: Gateway, http: httpx.Client) -
 def test_queued_job_can_be_revoked_and_never_runs(
     http: httpx.Client, healthy_fleet: LocalFleet
 ) -> None:
-    # Fill every slot with slow batch jobs, every instance's look-ahead (one job queued on
-    # each) and the batch routers' threads with waiters, so one more batch job stays a
-    # message in RabbitMQ.
+    # Fill every slot with slow batch jobs and the batch routers' threads with waiters, so
+    # one more batch job stays a message in RabbitMQ.
     for name in healthy_fleet.sim_urls:
         healthy_fleet.faults(name, slow_factor=40.0)
     body = {"model": MODEL, "prompt": "slow", "tier": "batch", "options": {"num_predict": 8}}
-    blockers = [http.post("/jobs", json=body).json()["id"] for _ in range(6 + 3 + 16 + 2)]
+    blockers = [http.post("/jobs", json=body).json()["id"] for _ in range(6 + 16 + 2)]
     wait_until(
         lambda: sum(http.get(f"/jobs/{j}").json()["state"] == "running" for j in blockers) == 6,
         30,

@@ -6,14 +6,13 @@
 -- include: instance_rate.lua
 -- include: classes.lua
 -- include: breaker.lua
--- include: lookahead.lua
 -- include: handoff.lua
 --
 -- KEYS: grants, running, leases, done(job), instances, instance(inst),
 --       instance_models(inst), excluded, waiter_class, class_in_flight, job_class
 -- ARGV: job, instance, now, lease, ok (1/0), service_ms, model, open_breaker (1/0),
 --       done_ttl, alpha, breaker_threshold, breaker_cooldown, cancelled (1/0),
---       burst_seconds, waiters prefix, handoff prefix, lookahead
+--       burst_seconds, waiters prefix, handoff prefix
 -- Dynamic keys: the hand-off's (see handoff.lua).
 -- Returns the job the slot was handed to, or false.
 
@@ -22,7 +21,7 @@ local K = {
   excl = KEYS[8], wclass = KEYS[9], class_in_flight = KEYS[10], job_class = KEYS[11],
 }
 local inst_key, models_key = KEYS[6], KEYS[7]
-local P = {waiters = ARGV[15], handoff = ARGV[16], lookahead = tonumber(ARGV[17])}
+local P = {waiters = ARGV[15], handoff = ARGV[16]}
 local job, inst = ARGV[1], ARGV[2]
 local now, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ok, cancelled = ARGV[5] == '1', ARGV[13] == '1'

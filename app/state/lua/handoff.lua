@@ -1,24 +1,20 @@
 -- Hand-off (app.state.slots): a slot freed on an instance goes, in the same atomic step, to
 -- the most urgent waiter that may use that instance. Needs: bucket.lua, instance_rate.lua,
--- classes.lua, lookahead.lua (a freed grant is passed on while the instance holds no more
--- than its slots plus its look-ahead, the queued job then being the one that starts next).
+-- classes.lua.
 --
 -- Dynamic keys: which waiter sets to look at (one per model the instance serves, read from
 -- its models set) and which hand-off list to push to (the waiter picked) are only known
 -- inside this step, so they cannot all be declared in KEYS[]; the script appends the model or
--- job to a prefix that app.state.keys built (P.waiters, P.handoff; P.lookahead is the
--- setting). This is why Corral needs
+-- job to a prefix that app.state.keys built (P.waiters, P.handoff). This is why Corral needs
 -- a single Redis, not a Redis Cluster. K holds the keys the including script got in KEYS[].
 
 local function handoff(K, P, inst, inst_key, models_key, now, lease, burst_seconds)
   -- A removed instance (corral fleet remove --force) keeps no counters.
   if redis.call('SISMEMBER', K.instances, inst) == 0 then return false end
   local v = redis.call('HMGET', inst_key, 'enabled', 'down_until', 'in_flight', 'capacity',
-                       'breaker', 'threads')
-  local capacity, breaker = tonumber(v[4] or '0'), v[5] or 'closed'
-  local ahead = lookahead_room(capacity, tonumber(v[6] or '0'), breaker, P.lookahead, false)
-  if v[1] == '1' and tonumber(v[2] or '0') <= now and breaker == 'closed'
-     and tonumber(v[3] or '0') <= capacity + ahead then
+                       'breaker')
+  if v[1] == '1' and tonumber(v[2] or '0') <= now and (v[5] or 'closed') == 'closed'
+     and tonumber(v[3] or '0') <= tonumber(v[4] or '0') then
     local best, best_score, best_model
     for _, m in ipairs(redis.call('SMEMBERS', models_key)) do
       -- The first waiters that may use this instance; those that may not (it failed them,
