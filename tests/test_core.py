@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from celery.signals import before_task_publish
 
-from app.bench.harness import LocalFleet, depth, wait_until
+from app.bench.harness import LocalFleet, depth, results_of, wait_until
 from app.errors import InvalidRequest, ModelNotServed, RetriesExhausted
 from app.ops.dead_letters import read_all, replay
 from app.queues import dead_letter_queue, route_queue
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.fleet
 
 CHAT = "llama3.2:3b"
 EMBED = "nomic-embed-text"
-
-
-def results_of(jobs: list, timeout: float) -> list[InferResult]:
-    """Every job's result, within ``timeout`` for them all; names the jobs that did not end."""
-    deadline = time.monotonic() + timeout
-    while not all(j.ready() for j in jobs) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    unfinished = {j.id: j.state for j in jobs if not j.ready()}
-    assert not unfinished, f"jobs without a result after {timeout:.0f} s: {unfinished}"
-    return [j.get(timeout=1) for j in jobs]
 
 
 def gen(i: int, **extra) -> dict:

@@ -12,24 +12,13 @@ import time
 import pytest
 import requests
 
-from app.bench.harness import LocalFleet
+from app.bench.harness import LocalFleet, results_of
 from app.errors import JobRejected
-from app.schemas import InferResult
 from tasks import infer
 
 pytestmark = pytest.mark.fleet
 
 EMBED = "nomic-embed-text"
-
-
-def results_of(jobs: list, timeout: float) -> list[InferResult]:
-    """Every job's result, within ``timeout`` for them all; names the jobs that did not end."""
-    deadline = time.monotonic() + timeout
-    while not all(j.ready() for j in jobs) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    unfinished = {j.id: j.state for j in jobs if not j.ready()}
-    assert not unfinished, f"jobs without a result after {timeout:.0f} s: {unfinished}"
-    return [j.get(timeout=1) for j in jobs]
 
 
 #: The embed call's fixed cost (2 ms by default in the simulator) becomes 200 ms, each input's

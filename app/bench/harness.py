@@ -227,6 +227,16 @@ class LocalFleet:
                 broker_channel(conn.default_channel).queue_delete(q)
 
 
+def results_of(jobs: list[Any], timeout: float) -> list[Any]:
+    """Every job's result, within ``timeout`` for them all; names the jobs that did not end."""
+    deadline = time.monotonic() + timeout
+    while not all(j.ready() for j in jobs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    unfinished = {j.id: j.state for j in jobs if not j.ready()}
+    assert not unfinished, f"jobs without a result after {timeout:.0f} s: {unfinished}"
+    return [j.get(timeout=1) for j in jobs]
+
+
 def _answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=1).ok

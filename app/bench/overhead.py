@@ -303,7 +303,7 @@ def run_submission(submitted: int = 1000, rounds: int = 3) -> dict[str, Any]:
 
 
 def _through_gateway(workdir: Path, sim_url: str, n: int) -> dict[str, Any]:
-    from app.bench.harness import free_port, wait_until
+    from app.bench.harness import _answers, free_port, wait_until
     from app.bench.stack import Child
 
     port = free_port()
@@ -313,17 +313,10 @@ def _through_gateway(workdir: Path, sim_url: str, n: int) -> dict[str, Any]:
     child.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _up(url + "/api/version"), 30, "the gateway")
+        wait_until(lambda: _answers(url + "/api/version"), 30, "the gateway")
         return measure_gateway(sim_url, url, n)
     finally:
         child.stop()
-
-
-def _up(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).ok
-    except requests.RequestException:
-        return False
 
 
 def _print(r: dict[str, Any]) -> None:
