@@ -180,7 +180,8 @@ REQUIRED_SETTINGS = frozenset(
 
 
 def create_app(settings: Settings | None = None) -> Celery:
-    app = Celery("corral", include=["tasks", "tasks.batch"])
+    # Task events go out unconfirmed: they are monitoring, not jobs (app.observe.events).
+    app = Celery("corral", include=["tasks", "tasks.batch"], events="app.observe.events:Events")
     app.config_from_object(celery_config(settings or get_settings()))
     return app
 
