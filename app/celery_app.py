@@ -45,15 +45,19 @@ def beat_schedule(schedules: list[EmbedFolder | PromptFile]) -> dict[str, dict[s
     return entries
 
 
-#: Celery's Redis result backend storing a result in one round trip (``app.state.result_backend``),
-#: named as Celery takes a backend class: ``<module>:<class>+<URL>``.
-RESULT_BACKEND_CLASS = "app.state.result_backend:ResultBackend"
+#: Celery's Redis result backends storing a result in one round trip
+#: (``app.state.result_backend``), named as Celery takes a backend class:
+#: ``<module>:<class>+<URL>``.
+RESULT_BACKEND_CLASSES = {
+    "redis": "app.state.result_backend:ResultBackend",
+    "rediss": "app.state.result_backend:ResultBackend",
+    "sentinel": "app.state.result_backend:SentinelResultBackend",
+}
 
 
 def _result_backend(url: str) -> str:
-    return (
-        f"{RESULT_BACKEND_CLASS}+{url}" if url.partition("://")[0] in ("redis", "rediss") else url
-    )
+    backend = RESULT_BACKEND_CLASSES.get(url.partition("://")[0])
+    return f"{backend}+{url}" if backend else url
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -61,6 +65,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.broker_url,
         "result_backend": _result_backend(settings.result_backend),
+        # Read by Celery's Sentinel backend only (a sentinel:// result_backend).
+        "result_backend_transport_options": {"master_name": settings.redis_sentinel_master},
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],

@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     result_backend: str = "redis://127.0.0.1:6379/0"
     redis_url: str = Field("redis://127.0.0.1:6379/1", description="fleet state and cache")
+    redis_sentinel_master: str = Field(
+        "corral",
+        description="the Sentinel service name, for a redis_url or result_backend written as"
+        " sentinel://host:26379/db;sentinel://host2:26379;... (app.state.client)",
+    )
     namespace: str = Field(
         "corral",
         pattern=r"^[a-z0-9][a-z0-9_-]*$",

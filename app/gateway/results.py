@@ -20,32 +20,26 @@ import redis.asyncio
 from celery import states
 from celery.backends.base import Backend, BaseKeyValueStoreBackend
 
+from app.state.client import SENTINEL_SCHEME, async_client
+
 log = logging.getLogger(__name__)
 
 #: How often a waiter looks at its result key in case a notification was missed.
 RECHECK_SECONDS = 2.0
 #: Longest wait for a free Redis connection when all are in use.
 POOL_WAIT_SECONDS = 60
-
-
-def blocking_pool(url: str, size: int, **kwargs: object) -> redis.asyncio.ConnectionPool:
-    """A pool that makes callers wait for a free connection, instead of failing, when all
-    ``size`` are in use (redis-py's default pool raises beyond 100)."""
-    return redis.asyncio.BlockingConnectionPool.from_url(
-        url, max_connections=size, timeout=POOL_WAIT_SECONDS, **kwargs
-    )
+#: The result backends the gateway can watch: a Redis server, or a Sentinel group's primary.
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME)
 
 
 class ResultWatcher:
     def __init__(self, url: str, backend: Backend, anchor: str, max_connections: int = 100) -> None:
-        if not url.startswith(("redis://", "rediss://", "unix://")) or not isinstance(
-            backend, BaseKeyValueStoreBackend
-        ):
+        if not url.startswith(REDIS_SCHEMES) or not isinstance(backend, BaseKeyValueStoreBackend):
             raise ValueError(
                 f"the gateway needs a Redis result backend, not {url.split(':', 1)[0]}://;"
-                " set CORRAL_RESULT_BACKEND=redis://..."
+                " set CORRAL_RESULT_BACKEND=redis://... (or sentinel://...)"
             )
-        self._redis = redis.asyncio.Redis(connection_pool=blocking_pool(url, max_connections))
+        self._redis = async_client(url, max_connections, POOL_WAIT_SECONDS)
         self._pubsub = self._redis.pubsub()
         self._backend: BaseKeyValueStoreBackend = backend
         # A channel nobody publishes on: keeps the pub/sub connection open with no job waiting.

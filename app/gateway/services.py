@@ -22,10 +22,11 @@ from app.gateway.api_keys import KeyStore
 from app.gateway.auth import KeyCache
 from app.gateway.fleet_info import FleetInfo
 from app.gateway.jobs import JobClient
-from app.gateway.results import ResultWatcher, blocking_pool
+from app.gateway.results import POOL_WAIT_SECONDS, ResultWatcher
 from app.jobs.relay import AsyncTokenRelay
 from app.settings import Settings
 from app.state import keys as state_keys
+from app.state.client import async_client
 
 
 @dataclass
@@ -60,8 +61,9 @@ class Services:
         fleet_admin = await jobs.blocking(FleetAdmin.ready)
         await results.start()
         # Each streaming request holds a connection while it waits on its relay.
-        pool = blocking_pool(settings.redis_url, connections, decode_responses=True)
-        client = redis.asyncio.Redis(connection_pool=pool)
+        client = async_client(
+            settings.redis_url, connections, POOL_WAIT_SECONDS, decode_responses=True
+        )
         http = httpx.AsyncClient(timeout=10.0)
         return cls(
             settings=settings,

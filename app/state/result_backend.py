@@ -7,7 +7,8 @@ script (``lua/store_result.lua``), atomically, which also closes the window betw
 and the write. Everything else (keys, expiry, the pub/sub that wakes ``.get()``) is Celery's.
 
 ``app.celery_app`` names it (a string: Celery imports it) in ``result_backend`` for a
-``redis://`` or ``rediss://`` URL.
+``redis://`` or ``rediss://`` URL, and :class:`SentinelResultBackend`, the same store on
+Celery's Sentinel backend, for a ``sentinel://`` one.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 from celery import states
-from celery.backends.redis import RedisBackend
+from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
 from app.state.scripts import script
 
 
-class ResultBackend(RedisBackend):
+class AtomicStore(RedisBackend):
+    """The one-round-trip store, over whichever Redis backend it is mixed into."""
+
     # Set by Celery's backend; its type stubs do not declare them.
     expires: int | None
     failure_expires: int | None
@@ -50,3 +53,11 @@ class ResultBackend(RedisBackend):
 
     def _store_once(self, key: bytes, value: bytes | str, expires: int | None) -> None:
         script(self.client, "store_result.lua")(keys=[key], args=[value, int(expires or 0)])
+
+
+class ResultBackend(AtomicStore):
+    """A single Redis server (``redis://``, ``rediss://``)."""
+
+
+class SentinelResultBackend(AtomicStore, SentinelBackend):
+    """A Sentinel group's primary (``sentinel://``; service name: ``redis_sentinel_master``)."""
