@@ -1,7 +1,7 @@
 """The one Celery app, configured from Corral's settings (the cookiecutter-django shape).
 
-Every process imports this module, so queue arguments (``x-max-priority``) are declared
-identically everywhere: RabbitMQ refuses a redeclaration with different arguments. A Django
+Every process imports this module, so queue arguments (``app.queues.queue_arguments``) are
+declared identically everywhere: RabbitMQ refuses a redeclaration with different arguments. A Django
 or Flask project configures this same app from its own settings with :func:`configure_from`.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from celery import Celery
 from celery.utils.collections import ConfigurationView
 
-from app.queues import batch_queue
+from app.queues import MAX_PRIORITY, batch_queue
 from app.schedules import EmbedFolder, PromptFile
 from app.settings import Settings, get_settings
 
@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 #: The name of Corral's one job task (``tasks.infer``), for code that sends or recognises it
 #: without importing the task.
 INFER_TASK = "corral.infer"
-
-#: Priority levels inside one tier queue (RabbitMQ recommends few levels; 0-9 matches Celery's).
-MAX_PRIORITY = 9
 
 
 def beat_schedule(schedules: list[EmbedFolder | PromptFile]) -> dict[str, dict[str, Any]]:
@@ -60,6 +57,26 @@ def _result_backend(url: str) -> str:
     return f"{backend}+{url}" if backend else url
 
 
+def _queue_kind(settings: Settings) -> dict[str, Any]:
+    """Celery's settings for the queues it creates, per ``queue_type`` (``app.queues``)."""
+    if settings.queue_type == "quorum":
+        # No x-max-priority (RabbitMQ 3.x refuses it on a quorum queue), and topic exchanges:
+        # Celery's native delayed delivery, which keeps a retry's countdown in the broker,
+        # cannot route through direct ones.
+        return {
+            "task_queue_max_priority": None,
+            "task_default_queue_type": "quorum",
+            "task_create_missing_queue_type": "quorum",
+            "task_create_missing_queue_exchange_type": "topic",
+        }
+    return {
+        "task_queue_max_priority": MAX_PRIORITY,
+        "task_default_queue_type": "classic",
+        "task_create_missing_queue_type": "classic",
+        "task_create_missing_queue_exchange_type": None,
+    }
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """What every process shares: the client's configuration, and the base of every role's."""
     return {
@@ -80,9 +97,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # drops finishes; its redelivered copy is dropped by the slot's duplicate guard.
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         # Queues are created on first use (one per model x tier, one per instance), all with
-        # the same priority argument.
+        # the same arguments (app.queues.queue_arguments).
         "task_create_missing_queues": True,
-        "task_queue_max_priority": MAX_PRIORITY,
+        **_queue_kind(settings),
         "task_default_priority": 5,
         "task_default_queue": f"{settings.namespace}.default",
         "result_expires": settings.result_expires,
@@ -173,6 +190,9 @@ REQUIRED_SETTINGS = frozenset(
         # queues are declared on first use.
         "task_queue_max_priority",
         "task_create_missing_queues",
+        "task_default_queue_type",
+        "task_create_missing_queue_type",
+        "task_create_missing_queue_exchange_type",
         # A job is neither lost with its worker nor held back by one.
         "task_acks_late",
         "task_reject_on_worker_lost",

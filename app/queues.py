@@ -8,12 +8,27 @@
 * ``<ns>.batch``: scheduled batch runs and their result callbacks (``tasks.batch``); the batch
   router consumes it, so they never take a thread from a more urgent tier.
 
-All are declared by Celery on first use with ``task_queue_max_priority``, so their arguments
-agree in every process (see ``app.celery_app``).
+All are declared on first use with :func:`queue_arguments`, so their arguments agree in every
+process (RabbitMQ refuses a redeclaration with others; ``app.celery_app`` gives Celery the same).
+
+The ``queue_type`` setting picks the kind of queue:
+
+* ``classic`` (the default): priority queues, 0-9, strict (a higher priority is always
+  delivered first). Each lives on one RabbitMQ node: durable, so it survives that node's
+  restart, but unavailable while the node is down.
+* ``quorum``: replicated on a majority of the cluster's nodes (Raft); they go on serving while
+  a minority is down. RabbitMQ 3.x refuses ``x-max-priority`` on them and keeps no message
+  priority: within one queue, delivery is in publish order. Corral's order survives in what
+  matters most: tiers are separate queues with routers of their own, and the jobs a router
+  holds wait for slots in deadline order (tier, priority, age: ``app.jobs.router``), so the
+  order is FIFO only among the jobs of one model and tier not yet taken by a router thread.
+  Retry countdowns use Celery's native delayed delivery (quorum queues behind topic
+  exchanges), so a job waiting out its backoff waits in the broker, not in a worker.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol, cast
 
 from amqp.exceptions import NotFound
@@ -66,6 +81,26 @@ def broker_channel(channel: StdChannel) -> BrokerChannel:
     return cast(BrokerChannel, channel)
 
 
+#: Priority levels inside one classic tier queue (RabbitMQ recommends few; 0-9 as Celery's).
+MAX_PRIORITY = 9
+
+
+def queue_arguments(*, priority: bool = True) -> dict[str, Any]:
+    """The arguments a Corral queue is declared with, per the ``queue_type`` setting; a classic
+    queue without ``priority`` is a plain FIFO one."""
+    if get_settings().queue_type == "quorum":
+        return {"x-queue-type": "quorum"}
+    return {"x-max-priority": MAX_PRIORITY} if priority else {}
+
+
+def broker_countdown(seconds: float) -> float:
+    """A retry's countdown as the broker can keep it: with quorum queues Celery's native
+    delayed delivery counts whole seconds, at least one (it refuses less)."""
+    if seconds > 0 and get_settings().queue_type == "quorum":
+        return float(max(1, math.ceil(seconds)))
+    return seconds
+
+
 def route_queue(model: str, tier: Tier) -> str:
     return f"{get_settings().namespace}.route.{model}.{tier}"
 
@@ -116,6 +151,8 @@ def delay_queue(target: str, seconds: int) -> Queue:
         Exchange(name, type="direct"),
         routing_key=name,
         queue_arguments={
+            # FIFO: the messages expire at the head in the order they came.
+            **queue_arguments(priority=False),
             "x-message-ttl": seconds * 1000,
             "x-dead-letter-exchange": "",
             "x-dead-letter-routing-key": target,

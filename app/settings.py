@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         pattern=r"^[a-z0-9][a-z0-9_-]*$",
         description="prefix of every queue name and Redis key; lets stacks share a broker",
     )
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic",
+        description="classic: priority queues (strict priority 0-9), each on one RabbitMQ node;"
+        " quorum: replicated across the cluster, FIFO (RabbitMQ before 4.3 keeps no message"
+        " priority in them; app.queues)",
+    )
     broker_consumer_timeout: float = Field(
         1800.0,
         gt=0,

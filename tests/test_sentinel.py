@@ -22,7 +22,6 @@ import redis
 from redis import RedisError
 
 from app.bench.harness import free_port, own_fleet, wait_until
-from app.celery_app import celery_app, celery_config
 from app.schemas import InferResult
 from app.settings import get_settings
 from app.state.client import redis_client
@@ -126,16 +125,6 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelGroup]:
         group.stop()
 
 
-def _use_backend_of_settings() -> None:
-    """This process's Celery app follows the settings of the moment (own_fleet sets them)."""
-    config = celery_config(get_settings())
-    celery_app.conf.update(
-        result_backend=config["result_backend"],
-        result_backend_transport_options=config["result_backend_transport_options"],
-    )
-    vars(celery_app._local).pop("backend", None)
-
-
 def _results(jobs: list[Any], timeout: float) -> dict[str, str]:
     """Each job's answer, read through connections that may fail while Redis fails over."""
     done: dict[str, str] = {}
@@ -168,41 +157,37 @@ def test_primary_killed_mid_run_the_replica_takes_over_and_every_job_ends_once(
     ]
     workdir = tmp_path / "fleet"
     workdir.mkdir()
-    try:
-        with own_fleet(
-            workdir,
-            sims,
-            CORRAL_NAMESPACE=f"sen{os.getpid()}",
-            CORRAL_REDIS_URL=sentinels.url(1),
-            CORRAL_RESULT_BACKEND=sentinels.url(0),
-            CORRAL_REDIS_SENTINEL_MASTER=SERVICE,
-        ) as fleet:
-            _use_backend_of_settings()
-            assert redis_client(get_settings().redis_url).ping()
-            wait_until(sentinels.can_fail_over, 30, "the Sentinels ready to fail over")
-            jobs = [
-                infer.delay(model=CHAT, prompt=f"sentinel {i}", cache=False, options={"seed": i})
-                for i in range(40)
-            ]
-            wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
-            old = sentinels.ports["primary"]
-            sentinels.kill("primary")
-            # Submitted while the Sentinels have yet to notice: each waits for the new primary.
-            t = time.monotonic()
-            jobs += [infer.delay(model=CHAT, prompt=f"late {i}", cache=False) for i in range(10)]
-            running = len(jobs) - sum(j.ready() for j in jobs)
-            print(f"10 jobs submitted during the failover in {time.monotonic() - t:.1f} s")
-            wait_until(lambda: sentinels.primary_port() != old, 30, "the replica promoted")
-            done = _results(jobs, 120)
-            assert len(done) == len(jobs), f"{len(jobs) - len(done)} jobs without a result"
-            assert all(done.values())
-            ran = int(fleet.sim_total("requests_total"))
-            print(f"{len(jobs)} jobs, {ran} requests served: {ran - len(jobs)} ran twice")
-            assert running > 20, "the primary died after most jobs had ended"
-            for name in fleet.sim_urls:
-                assert fleet.sim_stats(name)["peak_in_flight"] <= 2, name
-    finally:
-        _use_backend_of_settings()  # own_fleet gave the settings back
+    with own_fleet(
+        workdir,
+        sims,
+        CORRAL_NAMESPACE=f"sen{os.getpid()}",
+        CORRAL_REDIS_URL=sentinels.url(1),
+        CORRAL_RESULT_BACKEND=sentinels.url(0),
+        CORRAL_REDIS_SENTINEL_MASTER=SERVICE,
+    ) as fleet:
+        assert redis_client(get_settings().redis_url).ping()
+        wait_until(sentinels.can_fail_over, 30, "the Sentinels ready to fail over")
+        jobs = [
+            infer.delay(model=CHAT, prompt=f"sentinel {i}", cache=False, options={"seed": i})
+            for i in range(40)
+        ]
+        wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
+        old = sentinels.ports["primary"]
+        sentinels.kill("primary")
+        # Submitted while the Sentinels have yet to notice: each waits for the new primary.
+        t = time.monotonic()
+        jobs += [infer.delay(model=CHAT, prompt=f"late {i}", cache=False) for i in range(10)]
+        running = len(jobs) - sum(j.ready() for j in jobs)
+        print(f"10 jobs submitted during the failover in {time.monotonic() - t:.1f} s")
+        wait_until(lambda: sentinels.primary_port() != old, 30, "the replica promoted")
+        done = _results(jobs, 120)
+        assert len(done) == len(jobs), f"{len(jobs) - len(done)} jobs without a result"
+        assert all(done.values())
+        ran = int(fleet.sim_total("requests_total"))
+        print(f"{len(jobs)} jobs, {ran} requests served: {ran - len(jobs)} ran twice")
+        assert running > 20, "the primary died after most jobs had ended"
+        for name in fleet.sim_urls:
+            assert fleet.sim_stats(name)["peak_in_flight"] <= 2, name
 
 
 def test_the_gateways_asyncio_clients_reach_the_primary_and_wait_for_a_connection(

@@ -264,7 +264,7 @@ def own_fleet(
     env = {"CORRAL_INSTANCES": instances_env(sims), **env}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    get_settings.cache_clear()
+    follow_settings()
     fleet = LocalFleet(workdir, dict(os.environ), sims, loglevel=loglevel)
     try:
         fleet.start()
@@ -277,4 +277,18 @@ def own_fleet(
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        get_settings.cache_clear()
+        follow_settings()
+
+
+def follow_settings() -> None:
+    """Settings changed in the environment: read them again, and this process's Celery app
+    with them (its result backend, the arguments of the queues it declares)."""
+    from app.celery_app import celery_app, celery_config
+
+    get_settings.cache_clear()
+    celery_app.config_from_object(celery_config(get_settings()), force=True)
+    # Built again from the new result_backend (Celery keeps it in one of these two).
+    vars(celery_app)["_backend_cache"] = None
+    vars(vars(celery_app)["_local"]).pop("backend", None)
+    # Its queues and router, created again with the new queue arguments.
+    vars(celery_app).pop("amqp", None)

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from celery.exceptions import Ignore
 from kombu import Queue
 
-from app.celery_app import MAX_PRIORITY
 from app.errors import (
     InstanceSilent,
     InstanceUnavailable,
@@ -48,7 +47,7 @@ from app.jobs.lifecycle import WHILE_RUNNING, Ran, cacheable, job_fields, job_id
 from app.jobs.relay import token_relay
 from app.observe import metrics
 from app.observe.tracing import tracer
-from app.queues import dead_letter_queue, route_queue
+from app.queues import broker_countdown, dead_letter_queue, queue_arguments, route_queue
 from app.schemas import Answer, InferRequest, InferResult, RouteState, RoutingInfo
 from app.settings import get_settings
 from app.state import failures as recent_failures
@@ -246,7 +245,7 @@ def _on_failure(
     )
     raise task.retry(
         exc=exc,
-        countdown=countdown,
+        countdown=broker_countdown(countdown),
         queue=route_queue(request.model, request.tier),
         kwargs={**job_fields(task), "_route": failed.model_dump()},
         max_retries=None,
@@ -304,7 +303,7 @@ def dead_letter(
         "dead_at": time.time(),
     }
     name = dead_letter_queue()
-    queue = Queue(name, routing_key=name, queue_arguments={"x-max-priority": MAX_PRIORITY})
+    queue = Queue(name, routing_key=name, queue_arguments=queue_arguments())
     with celery_app.producer_pool.acquire(block=True) as producer:
         producer.publish(
             json.dumps(record),

@@ -12,6 +12,7 @@ import logging
 import threading
 
 from celery.signals import worker_ready, worker_shutting_down
+from kombu.transport.native_delayed_delivery import bind_queue_to_native_delayed_delivery_exchange
 
 from app.jobs.router import shutting_down
 from app.queues import batch_queue, route_queue
@@ -59,11 +60,30 @@ def _watch_models(tier: Tier, hostname: str, stop: threading.Event) -> None:
             for model in _served_models():
                 queue = route_queue(model, tier)
                 if queue not in known:
+                    _prepare(queue)
                     celery_app.control.add_consumer(queue, destination=[hostname], reply=False)
                     known.add(queue)
                     log.info("router %s now consumes %s", tier, queue)
         except Exception:
             log.exception("watching for new models failed")
+
+
+def _prepare(queue: str) -> None:
+    """Make a route queue added at run time what the worker's own would have been.
+
+    Celery's ``add_consumer`` declares a queue it does not know yet as a plain direct one;
+    looking it up first creates it as every Corral queue is (``app.queues``). With quorum
+    queues, a retry's countdown waits in Celery's native delayed-delivery exchanges, which
+    hand a message only to a queue bound to them: the worker binds the queues it starts
+    with (Celery's ``DelayedDelivery`` step), this binds the ones added since.
+    """
+    from app.celery_app import celery_app
+
+    declared = celery_app.amqp.queues[queue]
+    if get_settings().queue_type == "quorum":
+        with celery_app.connection_for_write() as connection:
+            declared(connection.default_channel).declare()  # its exchange, to bind
+            bind_queue_to_native_delayed_delivery_exchange(connection, declared)
 
 
 def _evaluate_degradation(stop: threading.Event) -> None:

@@ -16,7 +16,7 @@ from pytest_celery.fixtures.setup import (  # noqa: F401 (fixtures used by the t
     celery_setup_name,
 )
 
-from app.celery_app import MAX_PRIORITY
+from app.queues import MAX_PRIORITY
 from app.settings import get_settings
 
 
