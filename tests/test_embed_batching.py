@@ -53,7 +53,11 @@ def test_waiting_embed_jobs_ride_in_one_call_each_with_its_own_answer(
     fleet = healthy_fleet
     slow_embeds(fleet)
     texts = [f"embedding batch text number {i}" for i in range(48)]
-    jobs = [infer.delay(model=EMBED, kind="embed", input=t, cache=False) for t in texts]
+    # Published at once, so they wait together: one by one, on a busy machine, each could
+    # find a slot just freed and run alone (a job rides only when it has to wait).
+    jobs = infer.submit_many(
+        [{"model": EMBED, "kind": "embed", "input": t, "cache": False} for t in texts]
+    )
     results = results_of(jobs, timeout=90)
     fleet.clear_faults()
 
