@@ -108,11 +108,14 @@ class _Planner:
 
 
 def _show(placement: Placement) -> None:
-    """Keep the new plan where the dashboard and ``corral fleet list`` read it."""
+    """Keep the new plan where the dashboard, ``corral fleet list`` and the instance workers
+    (``app.jobs.model_swap``) read it."""
     hold = {name: sorted(models) for name, models in placement.hold.items()}
-    # Only what people see: routing goes on with the plan whatever Redis says.
+    arriving = {name: dict(models) for name, models in placement.arriving.items()}
+    # What people see, and what the instance workers unload and preload: routing goes on
+    # with the plan whatever Redis says.
     with contextlib.suppress(RedisError):
-        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S)
+        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S, arriving=arriving)
 
 
 _demand = _Demand()
