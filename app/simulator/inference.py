@@ -381,6 +381,7 @@ class Inference:
             held = (perf_counter_ns() - started) / 1e9
             self.s.stats.slot_freed(model_stats, held)
             self.s.stats.span(taken, taken + held)
+            self.s.stats.event("slot", runner.model.name, taken, taken + held)
 
     def _maybe_busy(self) -> None:
         if self.s.roll(self.s.cfg.busy_rate):

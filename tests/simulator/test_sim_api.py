@@ -120,6 +120,22 @@ def test_an_embedding_model_unloads_through_generate(sim):
         client.generate(model="nomic-embed-text")  # a preload still is not
 
 
+def test_events_give_the_timeline_of_loads_slots_and_unloads(sim):
+    client, model = sim.client(), "qwen2.5:7b"
+    client.generate(model=model, keep_alive=0)
+    sim.post("/sim/reset").raise_for_status()
+    client.generate(model=model, prompt="hi", options={"num_predict": 1})
+    client.generate(model=model, keep_alive=0)
+    events = sim.get("/sim/events").json()["events"]
+    assert [(kind, name) for kind, name, _, _ in events] == [
+        ("load", model),
+        ("slot", model),
+        ("unload", model),
+    ]
+    (_, _, load_start, load_end), (_, _, taken, freed), (_, _, gone, _) = events
+    assert load_start < load_end <= taken < freed <= gone
+
+
 def test_embed(sim):
     client = sim.client()
     reply = client.embed(model="nomic-embed-text", input=["first text", "second text"])
