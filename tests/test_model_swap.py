@@ -9,6 +9,7 @@ published by hand, with no job at all, and for a switch the routers decide under
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 import requests
 
 from app.bench.harness import LocalFleet, free_port, own_fleet, results_of, wait_until
-from app.jobs.model_swap import SETTLE_S, Moves, moves
+from app.jobs.model_swap import SETTLE_S, ModelSwap, Moves, moves
 from app.observe.metrics import job_store
 from app.state.fleet import fleet_state
 from tasks import infer
@@ -71,6 +72,48 @@ def test_one_preload_at_a_time_within_the_room() -> None:
     assert moves(fs(B, C), fs(B, C), NONE, 2) == Moves((), (B,))
     assert moves(fs(B, C), fs(B, C), NONE, 2, sent=fs(B)) == Moves((), (C,))
     assert moves(fs(A, B, C), fs(B, C), fs(A), 2, busy=fs(A), sent=fs(B)) == Moves()
+
+
+class FakeClient:
+    """Records what the worker sends; a preload returns when ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.unloads: list[str] = []
+        self.preloads: list[str] = []
+        self.release = threading.Event()
+
+    def unload(self, model: str, timeout: float) -> None:
+        self.unloads.append(model)
+
+    def preload(self, model: str, timeout: float) -> str:
+        self.preloads.append(model)
+        self.release.wait(5)
+        return "generate"
+
+
+def test_a_switch_is_acted_on_once_settled_and_read_twice_and_sent_once() -> None:
+    swap, client = ModelSwap("x"), FakeClient()
+
+    def step(switched: dict[str, float], now: float, loaded: frozenset[str] = fs(A)) -> Moves:
+        return swap.step((fs(B), switched), loaded, 1, NONE, client, 10.0, now=now)  # type: ignore[arg-type]
+
+    assert step({B: 100.0}, now=100.5) == Moves()  # not settled yet
+    assert step({B: 100.0}, now=100.0 + SETTLE_S) == Moves((A,), (B,))
+    assert client.unloads == [A] and client.preloads == [B]
+    client.release.set()
+    swap._preloading.join(5)  # type: ignore[union-attr]
+    # Later heartbeats, A still loaded (its jobs running): nothing is sent again.
+    assert step({B: 100.0}, now=103.0) == Moves()
+    assert client.unloads == [A] and client.preloads == [B]
+
+
+def test_a_switch_another_router_does_not_make_is_not_acted_on() -> None:
+    swap, client = ModelSwap("x"), FakeClient()
+    client.release.set()
+    plans = [{B: 100.0}, {}, {B: 100.0}, {B: 100.7}]  # two routers publishing in turn
+    for i, switched in enumerate(plans):
+        swap.step((fs(B), switched), fs(A), 1, NONE, client, 10.0, now=103.0 + i)  # type: ignore[arg-type]
+    assert client.unloads == [] and client.preloads == []
 
 
 # With real processes -----------------------------------------------------------------------

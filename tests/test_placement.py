@@ -133,3 +133,24 @@ def test_a_backlog_that_reads_empty_for_a_moment_keeps_its_box() -> None:
     blip = plan(replace(s, backlog={B: 60}, now=100.5), first)
     assert blip.hold["x"] == {A}
     assert plan(replace(s, backlog={B: 60}, now=101.5), blip).hold["x"] == {B}
+
+
+def test_room_given_to_a_job_is_taken_until_the_instance_reports_its_load() -> None:
+    three = frozenset({A, B, C})
+    s = snap(
+        box("x", frozenset({A}), max_loaded=2, models=three),
+        box("y", frozenset({B}), max_loaded=2, models=three),
+        backlog={A: 2, B: 2},
+    )
+    p = plan(s)
+    assert p.room == {"x": 1, "y": 1} and p.allows("x", C) and p.allows("x", B)
+    # A router sent a job of C into the room on x: the room is taken, C placed there.
+    after = p.with_arrival("x", C, 100.2)
+    assert after.hold["x"] == {A, C} and after.room["x"] == 0
+    assert after.arriving["x"] == {C: 100.2}
+    assert not after.allows("x", B)  # no second model into the same room
+    assert after.with_arrival("x", B, 100.3) is after  # ranked on an older plan: no room
+    assert after.with_arrival("y", B, 100.3) is after  # held there already
+    # The next plan keeps C there (arriving) until x reports it loaded.
+    again = plan(replace(s, backlog={A: 2, B: 2, C: 1}, now=100.5), after)
+    assert again.hold["x"] == {A, C} and again.room["x"] == 0

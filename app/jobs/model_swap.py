@@ -21,8 +21,11 @@ Unloads and preloads only ever follow a switch, and only once it is ``SETTLE_S``
 the model leaving may still be handed a slot there until then (a waiting job's list of
 instances is refreshed every second, ``app.jobs.router.WAIT_POLL_SECONDS``), and it would find
 the model unloading and have to load it again. The jobs of the model arriving load it
-themselves meanwhile, as they would without any of this. A model the plan merely keeps is
-never touched, and with no plan (none made lately: the fleet idle) nothing is sent.
+themselves meanwhile, as they would without any of this. The switch must also read the same
+(decided at the same time) at two heartbeats in a row: each router process plans on its own
+(one per tier), the last one to plan publishes, and a switch one of them makes and another
+does not is not acted on. A model the plan merely keeps is never touched, and with no plan
+(none made lately: the fleet idle) nothing is sent.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class ModelSwap:
     #: Models keep_alive 0 was sent for, until they leave /api/ps or the plan holds them again.
     unloading: set[str] = field(default_factory=set)
     _preloading: threading.Thread | None = None
+    #: The switches read at the previous heartbeat, with when they were decided.
+    _seen: dict[str, float] = field(default_factory=dict)
 
     def step(
         self,
@@ -97,18 +102,20 @@ class ModelSwap:
         now: float | None = None,
     ) -> Moves:
         """Act on the plan for this server (``None``: no plan, nothing to do); ``now`` is
-        wall-clock time, as the plan's times are."""
+        wall-clock time, as the plan's times are. Returns what it sent."""
         held, switched = plan if plan is not None else (frozenset(), {})
         now = time.time() if now is None else now
-        arriving = frozenset(m for m, at in switched.items() if now - at >= SETTLE_S)
+        arriving = frozenset(
+            m for m, at in switched.items() if now - at >= SETTLE_S and self._seen.get(m) == at
+        )
+        self._seen = dict(switched)
         self.sent &= frozenset(switched) - loaded
         self.unloading &= loaded - held
         if plan is None:
             return Moves()
         todo = moves(held, arriving, loaded, max_loaded, busy, frozenset(self.sent))
-        for model in todo.unload:
-            if model in self.unloading:
-                continue
+        unload = tuple(m for m in todo.unload if m not in self.unloading)
+        for model in unload:
             self.unloading.add(model)  # once, even if it fails: Ollama evicts it anyway
             try:
                 client.unload(model, timeout=UNLOAD_TIMEOUT_S)
@@ -118,7 +125,7 @@ class ModelSwap:
             log.info("instance %s: %s unloaded (the plan moved it off)", self.instance, model)
             metrics.unload_sent(self.instance, model)
         if self._preloading is not None and self._preloading.is_alive():
-            return Moves(todo.unload)  # one preload at a time: the next heartbeat looks again
+            return Moves(unload)  # one preload at a time: the next heartbeat looks again
         for model in todo.preload:
             self.sent.add(model)
             self._preloading = threading.Thread(
@@ -128,7 +135,7 @@ class ModelSwap:
                 daemon=True,
             )
             self._preloading.start()
-        return todo
+        return Moves(unload, todo.preload)
 
     def _preload(self, client: OllamaClient, model: str, timeout: float) -> None:
         try:

@@ -106,6 +106,14 @@ class _Planner:
         finally:
             self._lock.release()
 
+    def sent(self, instance: str, model: str, now: float) -> None:
+        """A job of ``model`` took a slot on ``instance``: if the plan let it in only through
+        the room there, the room is taken and the model placed (``Placement.with_arrival``),
+        until the instance reports what it loaded."""
+        with self._lock:
+            if self._plan is not None:
+                self._plan = self._plan.with_arrival(instance, model, now)
+
 
 def _show(placement: Placement) -> None:
     """Keep the new plan where the dashboard, ``corral fleet list`` and the instance workers
@@ -120,6 +128,12 @@ def _show(placement: Placement) -> None:
 
 _demand = _Demand()
 _planner = _Planner()
+
+
+def job_sent(instance: str, model: str) -> None:
+    """Called by the router once a job holds a slot on ``instance`` (see ``_Planner.sent``)."""
+    if get_settings().placement:
+        _planner.sent(instance, model, time.time())
 
 
 def with_plan(
