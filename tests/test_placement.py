@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from routing import FleetSnapshot, InstanceStats, Placement, plan, rank
 
 A, B, C = "a:latest", "b:latest", "c:latest"
@@ -154,3 +156,40 @@ def test_room_given_to_a_job_is_taken_until_the_instance_reports_its_load() -> N
     # The next plan keeps C there (arriving) until x reports it loaded.
     again = plan(replace(s, backlog={A: 2, B: 2, C: 1}, now=100.5), after)
     assert again.hold["x"] == {A, C} and again.room["x"] == 0
+
+
+def test_the_job_being_routed_counts_when_the_reading_missed_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first interactive job for a model loaded nowhere: the backlog reading (made before
+    it was queued) has no job of it, so the plan gives it no box; the plan is made again
+    counting the job, and it is ranked on the box the plan takes for it at once."""
+    from app.jobs import placement as on_job_path
+
+    monkeypatch.setattr(on_job_path, "_demand", lambda models: (1.0, {A: 100}, {}))
+    monkeypatch.setattr(on_job_path, "_planner", on_job_path._Planner())
+    monkeypatch.setattr(on_job_path, "_show", lambda placement: None)
+    served = frozenset({A, B, C})
+    s = snap(
+        box("x", frozenset({A}), models=served), box("y", frozenset({A}), models=served), backlog={}
+    )
+    batch = on_job_path.with_plan(s, B, "least_connections", lambda m: 0)
+    assert batch.placement is not None and holders(batch.placement, B) == {"y"}
+    urgent = on_job_path.with_plan(s, C, "least_connections", lambda m: 0, urgent_job=True)
+    assert urgent.placement is not None and holders(urgent.placement, C)
+    assert [c.instance for c in rank(urgent, C)] == sorted(holders(urgent.placement, C))
+
+
+def test_smart_assumes_the_fleets_load_time_on_a_box_that_never_loaded_the_model() -> None:
+    # y never loaded B (nothing learned there): with 5 s assumed, 18 jobs of B would rather
+    # wait for x; with the 1 s the fleet learned, y (switched to B by the plan) takes them.
+    s = snap(
+        box("x", frozenset({B})),
+        box("y", frozenset({A}), load_ms={A: 1000.0}, model_ewma_ms={A: 250.0}),
+        backlog={B: 18},
+    )
+    s = replace(s, placement=plan(s))
+    assert s.placement is not None and s.placement.hold["y"] == {B}
+    assert {c.instance for c in rank(s, B, strategy="smart")} == {"x", "y"}
+    unknown = replace(s, instances=tuple(replace(i, load_ms={}) for i in s.instances))
+    assert [c.instance for c in rank(unknown, B, strategy="smart")] == ["x"]

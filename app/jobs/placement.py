@@ -106,6 +106,15 @@ class _Planner:
         finally:
             self._lock.release()
 
+    def again(self, snapshot: FleetSnapshot) -> Placement:
+        """Plan now, whatever changed (a job the reading missed, see ``with_plan``); the plan
+        then stands until the next reading."""
+        with self._lock:
+            self._plan = plan(snapshot, self._plan)
+            self._at = snapshot.now
+            _show(self._plan)
+            return self._plan
+
     def sent(self, instance: str, model: str, now: float) -> None:
         """A job of ``model`` took a slot on ``instance``: if the plan let it in only through
         the room there, the room is taken and the model placed (``Placement.with_arrival``),
@@ -137,16 +146,40 @@ def job_sent(instance: str, model: str) -> None:
 
 
 def with_plan(
-    snapshot: FleetSnapshot, model: str, strategy: str, backlog: Callable[[str], int]
+    snapshot: FleetSnapshot,
+    model: str,
+    strategy: str,
+    backlog: Callable[[str], int],
+    urgent_job: bool = False,
 ) -> FleetSnapshot:
     """The snapshot with what ``routing.rank`` needs for ``strategy``: with the ``placement``
     setting, every model's backlog and the placement plan; for ``smart``, the backlog of
     ``model`` as ``backlog`` reads it now (a plan can wait half a second for its reading; the
     last jobs of a backlog cannot, or they start on a slow box a fast one would have beaten).
+
+    The job being routed is neither queued nor waiting yet, so the reading misses it: when
+    the plan allows its model nowhere and the reading counts no job of it (no urgent one, for
+    an ``urgent_job``), the plan is made again counting this job. Otherwise the first job for
+    a model loaded nowhere would wait for its next look at the fleet (a second) before the
+    plan gives its model a box.
     """
     current = {model: backlog(model)} if strategy == "smart" else {}
     if not get_settings().placement:
         return replace(snapshot, backlog=current)
     at, waiting, urgent = _demand(lambda: sorted({m for i in snapshot.instances for m in i.models}))
     snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
-    return replace(snapshot, placement=_planner(snapshot, at), backlog={**waiting, **current})
+    placement = _planner(snapshot, at)
+    missed = not waiting.get(model) or (urgent_job and not urgent.get(model))
+    if missed and not _allowed_anywhere(placement, snapshot, model):
+        waiting = {**waiting, model: waiting.get(model, 0) + 1}
+        if urgent_job:
+            urgent = {**urgent, model: urgent.get(model, 0) + 1}
+        snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
+        placement = _planner.again(snapshot)
+    return replace(snapshot, placement=placement, backlog={**waiting, **current})
+
+
+def _allowed_anywhere(placement: Placement, snapshot: FleetSnapshot, model: str) -> bool:
+    return any(
+        placement.allows(i.name, model) for i in snapshot.serving(model) if i.up(snapshot.now)
+    )

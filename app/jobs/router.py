@@ -154,7 +154,11 @@ def _reserve_slot(
         unserved_since = None
         strategy = snapshot.strategy_for(request.model, settings.strategy)
         snapshot = with_plan(
-            snapshot, request.model, strategy, functools.partial(_backlog, waiting=waiting_now)
+            snapshot,
+            request.model,
+            strategy,
+            functools.partial(_backlog, waiting=waiting_now),
+            urgent_job=request.tier == "interactive",
         )
         choices = rank(
             snapshot,
