@@ -11,7 +11,8 @@ that has room to load it without evicting anything (:meth:`Placement.allows`).
 The rules:
 
 * a box keeps a model while that model has work, up to the boxes that work can keep busy
-  (``ceil(backlog / parallelism)``);
+  (``ceil(backlog / parallelism)``), or that the plan switched to it less than ``settle_s``
+  ago and has not seen loaded yet;
 * a model with work and no box gets one: a box with room, else one holding only models
   without work, else (when another model holds two boxes or more, or this model has urgent
   jobs) a box taken from the model that holds the most boxes;
@@ -145,10 +146,13 @@ def plan(
             if m in demand and m in b.models:
                 holders[m].append(b.name)
     for m, names in holders.items():
-        # Boxes already loading it first (a switch just decided stays), then by name.
+        # A switch just decided stays while its model has work, whatever the backlog reads
+        # meanwhile: readings made while a batch is still being submitted undercount it, and
+        # undoing the switch would cost a load for nothing. Then the others, by name.
         names.sort(key=lambda n: (m not in arriving.get(n, {}), n))
         per_box = min((by_name[n].capacity for n in names), default=1)
-        del names[max(1, math.ceil(demand[m] / per_box)) :]
+        switched = sum(m in arriving.get(n, {}) for n in names)
+        del names[max(1, math.ceil(demand[m] / per_box), switched) :]
         for n in names:
             hard[n].add(m)
 

@@ -193,3 +193,14 @@ def test_smart_assumes_the_fleets_load_time_on_a_box_that_never_loaded_the_model
     assert {c.instance for c in rank(s, B, strategy="smart")} == {"x", "y"}
     unknown = replace(s, instances=tuple(replace(i, load_ms={}) for i in s.instances))
     assert [c.instance for c in rank(unknown, B, strategy="smart")] == ["x"]
+
+
+def test_a_switch_just_decided_stays_while_the_backlog_reads_low() -> None:
+    three = (box("x"), box("y"), box("z"))
+    first = plan(snap(*three, backlog={A: 30, B: 30}))
+    a_boxes = holders(first, A)
+    assert len(a_boxes) == 2
+    # Half a second later the reading (the batch still being submitted) says 2 jobs of A:
+    # both boxes stay on A, not yet loaded there; without the switch pending, one would go.
+    low = replace(snap(*three, backlog={A: 2, B: 30}), now=100.5)
+    assert holders(plan(low, first), A) == a_boxes

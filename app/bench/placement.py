@@ -110,8 +110,10 @@ def _unload_all(fleet: LocalFleet) -> None:
     """Nothing loaded anywhere, counters zeroed, and Corral's view of /api/ps refreshed."""
     from app.state.fleet import fleet_state
 
-    # The last plan would have the workers preload its models again (app.jobs.model_swap).
+    # The last plan would have the workers preload its models again (app.jobs.model_swap):
+    # forget it, and let a preload a worker started from it end before unloading.
     fleet_state().placement.clear()
+    time.sleep(get_settings().heartbeat_interval + LOAD_S + 0.5)
     for url in fleet.sim_urls.values():
         for m in requests.get(f"{url}/api/ps", timeout=10).json()["models"]:
             body = {"model": m["model"], "keep_alive": 0}
