@@ -168,7 +168,8 @@ def test_the_job_being_routed_counts_when_the_reading_missed_it(
 
     monkeypatch.setattr(on_job_path, "_demand", lambda models: (1.0, {A: 100}, {}))
     monkeypatch.setattr(on_job_path, "_planner", on_job_path._Planner())
-    monkeypatch.setattr(on_job_path, "_show", lambda placement: None)
+    monkeypatch.setattr(on_job_path, "_show", lambda *shown: None)
+    monkeypatch.setattr(on_job_path._Planner, "_previous", lambda self: self._plan)
     served = frozenset({A, B, C})
     s = snap(
         box("x", frozenset({A}), models=served), box("y", frozenset({A}), models=served), backlog={}

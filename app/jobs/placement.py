@@ -12,8 +12,11 @@ decision costs a comparison of the fleet's loaded models with the last ones.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -82,6 +85,8 @@ class _Planner:
         self._key: object = None
         self._at = 0.0
         self._plan: Placement | None = None
+        #: Names this process's plans among the routers' (``_previous``).
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     def __call__(self, snapshot: FleetSnapshot, reading_at: float) -> Placement:
         now = snapshot.now
@@ -99,9 +104,9 @@ class _Planner:
             return self._plan  # type: ignore[return-value]  # None only while blocking
         try:
             if self._plan is None or key != self._key or now - self._at > REPLAN_SECONDS:
-                self._plan = plan(snapshot, self._plan)
+                self._plan = plan(snapshot, self._previous())
                 self._key, self._at = key, now
-                _show(self._plan)
+                _show(self._plan, self.id, now)
             return self._plan
         finally:
             self._lock.release()
@@ -110,10 +115,31 @@ class _Planner:
         """Plan now, whatever changed (a job the reading missed, see ``with_plan``); the plan
         then stands until the next reading."""
         with self._lock:
-            self._plan = plan(snapshot, self._plan)
+            self._plan = plan(snapshot, self._previous())
             self._at = snapshot.now
-            _show(self._plan)
+            _show(self._plan, self.id, snapshot.now)
             return self._plan
+
+    def _previous(self) -> Placement | None:
+        """This process's last plan, or the one another router published since: each router
+        process (one per tier) plans for itself, and building on the latest plan whoever made
+        it keeps them on the same switches (their readings of the backlog differ by a few
+        hundred milliseconds; each planning on its own history, they placed a cold model on
+        two different boxes, each evicting models the other plan kept)."""
+        try:
+            latest = fleet_state().placement.latest()
+        except (RedisError, ValueError, KeyError, TypeError):
+            return self._plan
+        if latest is None:
+            return self._plan
+        by, at, hold, arriving = latest
+        if by == self.id or at <= self._at:
+            return self._plan
+        return Placement(
+            hold={name: frozenset(models) for name, models in hold.items()},
+            arriving={name: dict(models) for name, models in arriving.items()},
+            wanted=self._plan.wanted if self._plan is not None else {},
+        )
 
     def sent(self, instance: str, model: str, now: float) -> None:
         """A job of ``model`` took a slot on ``instance``: if the plan let it in only through
@@ -124,15 +150,15 @@ class _Planner:
                 self._plan = self._plan.with_arrival(instance, model, now)
 
 
-def _show(placement: Placement) -> None:
-    """Keep the new plan where the dashboard, ``corral fleet list`` and the instance workers
-    (``app.jobs.model_swap``) read it."""
+def _show(placement: Placement, by: str, at: float) -> None:
+    """Keep the new plan where the dashboard, ``corral fleet list``, the instance workers
+    (``app.jobs.model_swap``) and the other routers (``_Planner._previous``) read it."""
     hold = {name: sorted(models) for name, models in placement.hold.items()}
     arriving = {name: dict(models) for name, models in placement.arriving.items()}
     # What people see, and what the instance workers unload and preload: routing goes on
     # with the plan whatever Redis says.
     with contextlib.suppress(RedisError):
-        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S, arriving=arriving)
+        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at)
 
 
 _demand = _Demand()

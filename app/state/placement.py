@@ -31,12 +31,28 @@ class PlacementShown:
         hold: dict[str, list[str]],
         ttl_s: float,
         arriving: dict[str, dict[str, float]] | None = None,
+        by: str = "",
+        at: float = 0.0,
     ) -> None:
+        """``by``: the router process that made the plan, ``at``: when (its fleet snapshot's
+        wall-clock time)."""
         px = max(1, int(ttl_s * 1000))
+        moves = {"by": by, "at": at, "arriving": arriving or {}}
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key, json.dumps(hold, sort_keys=True), px=px)
-            pipe.set(self.arriving_key, json.dumps(arriving or {}, sort_keys=True), px=px)
+            pipe.set(self.arriving_key, json.dumps(moves, sort_keys=True), px=px)
             pipe.execute()
+
+    def latest(
+        self,
+    ) -> tuple[str, float, dict[str, list[str]], dict[str, dict[str, float]]] | None:
+        """(by, at, hold, arriving) of the last plan published, None if none is current."""
+        keys_ = [self.key, self.arriving_key]
+        hold_raw, moves_raw = cast("list[str | None]", self.redis.mget(keys_))
+        if hold_raw is None or moves_raw is None:
+            return None
+        moves = json.loads(moves_raw)
+        return moves["by"], float(moves["at"]), json.loads(hold_raw), moves["arriving"]
 
     def read(self) -> dict[str, list[str]] | None:
         raw = cast("str | None", self.redis.get(self.key))  # the client decodes responses
@@ -46,15 +62,13 @@ class PlacementShown:
         """(models ``instance`` should hold, those of them the plan switched it to with the
         time it decided each switch), or None when no current plan covers the instance (none
         made lately, or it was down)."""
-        hold_raw, arriving_raw = cast(
-            "list[str | None]", self.redis.mget([self.key, self.arriving_key])
-        )
-        if hold_raw is None:
+        latest = self.latest()
+        if latest is None:
             return None
-        held = cast(dict[str, list[str]], json.loads(hold_raw)).get(instance)
+        _, _, hold, arriving = latest
+        held = hold.get(instance)
         if held is None:
             return None
-        arriving = cast(dict[str, dict[str, float]], json.loads(arriving_raw or "{}"))
         return frozenset(held), arriving.get(instance, {})
 
     def clear(self) -> None:
