@@ -159,6 +159,12 @@ class Settings(BaseSettings):
         description="route by the placement plan: which models each instance should hold"
         " (routing.placement), so that boxes holding few models do not swap them job by job",
     )
+    placement_swaps: bool = Field(
+        True,
+        description="with placement: each instance worker unloads (keep_alive 0) the models the"
+        " plan moves off its server and preloads the ones it moves on (app.jobs.model_swap),"
+        " instead of leaving the choice of what to evict to Ollama",
+    )
 
     # Jobs.
     max_attempts: int = Field(3, ge=1, description="tries on distinct instances before dead-letter")

@@ -11,7 +11,8 @@ that has room to load it without evicting anything (:meth:`Placement.allows`).
 The rules:
 
 * a box keeps a model while that model has work, up to the boxes that work can keep busy
-  (``ceil(backlog / parallelism)``);
+  (``ceil(backlog / parallelism)``), or that the plan switched to it less than ``settle_s``
+  ago and has not seen loaded yet;
 * a model with work and no box gets one: a box with room, else one holding only models
   without work, else (when another model holds two boxes or more, or this model has urgent
   jobs) a box taken from the model that holds the most boxes;
@@ -19,7 +20,11 @@ The rules:
   model would take longer than the model's load time to get through its backlog, so the box
   that switches then takes a batch of the new model's jobs, not one;
 * urgent jobs (interactive, or batch jobs aged past their tier's head start) for a model that
-  is loaded nowhere take a box at once: they wait about one load time.
+  is loaded nowhere take a box at once: they wait about one load time;
+* room on a box (fewer models than it can hold) lets any model in, and a router that sends a
+  job into it records that (:meth:`Placement.with_arrival`): the room is taken and the model
+  placed there, so the room is not given again to other models, each evicting the last,
+  during the seconds before the instance reports what it loaded.
 
 No I/O: the backlog per model (``FleetSnapshot.backlog`` and ``urgent``), each instance's loaded
 models and ``max_loaded`` come in the snapshot, and the plan of the previous call comes in as
@@ -58,6 +63,22 @@ class Placement:
         """
         held = self.hold.get(instance)
         return held is None or model in held or self.room.get(instance, 0) > 0
+
+    def with_arrival(self, instance: str, model: str, now: float) -> Placement:
+        """The plan once a job of ``model`` was sent into the room on ``instance``: the model
+        is arriving there (the next plan keeps it, see ``settle_s``), and the room is taken.
+        Unchanged if the plan holds the model there already, or has no room there (the job
+        was ranked on an older plan)."""
+        held = self.hold.get(instance)
+        if held is None or model in held or self.room.get(instance, 0) <= 0:
+            return self
+        arriving = {**self.arriving, instance: {**self.arriving.get(instance, {}), model: now}}
+        return Placement(
+            hold={**self.hold, instance: held | {model}},
+            room={**self.room, instance: max(0, self.room.get(instance, 0) - 1)},
+            arriving=arriving,
+            wanted=self.wanted,
+        )
 
 
 def _mean(values: list[float], default: float) -> float:
@@ -125,10 +146,13 @@ def plan(
             if m in demand and m in b.models:
                 holders[m].append(b.name)
     for m, names in holders.items():
-        # Boxes already loading it first (a switch just decided stays), then by name.
+        # A switch just decided stays while its model has work, whatever the backlog reads
+        # meanwhile: readings made while a batch is still being submitted undercount it, and
+        # undoing the switch would cost a load for nothing. Then the others, by name.
         names.sort(key=lambda n: (m not in arriving.get(n, {}), n))
         per_box = min((by_name[n].capacity for n in names), default=1)
-        del names[max(1, math.ceil(demand[m] / per_box)) :]
+        switched = sum(m in arriving.get(n, {}) for n in names)
+        del names[max(1, math.ceil(demand[m] / per_box), switched) :]
         for n in names:
             hard[n].add(m)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random as _random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from routing.snapshot import FleetSnapshot, InstanceStats
 
@@ -149,6 +149,24 @@ def worth_starting(instances: list[InstanceStats], model: str, backlog: int) -> 
     return worth
 
 
+def _with_fleet_load(
+    instances: list[InstanceStats], fleet: tuple[InstanceStats, ...], model: str
+) -> list[InstanceStats]:
+    """``instances``, where one has not learned ``model``'s load time yet, with the mean of
+    the instances that did: a load takes about as long on each box of a fleet, and assuming
+    ``DEFAULT_LOAD_MS`` instead made ``smart`` leave the boxes a placement plan had just
+    switched to the model idle (issue 16: boxes idle for 2.5 s after their model's backlog
+    ended, the other model's backlog on its single box)."""
+    learned = [i.load_ms[model] for i in fleet if model in i.load_ms]
+    if not learned:
+        return instances
+    mean = sum(learned) / len(learned)
+    return [
+        i if model in i.load_ms else replace(i, load_ms={**i.load_ms, model: mean})
+        for i in instances
+    ]
+
+
 def rank(
     snapshot: FleetSnapshot,
     model: str,
@@ -172,6 +190,8 @@ def rank(
         if not placed and exclude:  # the plan's boxes were all tried: they may retry it
             placed = [i for i in eligible(snapshot, model, (), kind) if plan.allows(i.name, model)]
         instances = placed
+    if strategy == "smart":
+        instances = _with_fleet_load(instances, snapshot.instances, model)
     choices = STRATEGIES[strategy](instances, model, tick)
     if strategy == "smart":
         worth = worth_starting(instances, model, snapshot.backlog.get(model, 0))

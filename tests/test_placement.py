@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from routing import FleetSnapshot, InstanceStats, Placement, plan, rank
 
 A, B, C = "a:latest", "b:latest", "c:latest"
@@ -133,3 +135,73 @@ def test_a_backlog_that_reads_empty_for_a_moment_keeps_its_box() -> None:
     blip = plan(replace(s, backlog={B: 60}, now=100.5), first)
     assert blip.hold["x"] == {A}
     assert plan(replace(s, backlog={B: 60}, now=101.5), blip).hold["x"] == {B}
+
+
+def test_room_given_to_a_job_is_taken_until_the_instance_reports_its_load() -> None:
+    three = frozenset({A, B, C})
+    s = snap(
+        box("x", frozenset({A}), max_loaded=2, models=three),
+        box("y", frozenset({B}), max_loaded=2, models=three),
+        backlog={A: 2, B: 2},
+    )
+    p = plan(s)
+    assert p.room == {"x": 1, "y": 1} and p.allows("x", C) and p.allows("x", B)
+    # A router sent a job of C into the room on x: the room is taken, C placed there.
+    after = p.with_arrival("x", C, 100.2)
+    assert after.hold["x"] == {A, C} and after.room["x"] == 0
+    assert after.arriving["x"] == {C: 100.2}
+    assert not after.allows("x", B)  # no second model into the same room
+    assert after.with_arrival("x", B, 100.3) is after  # ranked on an older plan: no room
+    assert after.with_arrival("y", B, 100.3) is after  # held there already
+    # The next plan keeps C there (arriving) until x reports it loaded.
+    again = plan(replace(s, backlog={A: 2, B: 2, C: 1}, now=100.5), after)
+    assert again.hold["x"] == {A, C} and again.room["x"] == 0
+
+
+def test_the_job_being_routed_counts_when_the_reading_missed_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first interactive job for a model loaded nowhere: the backlog reading (made before
+    it was queued) has no job of it, so the plan gives it no box; the plan is made again
+    counting the job, and it is ranked on the box the plan takes for it at once."""
+    from app.jobs import placement as on_job_path
+
+    monkeypatch.setattr(on_job_path, "_demand", lambda models: (1.0, {A: 100}, {}))
+    monkeypatch.setattr(on_job_path, "_planner", on_job_path._Planner())
+    monkeypatch.setattr(on_job_path, "_show", lambda *shown: None)
+    monkeypatch.setattr(on_job_path._Planner, "_previous", lambda self: self._plan)
+    served = frozenset({A, B, C})
+    s = snap(
+        box("x", frozenset({A}), models=served), box("y", frozenset({A}), models=served), backlog={}
+    )
+    batch = on_job_path.with_plan(s, B, "least_connections", lambda m: 0)
+    assert batch.placement is not None and holders(batch.placement, B) == {"y"}
+    urgent = on_job_path.with_plan(s, C, "least_connections", lambda m: 0, urgent_job=True)
+    assert urgent.placement is not None and holders(urgent.placement, C)
+    assert [c.instance for c in rank(urgent, C)] == sorted(holders(urgent.placement, C))
+
+
+def test_smart_assumes_the_fleets_load_time_on_a_box_that_never_loaded_the_model() -> None:
+    # y never loaded B (nothing learned there): with 5 s assumed, 18 jobs of B would rather
+    # wait for x; with the 1 s the fleet learned, y (switched to B by the plan) takes them.
+    s = snap(
+        box("x", frozenset({B})),
+        box("y", frozenset({A}), load_ms={A: 1000.0}, model_ewma_ms={A: 250.0}),
+        backlog={B: 18},
+    )
+    s = replace(s, placement=plan(s))
+    assert s.placement is not None and s.placement.hold["y"] == {B}
+    assert {c.instance for c in rank(s, B, strategy="smart")} == {"x", "y"}
+    unknown = replace(s, instances=tuple(replace(i, load_ms={}) for i in s.instances))
+    assert [c.instance for c in rank(unknown, B, strategy="smart")] == ["x"]
+
+
+def test_a_switch_just_decided_stays_while_the_backlog_reads_low() -> None:
+    three = (box("x"), box("y"), box("z"))
+    first = plan(snap(*three, backlog={A: 30, B: 30}))
+    a_boxes = holders(first, A)
+    assert len(a_boxes) == 2
+    # Half a second later the reading (the batch still being submitted) says 2 jobs of A:
+    # both boxes stay on A, not yet loaded there; without the switch pending, one would go.
+    low = replace(snap(*three, backlog={A: 2, B: 30}), now=100.5)
+    assert holders(plan(low, first), A) == a_boxes

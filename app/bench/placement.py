@@ -15,7 +15,14 @@ of models. Each scenario runs through Corral with its default strategy, through 
    Their wait (time to the answer minus their own generation) against the target
    load + 2 x service.
 
-Loads and evictions are the simulators' own counters (``/sim/stats``). The simulator keeps
+Each Corral strategy runs ``RUNS`` times (the report gives the median run by makespan, and
+every run's figures); the proxy, far off and the slowest part of the bench, runs once. Loads,
+evictions and the peak of requests inside each server (``peak_in_flight``, and
+``peak_active``: those holding a slot, against the parallelism) are the simulators' own
+counters (``/sim/stats``); the unloads and preloads the instance workers sent to follow the
+plan (``app.jobs.model_swap``) are Corral's counters; each run keeps the simulators' timeline
+(``/sim/events``: every load, unload and slot held, with its model, in seconds from the
+submission), to see where the time above the ideal goes. The simulator keeps
 one slot queue per loaded model, with no compute shared between them: a box holding two
 models can run 2 x parallelism requests at once, which the proxy (no cap) may use and Corral
 (capacity = parallelism per box) does not. The ideal counts parallelism per box.
@@ -24,6 +31,7 @@ models can run 2 x parallelism requests at once, which the proxy (no cap) may us
 from __future__ import annotations
 
 import random
+import statistics
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +50,7 @@ PARALLELISM = 2
 TOKENS = 10  # default_num_predict: TOKENS / SERVICE_S tokens per second
 SEED = 16
 STRATEGIES = ("least_connections", "smart")  # Corral's default first
+RUNS = 3  # per Corral strategy; the proxy runs once
 
 TWO_MODELS = {"pl-a:latest": 60, "pl-b:latest": 60}
 FIVE_MODELS = {
@@ -99,6 +108,12 @@ def shuffled(demand: dict[str, int]) -> list[str]:
 
 def _unload_all(fleet: LocalFleet) -> None:
     """Nothing loaded anywhere, counters zeroed, and Corral's view of /api/ps refreshed."""
+    from app.state.fleet import fleet_state
+
+    # The last plan would have the workers preload its models again (app.jobs.model_swap):
+    # forget it, and let a preload a worker started from it end before unloading.
+    fleet_state().placement.clear()
+    time.sleep(get_settings().heartbeat_interval + LOAD_S + 0.5)
     for url in fleet.sim_urls.values():
         for m in requests.get(f"{url}/api/ps", timeout=10).json()["models"]:
             body = {"model": m["model"], "keep_alive": 0}
@@ -125,7 +140,51 @@ def _counters(fleet: LocalFleet) -> dict[str, Any]:
         "evictions": sum(s["evictions_total"] for s in stats.values()),
         "loads_per_model": dict(sorted(per_model.items())),
         "loads_per_box": {n: s["loads_total"] for n, s in stats.items()},
+        # Requests inside each server (preloads and unloads too), and those holding a slot.
+        "peak_in_flight": {n: s["peak_in_flight"] for n, s in stats.items()},
+        "peak_active": {n: s["peak_active"] for n, s in stats.items()},
+        "parallelism": PARALLELISM,
     }
+
+
+def _swaps_sent() -> dict[str, float]:
+    """Unloads and preloads the instance workers sent so far (Corral's counters)."""
+    from app.observe.metrics import job_store
+
+    sent = {"unloads_sent": 0.0, "preloads_sent": 0.0}
+    names = {
+        "corral_model_unloads_sent_total": "unloads_sent",
+        "corral_model_preloads_sent_total": "preloads_sent",
+    }
+    for family in job_store().collect():
+        for sample in family.samples:
+            if sample.name in names:
+                sent[names[sample.name]] += sample.value
+    return sent
+
+
+def _timeline(fleet: LocalFleet, t0: float) -> dict[str, list[list[Any]]]:
+    """Per box: ``[kind, model, start, end]`` of each load, unload and slot held, in seconds
+    from the submission."""
+    out = {}
+    for name, url in fleet.sim_urls.items():
+        events = requests.get(f"{url}/sim/events", timeout=10).json()["events"]
+        out[name] = [[k, m, round(a - t0, 3), round(b - t0, 3)] for k, m, a, b in events]
+    return out
+
+
+def _median_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median run by makespan, with every run's makespan, loads and cold-job p95."""
+    ranked = sorted(rows, key=lambda r: r["makespan_s"])
+    summary = dict(ranked[len(ranked) // 2])
+    summary["runs"] = len(rows)
+    summary["makespan_each_s"] = [r["makespan_s"] for r in rows]
+    summary["vs_ideal_each"] = [r["vs_ideal"] for r in rows]
+    summary["loads_each"] = [r["loads"] for r in rows]
+    summary["makespan_median_s"] = statistics.median(summary["makespan_each_s"])
+    if all("cold_interactive" in r for r in rows):
+        summary["cold_p95_each_s"] = [r["cold_interactive"]["p95_s"] for r in rows]
+    return summary
 
 
 def _through_corral(models: list[str], cold: int) -> dict[str, Any]:
@@ -159,6 +218,7 @@ def _through_corral(models: list[str], cold: int) -> dict[str, Any]:
         "completed": dict(sorted(done.items())),
         "failed": dict(sorted(failed.items())),
         "cold_waits": waits,
+        "t0": t0,
     }
 
 
@@ -191,13 +251,13 @@ def _through_proxy(proxy: Proxy, models: list[str], cold: int) -> dict[str, Any]
         "completed": dict(sorted(done.items())),
         "failed": dict(sorted(failed.items())),
         "cold_waits": waits,
+        "t0": t0,
     }
 
 
 def _scenario(
     tag: str, boxes: int, max_loaded: int, demand: dict[str, int], cold: int
 ) -> dict[str, Any]:
-    from app.state.fleet import fleet_state
 
     served = list(demand) + ([COLD] if cold else [])
     sims = placement_fleet(tag, boxes, max_loaded, served)
@@ -226,34 +286,76 @@ def _scenario(
         proxy = Proxy(list(fleet.sim_urls.values()), "least_connections")
         labels = [f"corral {s}" for s in STRATEGIES] + ["proxy least_connections"]
         for label in labels:
-            _unload_all(fleet)
-            if label.startswith("corral"):
-                fleet_state().instances.set_strategy(label.removeprefix("corral "))
-                run = _through_corral(order, cold)
-            else:
-                run = _through_proxy(proxy, order, cold)
-            waits = run.pop("cold_waits")
-            run["vs_ideal"] = round(run["makespan_s"] / ideal, 3)
-            run |= _counters(fleet)
-            run["all_models_completed"] = not run["failed"] and run["completed"] == dict(
-                sorted(demand.items())
-            )
-            line = (
-                f"  {label:24} makespan {run['makespan_s']:6.2f}s = {run['vs_ideal']:5.2f} x ideal"
-                f" ({ideal:.2f}s), loads {run['loads']}, evictions {run['evictions']}"
-                f", all models completed: {run['all_models_completed']}"
-            )
-            if waits:
-                cold_run = _latency(waits, SERVICE_S)
-                cold_run["p95_x_target"] = round(cold_run["p95_s"] / target, 2)
-                run["cold_interactive"] = cold_run | {"wait_s": [round(w, 3) for w in waits]}
-                line += (
-                    f"\n  {'':24} cold interactive wait p50 {cold_run['p50_s']:5.2f}s"
-                    f" p95 {cold_run['p95_s']:5.2f}s (target {target:.2f}s)"
+            rows = []
+            for _ in range(RUNS if label.startswith("corral") else 1):
+                rows.append(_one_run(fleet, proxy, label, order, cold, demand, ideal))
+                _echo(label, rows[-1], ideal, target)
+            run = _median_run(rows)
+            if len(rows) > 1:
+                typer.echo(
+                    f"  {label:24} median makespan {run['makespan_s']:6.2f}s ="
+                    f" {run['vs_ideal']:5.2f} x ideal (runs: "
+                    + ", ".join(f"{x:.2f}" for x in run["vs_ideal_each"])
+                    + f"), loads {run['loads_each']}"
                 )
             out["runs"][label] = run
-            typer.echo(line)
     return out
+
+
+def _one_run(
+    fleet: LocalFleet,
+    proxy: Proxy,
+    label: str,
+    order: list[str],
+    cold: int,
+    demand: dict[str, int],
+    ideal: float,
+) -> dict[str, Any]:
+    from app.state.fleet import fleet_state
+
+    _unload_all(fleet)
+    before = _swaps_sent()
+    if label.startswith("corral"):
+        fleet_state().instances.set_strategy(label.removeprefix("corral "))
+        run = _through_corral(order, cold)
+    else:
+        run = _through_proxy(proxy, order, cold)
+    t0 = run.pop("t0")
+    waits = run.pop("cold_waits")
+    run["vs_ideal"] = round(run["makespan_s"] / ideal, 3)
+    run |= _counters(fleet)
+    run["all_models_completed"] = not run["failed"] and run["completed"] == dict(
+        sorted(demand.items())
+    )
+    time.sleep(2 * get_settings().metrics_flush_seconds + 0.2)  # the workers' counters written
+    after = _swaps_sent()
+    run |= {k: int(after[k] - before[k]) for k in after}
+    if waits:
+        cold_run = _latency(waits, SERVICE_S)
+        cold_run["p95_x_target"] = round(cold_run["p95_s"] / (LOAD_S + 2 * SERVICE_S), 2)
+        run["cold_interactive"] = cold_run | {"wait_s": [round(w, 3) for w in waits]}
+    run["timeline"] = _timeline(fleet, t0)
+    return run
+
+
+def _echo(label: str, run: dict[str, Any], ideal: float, target: float) -> None:
+    peaks = ", ".join(
+        f"{n} {run['peak_active'][n]}/{run['peak_in_flight'][n]}" for n in run["peak_active"]
+    )
+    line = (
+        f"  {label:24} makespan {run['makespan_s']:6.2f}s = {run['vs_ideal']:5.2f} x ideal"
+        f" ({ideal:.2f}s), loads {run['loads']}, evictions {run['evictions']}"
+        f", all models completed: {run['all_models_completed']}"
+        f"\n  {'':24} peak in a slot / in the server (parallelism {PARALLELISM}): {peaks}"
+        f"; unloads sent {run['unloads_sent']}, preloads sent {run['preloads_sent']}"
+    )
+    if "cold_interactive" in run:
+        c = run["cold_interactive"]
+        line += (
+            f"\n  {'':24} cold interactive wait p50 {c['p50_s']:5.2f}s"
+            f" p95 {c['p95_s']:5.2f}s (target {target:.2f}s)"
+        )
+    typer.echo(line)
 
 
 def run_placement() -> dict[str, Any]:

@@ -91,7 +91,7 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     if request.kind != "embed":
         bounds = silence.budget(stats, chars, get_settings())
     call = Call(job, bounds.first_s, bounds.gap_s)
-    agent.job_started(job)
+    agent.job_started(job, request.model)
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
     batch: embed_batch.Batch | None = None
     try:

@@ -6,10 +6,12 @@ server what is loaded (``/api/ps``, timed), whether it is up, and (when the regi
 list the models) what it serves (``/api/tags``); it reports its host's CPU and memory use,
 extends the leases of the jobs it is running, frees slots whose lease ran out anywhere in the
 fleet, and (one worker per heartbeat) re-pushes the rate-limit policy from the database.
-Every few heartbeats it re-reads its instance's registry row and applies what changed, so an
-edit made any way (CLI, admin API, SQL) needs no restart, with one exception: the worker's
-thread count is fixed at its start, so a parallelism raised above it takes effect only when
-the worker restarts (until then the instance gets that many jobs at once).
+With the placement plan, it also unloads the model the plan moved off its server and preloads
+the one it moved on (``app.jobs.model_swap``). Every few heartbeats it re-reads its
+instance's registry row and applies what changed, so an edit made any way (CLI, admin API,
+SQL) needs no restart, with one exception: the worker's thread count is fixed at its start,
+so a parallelism raised above it takes effect only when the worker restarts (until then the
+instance gets that many jobs at once).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.errors import OllamaError
 from app.jobs.call_guard import Watchdog
 from app.jobs.cancellation import is_revoked
+from app.jobs.model_swap import ModelSwap
 from app.jobs.ollama_client import OllamaClient
 from app.jobs.stranded import rescue_stranded
 from app.observe import metrics
@@ -68,7 +71,8 @@ class InstanceAgent:
     token: str = field(
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     )
-    running: set[str] = field(default_factory=set)
+    #: The jobs running on the instance, with their model.
+    running: dict[str, str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -82,6 +86,8 @@ class InstanceAgent:
         #: What /api/ps listed at the last healthy heartbeat (None before the first): the
         #: difference with the next one is counted as loads and evictions.
         self.last_loaded: set[str] | None = None
+        #: Unloads and preloads that follow the placement plan (``app.jobs.model_swap``).
+        self.swap = ModelSwap(self.config.name)
         self._lock = threading.Lock()
         psutil.cpu_percent(interval=None)  # the first heartbeat measures from here
 
@@ -110,13 +116,13 @@ class InstanceAgent:
             # Mark the instance stale at once, so routers stop sending it jobs.
             fleet_state().instances.mark_stale(self.name)
 
-    def job_started(self, job: str) -> None:
+    def job_started(self, job: str, model: str = "") -> None:
         with self._lock:
-            self.running.add(job)
+            self.running[job] = model
 
     def job_ended(self, job: str) -> None:
         with self._lock:
-            self.running.discard(job)
+            self.running.pop(job, None)
 
     def _register(self) -> None:
         models = self.config.models
@@ -199,6 +205,7 @@ class InstanceAgent:
             loaded, healthy, probe_ms = [], False, 0.0
         if healthy:
             self._count_placement(set(loaded))
+            self._follow_plan(frozenset(loaded))
         pressure, cpu, mem = host_load()
         fleet.instances.report_health(
             self.name,
@@ -234,6 +241,23 @@ class InstanceAgent:
         if previous is None or previous == loaded:
             return
         metrics.placement_changed(self.name, sorted(loaded - previous), sorted(previous - loaded))
+
+    def _follow_plan(self, loaded: frozenset[str]) -> None:
+        """Unload the model the placement plan moved off this server, preload the one it
+        moved on (``app.jobs.model_swap``); the plan is the last one a router published."""
+        s = get_settings()
+        if not (s.placement and s.placement_swaps):
+            return
+        with self._lock:
+            busy = frozenset(self.running.values())
+        self.swap.step(
+            fleet_state().placement.moves(self.name),
+            loaded,
+            self.config.max_loaded_models,
+            busy,
+            self.client,
+            preload_timeout=self.config.request_timeout or s.request_timeout,
+        )
 
     def _loop(self) -> None:
         interval = get_settings().heartbeat_interval

@@ -173,14 +173,41 @@ class OllamaClient:
     def loaded(self) -> list[str]:
         return [m["name"] for m in self._get("/api/ps").get("models", [])]
 
+    # What the server holds (the placement plan's moves, app.jobs.model_swap) ---------
+
+    def unload(self, model: str, timeout: float) -> None:
+        """``keep_alive: 0`` with an empty prompt: the server unloads ``model`` once its
+        running requests end (what ``ollama stop`` sends). Ollama answers at once, and looks
+        for the unload before the model's capabilities, so this unloads embedding models too.
+        """
+        self._post(
+            "/api/generate", {"model": model, "keep_alive": 0}, timeout=(self.timeout[0], timeout)
+        )
+
+    def preload(self, model: str, timeout: float) -> str:
+        """Load ``model`` without running anything: an empty prompt (Ollama's documented
+        preload), or, for an embedding model (which /api/generate refuses with a 400 before
+        loading anything), an empty input to /api/embed, which also loads it. The answer
+        comes once the model is loaded: ``timeout`` bounds the wait. Returns the endpoint used.
+        """
+        limit = (self.timeout[0], timeout)
+        try:
+            self._post("/api/generate", {"model": model}, timeout=limit)
+            return "generate"
+        except RequestRejected as exc:
+            if "does not support" not in str(exc):
+                raise
+        self._post("/api/embed", {"model": model, "input": []}, timeout=limit)
+        return "embed"
+
     # HTTP -----------------------------------------------------------------------------
 
     def _get(self, path: str) -> dict[str, Any]:
         with self._request("GET", path) as resp:
             return self._json(resp)
 
-    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        with self._request("POST", path, json=body) as resp:
+    def _post(self, path: str, body: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        with self._request("POST", path, json=body, **kwargs) as resp:
             return self._json(resp)
 
     def _json(self, resp: requests.Response) -> dict[str, Any]:
@@ -195,7 +222,8 @@ class OllamaClient:
     def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self.base_url + path
         try:
-            resp = _session().request(method, url, timeout=self.timeout, **kwargs)
+            kwargs.setdefault("timeout", self.timeout)
+            resp = _session().request(method, url, **kwargs)
         except requests.exceptions.ConnectTimeout as exc:
             raise InstanceUnavailable("connect timed out", self.instance) from exc
         except requests.exceptions.ReadTimeout as exc:

@@ -12,8 +12,11 @@ decision costs a comparison of the fleet's loaded models with the last ones.
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -82,6 +85,8 @@ class _Planner:
         self._key: object = None
         self._at = 0.0
         self._plan: Placement | None = None
+        #: Names this process's plans among the routers' (``_previous``).
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
     def __call__(self, snapshot: FleetSnapshot, reading_at: float) -> Placement:
         now = snapshot.now
@@ -99,37 +104,108 @@ class _Planner:
             return self._plan  # type: ignore[return-value]  # None only while blocking
         try:
             if self._plan is None or key != self._key or now - self._at > REPLAN_SECONDS:
-                self._plan = plan(snapshot, self._plan)
+                self._plan = plan(snapshot, self._previous())
                 self._key, self._at = key, now
-                _show(self._plan)
+                _show(self._plan, self.id, now)
             return self._plan
         finally:
             self._lock.release()
 
+    def again(self, snapshot: FleetSnapshot) -> Placement:
+        """Plan now, whatever changed (a job the reading missed, see ``with_plan``); the plan
+        then stands until the next reading."""
+        with self._lock:
+            self._plan = plan(snapshot, self._previous())
+            self._at = snapshot.now
+            _show(self._plan, self.id, snapshot.now)
+            return self._plan
 
-def _show(placement: Placement) -> None:
-    """Keep the new plan where the dashboard and ``corral fleet list`` read it."""
+    def _previous(self) -> Placement | None:
+        """This process's last plan, or the one another router published since: each router
+        process (one per tier) plans for itself, and building on the latest plan whoever made
+        it keeps them on the same switches (their readings of the backlog differ by a few
+        hundred milliseconds; each planning on its own history, they placed a cold model on
+        two different boxes, each evicting models the other plan kept)."""
+        try:
+            latest = fleet_state().placement.latest()
+        except (RedisError, ValueError, KeyError, TypeError):
+            return self._plan
+        if latest is None:
+            return self._plan
+        by, at, hold, arriving = latest
+        if by == self.id or at <= self._at:
+            return self._plan
+        return Placement(
+            hold={name: frozenset(models) for name, models in hold.items()},
+            arriving={name: dict(models) for name, models in arriving.items()},
+            wanted=self._plan.wanted if self._plan is not None else {},
+        )
+
+    def sent(self, instance: str, model: str, now: float) -> None:
+        """A job of ``model`` took a slot on ``instance``: if the plan let it in only through
+        the room there, the room is taken and the model placed (``Placement.with_arrival``),
+        until the instance reports what it loaded."""
+        with self._lock:
+            if self._plan is not None:
+                self._plan = self._plan.with_arrival(instance, model, now)
+
+
+def _show(placement: Placement, by: str, at: float) -> None:
+    """Keep the new plan where the dashboard, ``corral fleet list``, the instance workers
+    (``app.jobs.model_swap``) and the other routers (``_Planner._previous``) read it."""
     hold = {name: sorted(models) for name, models in placement.hold.items()}
-    # Only what people see: routing goes on with the plan whatever Redis says.
+    arriving = {name: dict(models) for name, models in placement.arriving.items()}
+    # What people see, and what the instance workers unload and preload: routing goes on
+    # with the plan whatever Redis says.
     with contextlib.suppress(RedisError):
-        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S)
+        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at)
 
 
 _demand = _Demand()
 _planner = _Planner()
 
 
+def job_sent(instance: str, model: str) -> None:
+    """Called by the router once a job holds a slot on ``instance`` (see ``_Planner.sent``)."""
+    if get_settings().placement:
+        _planner.sent(instance, model, time.time())
+
+
 def with_plan(
-    snapshot: FleetSnapshot, model: str, strategy: str, backlog: Callable[[str], int]
+    snapshot: FleetSnapshot,
+    model: str,
+    strategy: str,
+    backlog: Callable[[str], int],
+    urgent_job: bool = False,
 ) -> FleetSnapshot:
     """The snapshot with what ``routing.rank`` needs for ``strategy``: with the ``placement``
     setting, every model's backlog and the placement plan; for ``smart``, the backlog of
     ``model`` as ``backlog`` reads it now (a plan can wait half a second for its reading; the
     last jobs of a backlog cannot, or they start on a slow box a fast one would have beaten).
+
+    The job being routed is neither queued nor waiting yet, so the reading misses it: when
+    the plan allows its model nowhere and the reading counts no job of it (no urgent one, for
+    an ``urgent_job``), the plan is made again counting this job. Otherwise the first job for
+    a model loaded nowhere would wait for its next look at the fleet (a second) before the
+    plan gives its model a box.
     """
     current = {model: backlog(model)} if strategy == "smart" else {}
     if not get_settings().placement:
         return replace(snapshot, backlog=current)
     at, waiting, urgent = _demand(lambda: sorted({m for i in snapshot.instances for m in i.models}))
     snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
-    return replace(snapshot, placement=_planner(snapshot, at), backlog={**waiting, **current})
+    placement = _planner(snapshot, at)
+    missed = not waiting.get(model) or (urgent_job and not urgent.get(model))
+    if missed and not _allowed_anywhere(placement, snapshot, model):
+        waiting = {**waiting, model: waiting.get(model, 0) + 1}
+        if urgent_job:
+            urgent = {**urgent, model: urgent.get(model, 0) + 1}
+        snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
+        placement = _planner.again(snapshot)
+    return replace(snapshot, placement=placement, backlog={**waiting, **current})
+
+
+def _allowed_anywhere(placement: Placement, snapshot: FleetSnapshot, model: str) -> bool:
+    return any(
+        placement.allows(i.name, model) for i in snapshot.serving(model) if i.up(snapshot.now)
+    )

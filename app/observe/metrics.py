@@ -14,7 +14,9 @@ Recorded where the fact is known, with no change to the task's own code beyond t
 * ``placement_changed``, called by the instance worker's agent (``app.jobs.instance_worker``)
   when its server's ``/api/ps`` differs from the previous heartbeat's: a model that appeared
   is a load, one that disappeared an eviction (or a keep-alive expiry: /api/ps cannot tell
-  them apart). A model loaded and unloaded between two heartbeats is not seen.
+  them apart). A model loaded and unloaded between two heartbeats is not seen;
+* ``unload_sent`` and ``preload_sent``, called by the same agent (``app.jobs.model_swap``) for
+  the unloads and preloads it sends to follow the placement plan.
 
 Why Redis rather than a /metrics port per worker: see ``app.observe.metrics_store``. ``corral
 metrics`` serves these sums next to the fleet gauges of ``app.ops.metrics_fleet``. Recording
@@ -110,6 +112,17 @@ MODEL_EVICTIONS = MetricSpec(
     " for another model, or unloaded when their keep-alive ran out).",
     ("instance", "model"),
 )
+UNLOADS_SENT = MetricSpec(
+    "corral_model_unloads_sent_total",
+    "keep_alive 0 sent by an instance's worker for a model the placement plan moved off it.",
+    ("instance", "model"),
+)
+PRELOADS_SENT = MetricSpec(
+    "corral_model_preloads_sent_total",
+    "Preloads (an empty prompt, or an empty embed input) sent by an instance's worker for a"
+    " model the placement plan moved onto it, by outcome: loaded or failed.",
+    ("instance", "model", "outcome"),
+)
 JOB_METRICS = (
     JOBS,
     WAIT,
@@ -123,6 +136,8 @@ JOB_METRICS = (
     IGNORED_OPTIONS,
     MODEL_LOADS,
     MODEL_EVICTIONS,
+    UNLOADS_SENT,
+    PRELOADS_SENT,
 )
 
 
@@ -177,6 +192,19 @@ def placement_changed(instance: str, loaded: Iterable[str], evicted: Iterable[st
         batch.inc(MODEL_LOADS, instance=instance, model=model)
     for model in evicted:
         batch.inc(MODEL_EVICTIONS, instance=instance, model=model)
+    _write(batch)
+
+
+def unload_sent(instance: str, model: str) -> None:
+    batch = Batch()
+    batch.inc(UNLOADS_SENT, instance=instance, model=model)
+    _write(batch)
+
+
+def preload_sent(instance: str, model: str, *, loaded: bool) -> None:
+    batch = Batch()
+    outcome = "loaded" if loaded else "failed"
+    batch.inc(PRELOADS_SENT, instance=instance, model=model, outcome=outcome)
     _write(batch)
 
 

@@ -132,6 +132,13 @@ class Inference:
         model = self.s.catalog.get(normalize_name(name))
         if model is None:
             raise HTTPError(404, f"model '{name}' not found")
+        if empty and keep_alive == 0:
+            # Before the capability checks, as in Ollama's handlers (routes.go): `ollama stop`
+            # unloads an embedding model through /api/generate too.
+            with self._tracking(model):
+                self.s.scheduler.unload(model.name)
+                await ex.json(200, self._bare_reply(name, chat, "unload"))
+                return
         if model.kind == "embed":
             raise HTTPError(400, f'"{name}" does not support {"chat" if chat else "generate"}')
         if body.get("think") not in (None, False):
@@ -139,10 +146,6 @@ class Inference:
         options = parse_options(body.get("options"), struct)
 
         with self._tracking(model) as model_stats:
-            if empty and keep_alive == 0:
-                self.s.scheduler.unload(model.name)
-                await ex.json(200, self._bare_reply(name, chat, "unload"))
-                return
             self._maybe_busy()
             started = perf_counter_ns()
             runner = await self.s.scheduler.acquire(model, _num_ctx(options), keep_alive)
@@ -378,6 +381,7 @@ class Inference:
             held = (perf_counter_ns() - started) / 1e9
             self.s.stats.slot_freed(model_stats, held)
             self.s.stats.span(taken, taken + held)
+            self.s.stats.event("slot", runner.model.name, taken, taken + held)
 
     def _maybe_busy(self) -> None:
         if self.s.roll(self.s.cfg.busy_rate):

@@ -166,6 +166,7 @@ class Scheduler:
             runner._timer.cancel()
         if self.loaded.get(runner.model.name) is runner:
             del self.loaded[runner.model.name]
+            self.stats.event("unload", runner.model.name, time.time())
         runner.unloaded.set()
 
     async def _consume(self) -> None:
@@ -217,6 +218,7 @@ class Scheduler:
         model = pending.model
         seconds = model.load_seconds / self.cfg.speed * self.cfg.slow_factor
         self.loading = model.name
+        began = time.time()
         try:
             if seconds > 0:
                 await asyncio.wait({pending.future}, timeout=seconds)
@@ -233,5 +235,6 @@ class Scheduler:
         self.loaded[model.name] = runner
         self.stats.loads_total += 1
         self.stats.model(model.name).loads += 1
+        self.stats.event("load", model.name, began, time.time())
         runner.take(None)
         pending.future.set_result(runner)

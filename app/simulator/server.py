@@ -54,6 +54,7 @@ class SimApp:
             "/api/delete": {"DELETE": self._delete},
             "/sim/stats": {"GET": self._stats},
             "/sim/spans": {"GET": self._spans},
+            "/sim/events": {"GET": self._events},
             "/sim/reset": {"POST": self._reset},
             "/sim/faults": {"GET": self._faults, "POST": self._faults},
             "/sim/refuse": {"POST": self._refuse},
@@ -218,6 +219,11 @@ class SimApp:
             200,
             {"num_parallel": self.state.cfg.num_parallel, "spans": list(self.state.stats.spans)},
         )
+
+    async def _events(self, ex: Exchange) -> None:
+        """Each load, unload and slot held: ``[[kind, model, start, end], ...]`` in Unix
+        seconds (an unload has start = end)."""
+        await ex.json(200, {"events": list(self.state.stats.events)})
 
     async def _reset(self, ex: Exchange) -> None:
         await ex.body()

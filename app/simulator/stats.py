@@ -49,6 +49,9 @@ class Stats:
         #: (taken, freed) wall-clock times of each request that held a slot: what the
         #: benchmarks and load tests derive idle slot-time and slot gaps from.
         self.spans: deque[tuple[float, float]] = deque(maxlen=MAX_SPANS)
+        #: (kind, model, start, end) of each load, unload and slot held, in wall-clock
+        #: seconds: the timeline the placement benchmark draws where its time went from.
+        self.events: deque[tuple[str, str, float, float]] = deque(maxlen=MAX_SPANS)
 
     def model(self, name: str) -> ModelStats:
         stats = self.models.get(name)
@@ -83,6 +86,10 @@ class Stats:
     def span(self, taken: float, freed: float) -> None:
         self.spans.append((round(taken, 6), round(freed, 6)))
 
+    def event(self, kind: str, model: str, start: float, end: float | None = None) -> None:
+        """A ``load``, an ``unload`` or a ``slot`` held, for ``/sim/events``."""
+        self.events.append((kind, model, round(start, 6), round(start if end is None else end, 6)))
+
     def reset(self) -> None:
         """Zero the counters; peaks restart from what is running now (0 when idle)."""
         self.peak_in_flight = self.in_flight
@@ -90,6 +97,7 @@ class Stats:
         self.requests_total = self.errors_total = self.rejected_total = 0
         self.cancelled_total = self.loads_total = self.evictions_total = 0
         self.spans.clear()
+        self.events.clear()
         self.last_cancelled_at = self.busy_seconds = 0.0
         for model in self.models.values():
             model.requests = model.errors = model.loads = model.evictions = 0

@@ -222,6 +222,13 @@ def placement(ns: str) -> str:
     return f"{ns}:placement"
 
 
+def placement_arriving(ns: str) -> str:
+    # string (JSON), with the same TTL, written with placement(ns): the models the plan
+    # switched each instance to and not reported loaded yet, with when it decided each
+    # switch: what the instance's worker unloads and preloads for
+    return f"{ns}:placement:arriving"
+
+
 # Gateway ----------------------------------------------------------------------------------
 
 

@@ -1,8 +1,11 @@
-"""The placement plan as last made by a router, kept for people to see.
+"""The placement plan as last made by a router: kept for people to see, and for the instance
+workers to act on.
 
 Each router process plans for itself (``app.jobs.placement``) and routes by its own plan; the
-copy here only shows the plan (the dashboard, ``corral fleet list``). It expires if no router
-made one for a while, so a stale plan is never shown as current.
+copy here shows the plan (the dashboard, ``corral fleet list``), and tells each instance
+worker which models its box should hold and which ones the plan switched it to, so that the
+worker unloads the model leaving and preloads the one arriving (``app.jobs.model_swap``). It
+expires if no router made one for a while, so a stale plan is never shown or acted on.
 """
 
 from __future__ import annotations
@@ -16,14 +19,58 @@ from app.state import keys
 
 
 class PlacementShown:
-    """``publish`` the models each instance should hold; ``read`` them back (None: no plan)."""
+    """``publish`` the models each instance should hold (and those arriving there); ``read``
+    them back (None: no plan); ``moves`` for one instance."""
 
     def __init__(self, client: redis.Redis, ns: str) -> None:
-        self.redis, self.key = client, keys.placement(ns)
+        self.redis = client
+        self.key, self.arriving_key = keys.placement(ns), keys.placement_arriving(ns)
 
-    def publish(self, hold: dict[str, list[str]], ttl_s: float) -> None:
-        self.redis.set(self.key, json.dumps(hold, sort_keys=True), px=max(1, int(ttl_s * 1000)))
+    def publish(
+        self,
+        hold: dict[str, list[str]],
+        ttl_s: float,
+        arriving: dict[str, dict[str, float]] | None = None,
+        by: str = "",
+        at: float = 0.0,
+    ) -> None:
+        """``by``: the router process that made the plan, ``at``: when (its fleet snapshot's
+        wall-clock time)."""
+        px = max(1, int(ttl_s * 1000))
+        moves = {"by": by, "at": at, "arriving": arriving or {}}
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.key, json.dumps(hold, sort_keys=True), px=px)
+            pipe.set(self.arriving_key, json.dumps(moves, sort_keys=True), px=px)
+            pipe.execute()
+
+    def latest(
+        self,
+    ) -> tuple[str, float, dict[str, list[str]], dict[str, dict[str, float]]] | None:
+        """(by, at, hold, arriving) of the last plan published, None if none is current."""
+        keys_ = [self.key, self.arriving_key]
+        hold_raw, moves_raw = cast("list[str | None]", self.redis.mget(keys_))
+        if hold_raw is None or moves_raw is None:
+            return None
+        moves = json.loads(moves_raw)
+        return moves["by"], float(moves["at"]), json.loads(hold_raw), moves["arriving"]
 
     def read(self) -> dict[str, list[str]] | None:
         raw = cast("str | None", self.redis.get(self.key))  # the client decodes responses
         return None if raw is None else cast(dict[str, list[str]], json.loads(raw))
+
+    def moves(self, instance: str) -> tuple[frozenset[str], dict[str, float]] | None:
+        """(models ``instance`` should hold, those of them the plan switched it to with the
+        time it decided each switch), or None when no current plan covers the instance (none
+        made lately, or it was down)."""
+        latest = self.latest()
+        if latest is None:
+            return None
+        _, _, hold, arriving = latest
+        held = hold.get(instance)
+        if held is None:
+            return None
+        return frozenset(held), arriving.get(instance, {})
+
+    def clear(self) -> None:
+        """Forget the plan (the bench, between runs that must start with nothing loaded)."""
+        self.redis.delete(self.key, self.arriving_key)

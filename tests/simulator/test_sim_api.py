@@ -105,6 +105,37 @@ def test_load_and_unload(sim):
     assert "qwen2.5:7b" not in sim.loaded()
 
 
+def test_an_embedding_model_unloads_through_generate(sim):
+    """`ollama stop` sends keep_alive 0 to /api/generate whatever the model: Ollama checks for
+    the unload before the model's capabilities (routes.go), so an embedding model unloads too."""
+    client, embed = sim.client(), "nomic-embed-text:latest"
+    assert client.embed(model="nomic-embed-text", input=[]).embeddings == []  # a preload
+    assert embed in sim.loaded()
+    unloaded = client.generate(model="nomic-embed-text", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    assert embed not in sim.loaded()
+    assert client.embed(model="nomic-embed-text", input=[]).embeddings == []
+    assert embed in sim.loaded()  # loaded again by an empty input
+    with pytest.raises(ollama.ResponseError, match="does not support generate"):
+        client.generate(model="nomic-embed-text")  # a preload still is not
+
+
+def test_events_give_the_timeline_of_loads_slots_and_unloads(sim):
+    client, model = sim.client(), "qwen2.5:7b"
+    client.generate(model=model, keep_alive=0)
+    sim.post("/sim/reset").raise_for_status()
+    client.generate(model=model, prompt="hi", options={"num_predict": 1})
+    client.generate(model=model, keep_alive=0)
+    events = sim.get("/sim/events").json()["events"]
+    assert [(kind, name) for kind, name, _, _ in events] == [
+        ("load", model),
+        ("slot", model),
+        ("unload", model),
+    ]
+    (_, _, load_start, load_end), (_, _, taken, freed), (_, _, gone, _) = events
+    assert load_start < load_end <= taken < freed <= gone
+
+
 def test_embed(sim):
     client = sim.client()
     reply = client.embed(model="nomic-embed-text", input=["first text", "second text"])

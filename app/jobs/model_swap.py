@@ -1,0 +1,148 @@
+"""The placement plan's moves on one server: unload the model leaving, preload the one arriving.
+
+When the plan (``routing.placement``) switches a box to a model, Ollama would, left to itself,
+evict whichever loaded model its scheduler picks (the first idle one by keep-alive, then by
+name: not the one the plan gave up), and load the new model only when its first job gets
+there. So the instance worker, which owns all I/O with its server, acts on the plan at each
+heartbeat, right after reading ``/api/ps``:
+
+* a model loaded there that the plan no longer holds, while the plan moves another one in
+  that does not fit beside it, gets ``keep_alive: 0`` (an empty prompt to /api/generate, what
+  ``ollama stop`` sends): Ollama unloads it once its running requests end, and until then it
+  is the first victim of any load (a keep-alive of 0 sorts first);
+* a model the plan moved in (``arriving``), not loaded yet and with no job of it running there
+  (a job would load it anyway), is preloaded when it has room: beside the models kept, with
+  none of them idle (Ollama would evict an idle kept model before a busy leaving one). One
+  preload at a time, off the heartbeat's thread, bounded by the instance's ``request_timeout``,
+  and sent once per switch: it is remembered until the model shows loaded or the plan no
+  longer moves it in, so a preload that failed is not sent again in a loop.
+
+Unloads and preloads only ever follow a switch, and only once it is ``SETTLE_S`` old: a job of
+the model leaving may still be handed a slot there until then (a waiting job's list of
+instances is refreshed every second, ``app.jobs.router.WAIT_POLL_SECONDS``), and it would find
+the model unloading and have to load it again. The jobs of the model arriving load it
+themselves meanwhile, as they would without any of this. The switch must also read the same
+(decided at the same time) at two heartbeats in a row: each router process plans on its own
+(one per tier), the last one to plan publishes, and a switch one of them makes and another
+does not is not acted on. A model the plan merely keeps is never touched, and with no plan
+(none made lately: the fleet idle) nothing is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from app.errors import OllamaError
+from app.jobs.ollama_client import OllamaClient
+from app.observe import metrics
+
+log = logging.getLogger(__name__)
+
+#: Seconds an unload may take: Ollama answers it at once.
+UNLOAD_TIMEOUT_S = 10.0
+#: Seconds after the plan decided a switch before it is acted on: every waiting job has looked
+#: at the plan again by then (``app.jobs.router.WAIT_POLL_SECONDS``, plus a margin).
+SETTLE_S = 1.5
+
+
+@dataclass(frozen=True, slots=True)
+class Moves:
+    unload: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ()
+
+
+def moves(
+    held: frozenset[str],
+    arriving: frozenset[str],
+    loaded: frozenset[str],
+    max_loaded: int,
+    busy: frozenset[str] = frozenset(),
+    sent: frozenset[str] = frozenset(),
+) -> Moves:
+    """What to send now, given the plan for this server (``held``, ``arriving``), what its
+    ``/api/ps`` lists, the models of the jobs running on it (``busy``) and the preloads
+    already sent for models still arriving (``sent``). At most one preload."""
+    coming = arriving - loaded
+    if not coming:
+        return Moves()
+    leaving = loaded - held
+    unload = tuple(sorted(leaving)) if len(loaded) + len(coming) > max_loaded else ()
+    kept = loaded & held
+    # A leaving model makes room for a preload only if Ollama cannot pick a kept one instead.
+    room = max_loaded - len(loaded) + (0 if kept - busy else len(leaving))
+    room -= len(sent & coming)
+    candidates = sorted(coming - busy - sent)
+    return Moves(unload, tuple(candidates[:1]) if room > 0 else ())
+
+
+@dataclass
+class ModelSwap:
+    """One instance's unloads and preloads, and what it remembers of them."""
+
+    instance: str
+    #: Models a preload was sent for, until they show loaded or stop arriving.
+    sent: set[str] = field(default_factory=set)
+    #: Models keep_alive 0 was sent for, until they leave /api/ps or the plan holds them again.
+    unloading: set[str] = field(default_factory=set)
+    _preloading: threading.Thread | None = None
+    #: The switches read at the previous heartbeat, with when they were decided.
+    _seen: dict[str, float] = field(default_factory=dict)
+
+    def step(
+        self,
+        plan: tuple[frozenset[str], dict[str, float]] | None,
+        loaded: frozenset[str],
+        max_loaded: int,
+        busy: frozenset[str],
+        client: OllamaClient,
+        preload_timeout: float,
+        now: float | None = None,
+    ) -> Moves:
+        """Act on the plan for this server (``None``: no plan, nothing to do); ``now`` is
+        wall-clock time, as the plan's times are. Returns what it sent."""
+        held, switched = plan if plan is not None else (frozenset(), {})
+        now = time.time() if now is None else now
+        arriving = frozenset(
+            m for m, at in switched.items() if now - at >= SETTLE_S and self._seen.get(m) == at
+        )
+        self._seen = dict(switched)
+        self.sent &= frozenset(switched) - loaded
+        self.unloading &= loaded - held
+        if plan is None:
+            return Moves()
+        todo = moves(held, arriving, loaded, max_loaded, busy, frozenset(self.sent))
+        unload = tuple(m for m in todo.unload if m not in self.unloading)
+        for model in unload:
+            self.unloading.add(model)  # once, even if it fails: Ollama evicts it anyway
+            try:
+                client.unload(model, timeout=UNLOAD_TIMEOUT_S)
+            except OllamaError as exc:
+                log.warning("instance %s: unloading %s failed: %s", self.instance, model, exc)
+                continue
+            log.info("instance %s: %s unloaded (the plan moved it off)", self.instance, model)
+            metrics.unload_sent(self.instance, model)
+        if self._preloading is not None and self._preloading.is_alive():
+            return Moves(unload)  # one preload at a time: the next heartbeat looks again
+        for model in todo.preload:
+            self.sent.add(model)
+            self._preloading = threading.Thread(
+                target=self._preload,
+                args=(client, model, preload_timeout),
+                name=f"corral-preload-{self.instance}",
+                daemon=True,
+            )
+            self._preloading.start()
+        return Moves(unload, todo.preload)
+
+    def _preload(self, client: OllamaClient, model: str, timeout: float) -> None:
+        try:
+            endpoint = client.preload(model, timeout)
+        except OllamaError as exc:
+            log.warning("instance %s: preloading %s failed: %s", self.instance, model, exc)
+            metrics.preload_sent(self.instance, model, loaded=False)
+            return
+        log.info("instance %s: %s preloaded (/api/%s)", self.instance, model, endpoint)
+        metrics.preload_sent(self.instance, model, loaded=True)
