@@ -73,10 +73,11 @@ class Inference:
         self.s = state
 
     async def handle(self, ex: Exchange, work: Work) -> None:
-        """Run one inference request, counted in ``in_flight``, cancelled if the client leaves."""
+        """Run one request to an inference endpoint, cancelled if the client leaves (counted
+        in ``in_flight`` by :meth:`_tracking` if it is inference, not model management)."""
         raw = await ex.body()
         stats = self.s.stats
-        stats.enter()
+        stats.requests_total += 1
         ex.watch_disconnect()
         try:
             await work(ex, raw)
@@ -91,7 +92,6 @@ class Inference:
             stats.cancelled()
         finally:
             ex.stop_watching()
-            stats.leave()
 
     # -- generate / chat ---------------------------------------------------------------
 
@@ -135,7 +135,7 @@ class Inference:
         if empty and keep_alive == 0:
             # Before the capability checks, as in Ollama's handlers (routes.go): `ollama stop`
             # unloads an embedding model through /api/generate too.
-            with self._tracking(model):
+            with self._tracking(model, inference=False):
                 self.s.scheduler.unload(model.name)
                 await ex.json(200, self._bare_reply(name, chat, "unload"))
                 return
@@ -145,7 +145,7 @@ class Inference:
             raise HTTPError(400, f'"{name}" does not support thinking')
         options = parse_options(body.get("options"), struct)
 
-        with self._tracking(model) as model_stats:
+        with self._tracking(model, inference=not empty) as model_stats:
             self._maybe_busy()
             started = perf_counter_ns()
             runner = await self.s.scheduler.acquire(model, _num_ctx(options), keep_alive)
@@ -294,7 +294,7 @@ class Inference:
         options = parse_options(body.get("options"), "EmbedRequest")
         num_ctx = _num_ctx(options)
 
-        with self._tracking(model) as model_stats:
+        with self._tracking(model, inference=bool(inputs)) as model_stats:
             self._maybe_busy()
             started = perf_counter_ns()
             runner = await self.s.scheduler.acquire(model, num_ctx, keep_alive)
@@ -332,7 +332,7 @@ class Inference:
         model = self._embedding_model(name)
         options = parse_options(body.get("options"), "EmbeddingRequest")
 
-        with self._tracking(model) as model_stats:
+        with self._tracking(model, inference=bool(prompt)) as model_stats:
             self._maybe_busy()
             runner = await self.s.scheduler.acquire(model, _num_ctx(options), keep_alive)
             try:
@@ -357,17 +357,25 @@ class Inference:
     # -- shared machinery --------------------------------------------------------------
 
     @contextmanager
-    def _tracking(self, model: SimModel) -> Iterator[ModelStats]:
-        model_stats = self.s.stats.model(model.name)
+    def _tracking(self, model: SimModel, *, inference: bool = True) -> Iterator[ModelStats]:
+        """Count a request for ``model``: in ``in_flight`` while it is inside the server if it
+        is ``inference``; a model-management call only in ``managed_total``."""
+        stats, model_stats = self.s.stats, self.s.stats.model(model.name)
         model_stats.requests += 1
-        model_stats.in_flight += 1
+        if inference:
+            stats.enter()
+            model_stats.in_flight += 1
+        else:
+            stats.managed_total += 1
         try:
             yield model_stats
         except (HTTPError, StreamCut):
             model_stats.errors += 1
             raise
         finally:
-            model_stats.in_flight -= 1
+            if inference:
+                stats.leave()
+                model_stats.in_flight -= 1
 
     @asynccontextmanager
     async def _slot(self, runner: Runner, model_stats: ModelStats) -> AsyncIterator[None]:

@@ -2,7 +2,9 @@
 
 ``in_flight`` counts inference requests anywhere inside the server (scheduler queue, load,
 slot queue, generation); ``active`` counts those holding a slot.  A router that respects
-``num_parallel`` keeps ``peak_in_flight`` at or below the slot count.
+``num_parallel`` keeps ``peak_in_flight`` at or below the slot count. Model-management calls
+(an empty-prompt preload, a ``keep_alive: 0`` unload) are not inference: Ollama serves them
+without a slot, and they count in ``requests_total`` and ``managed_total`` only.
 
 ``cancelled_total`` counts requests whose client disconnected before the answer was complete
 (the server then stops working on them, as Ollama does), ``last_cancelled_at`` is the wall
@@ -38,6 +40,7 @@ class Stats:
         self.active = 0
         self.peak_active = 0
         self.requests_total = 0
+        self.managed_total = 0
         self.errors_total = 0
         self.rejected_total = 0
         self.cancelled_total = 0
@@ -60,7 +63,7 @@ class Stats:
         return stats
 
     def enter(self) -> None:
-        self.requests_total += 1
+        """An inference request is inside the server (see the module's docstring)."""
         self.in_flight += 1
         if self.in_flight > self.peak_in_flight:
             self.peak_in_flight = self.in_flight
@@ -94,7 +97,7 @@ class Stats:
         """Zero the counters; peaks restart from what is running now (0 when idle)."""
         self.peak_in_flight = self.in_flight
         self.peak_active = self.active
-        self.requests_total = self.errors_total = self.rejected_total = 0
+        self.requests_total = self.managed_total = self.errors_total = self.rejected_total = 0
         self.cancelled_total = self.loads_total = self.evictions_total = 0
         self.spans.clear()
         self.events.clear()
@@ -112,6 +115,7 @@ class Stats:
             "requests_total": self.requests_total,
             "errors_total": self.errors_total,
             "rejected_total": self.rejected_total,
+            "managed_total": self.managed_total,
             "cancelled_total": self.cancelled_total,
             "last_cancelled_at": self.last_cancelled_at,
             "busy_seconds": round(self.busy_seconds, 6),

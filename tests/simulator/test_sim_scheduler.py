@@ -39,6 +39,30 @@ def test_slots_queue_without_limit_and_peaks_reset(start_sim, concurrently):
     assert (reset["peak_active"], reset["peak_in_flight"], reset["requests_total"]) == (0, 0, 0)
 
 
+def test_preloads_and_unloads_are_not_inference_in_flight(start_sim, concurrently):
+    """Ollama serves a preload and an unload without a slot: beside two running requests they
+    leave the in-flight peak at the slot count, and are counted apart."""
+    sim = start_sim(
+        num_parallel=2,
+        models=[SimModel(name="slow", tokens_per_second=20), SimModel(name="other")],
+        preloaded=["slow"],
+    )
+    client = sim.client()
+
+    def ask():
+        return client.generate(model="slow", prompt="hi", options={"num_predict": 8})
+
+    def manage():
+        time.sleep(0.1)  # while both slots are taken
+        client.generate(model="slow", prompt="", keep_alive=0)  # unload once they end
+        return client.generate(model="other", prompt="")  # preload
+
+    concurrently([ask, ask, manage])
+    stats = sim.stats()
+    assert (stats["peak_active"], stats["peak_in_flight"]) == (2, 2)
+    assert (stats["requests_total"], stats["managed_total"]) == (4, 2)
+
+
 def test_full_scheduler_queue_answers_503(start_sim, concurrently):
     sim = start_sim(max_queue=1, models=[SimModel(name="cold", load_seconds=0.5)])
     client = sim.client()
