@@ -1,0 +1,49 @@
+"""The multi-host bed (``bed.py``), once per session: RabbitMQ nodes take 15-20 s each to start."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.bench.harness import follow_settings, wait_until
+from tests.multihost.bed import Bed, can_run, teardown
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "multihost" in str(item.fspath):
+            item.add_marker(pytest.mark.multihost)
+
+
+@pytest.fixture(scope="session")
+def bed() -> Iterator[Bed]:
+    why = can_run()
+    if why:
+        pytest.skip(why)
+    teardown()  # what a crashed earlier run may have left
+    # Not under pytest's own directory: it is root's alone, and the RabbitMQ nodes run as the
+    # rabbitmq user.
+    workdir = Path(tempfile.mkdtemp(prefix="corral-bed-"))
+    os.chmod(workdir, 0o755)
+    stack = Bed(workdir, namespace=f"mh{os.getpid()}")
+    stack.start()
+    saved = {k: os.environ.get(k) for k in stack.corral_env() if k.startswith("CORRAL_")}
+    os.environ.update({k: v for k, v in stack.corral_env().items() if k.startswith("CORRAL_")})
+    follow_settings()
+    try:
+        wait_until(stack.ready, 120, "workers and routers of the bed", every=0.5)
+        yield stack
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        follow_settings()
+        stack.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,117 @@
+"""Jobs across hosts, and faults across the network (issue 15), on the bed of ``bed.py``.
+
+Every job must end with exactly one result, no server above its parallelism; how many ran
+twice (at-least-once windows) is printed with each fault.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from redis import RedisError
+
+from app.bench.harness import wait_until
+from app.schemas import InferResult
+from tasks import infer
+from tests.multihost.bed import CHAT, GPUS, Bed
+
+
+def _requests(bed: Bed) -> int:
+    return sum(int(bed.sim_stats(h)["requests_total"]) for h in GPUS)
+
+
+def _results(jobs: list[Any], timeout: float) -> dict[str, InferResult]:
+    """Each job's answer, read through connections that may fail while the fault lasts."""
+    done: dict[str, InferResult] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(jobs) and time.monotonic() < deadline:
+        for job in jobs:
+            if job.id not in done:
+                try:
+                    if job.ready():
+                        done[job.id] = InferResult.model_validate(job.result)
+                except (RedisError, OSError):
+                    pass
+        time.sleep(0.3)
+    return done
+
+
+def _check(bed: Bed, jobs: list[Any], before: int, what: str, timeout: float = 120) -> None:
+    done = _results(jobs, timeout)
+    assert len(done) == len(jobs), f"{what}: {len(jobs) - len(done)} jobs without a result"
+    assert all(r.text for r in done.values())
+    ran = _requests(bed) - before
+    print(f"{what}: {len(jobs)} jobs, {ran} requests served, {ran - len(jobs)} ran twice")
+    for host in GPUS:
+        assert bed.sim_stats(host)["peak_in_flight"] <= 2, host.name
+
+
+def test_jobs_run_across_hosts_on_every_gpu_host(bed: Bed) -> None:
+    before = _requests(bed)
+    jobs = [infer.delay(model=CHAT, prompt=f"across {i}", cache=False) for i in range(30)]
+    _check(bed, jobs, before, "no fault")
+    served = {InferResult.model_validate(j.result).routing.instance for j in jobs}
+    assert served == {h.name for h in GPUS}
+
+
+def test_a_gpu_host_cut_off_for_20_s_loses_nothing_and_serves_again(bed: Bed) -> None:
+    gpu = GPUS[1]
+    before = _requests(bed)
+    jobs = [infer.delay(model=CHAT, prompt=f"cut {i}", cache=False) for i in range(40)]
+    wait_until(lambda: bed.sim_stats(gpu)["in_flight"] > 0, 30, f"jobs running on {gpu.name}")
+    gpu.cut()
+    try:
+        time.sleep(20)
+    finally:
+        gpu.restore()
+    _check(bed, jobs, before, f"{gpu.name} cut off for 20 s", timeout=180)
+    # Back on the network, it takes jobs again.
+    served_before = int(bed.sim_stats(gpu)["requests_total"])
+    wait_until(bed.ready, 60, f"{gpu.name} back in the fleet", every=0.5)
+    before = _requests(bed)
+    more = [infer.delay(model=CHAT, prompt=f"back {i}", cache=False) for i in range(18)]
+    _check(bed, more, before, f"after {gpu.name} came back")
+    assert int(bed.sim_stats(gpu)["requests_total"]) > served_before
+
+
+def test_the_redis_primary_killed_sentinel_promotes_and_jobs_finish(bed: Bed) -> None:
+    before = _requests(bed)
+    jobs = [infer.delay(model=CHAT, prompt=f"redis {i}", cache=False) for i in range(40)]
+    wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
+    old = bed.redis_primary()
+    bed.kill("redis-primary")
+    _check(bed, jobs, before, "Redis primary killed", timeout=180)
+    assert bed.redis_primary() != old
+
+
+def test_the_broker_node_leading_the_queues_stopped_work_goes_on(bed: Bed) -> None:
+    before = _requests(bed)
+    jobs = [infer.delay(model=CHAT, prompt=f"broker {i}", cache=False) for i in range(40)]
+    wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
+    leader = bed.queue_leader(CHAT)
+    bed.rabbitmqctl(leader, "stop_app")
+    try:
+        _check(
+            bed, jobs, before, f"RabbitMQ node {leader.name} (queue leader) stopped", timeout=180
+        )
+        before = _requests(bed)
+        late = [infer.delay(model=CHAT, prompt=f"no leader {i}", cache=False) for i in range(10)]
+        _check(bed, late, before, f"submitted with {leader.name} down")
+    finally:
+        bed.rabbitmqctl(leader, "start_app")
+
+
+def test_a_router_host_killed_the_other_carries_every_tier(bed: Bed) -> None:
+    before = _requests(bed)
+    jobs = [infer.delay(model=CHAT, prompt=f"router host {i}", cache=False) for i in range(40)]
+    wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
+    for tier in ("interactive", "normal", "batch"):
+        bed.kill(f"router-{tier}-router-1")
+    _check(bed, jobs, before, "router host killed")
+    before = _requests(bed)
+    late = [
+        infer.delay(model=CHAT, prompt=f"after {i}", cache=False, tier="interactive")
+        for i in range(6)
+    ]
+    _check(bed, late, before, "after the router host died")
