@@ -1,4 +1,5 @@
-"""The multi-host bed (``bed.py``), once per session: RabbitMQ nodes take 15-20 s each to start."""
+"""The multi-host bed (``bed.py``), built once for its tests: RabbitMQ nodes take 15-20 s each
+to start."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.multihost)
 
 
-@pytest.fixture(scope="session")
+# One module uses it: torn down after it, so its nodes do not idle through the rest of the suite.
+@pytest.fixture(scope="module")
 def bed() -> Iterator[Bed]:
     why = can_run()
     if why:
