@@ -108,9 +108,11 @@ def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str
     )
     try:
         return task.replace(sig)
-    except OperationalError as exc:
-        # The broker stayed away through every publish retry: this job keeps its slot
-        # (a redelivered router finds the grant) and goes back to its queue, not to FAILURE.
+    except (OperationalError, AMQPError) as exc:
+        # The broker stayed away through every publish retry, or the connection died in a
+        # way kombu does not retry (a cluster node stopping answers 541 INTERNAL_ERROR): this
+        # job keeps its slot (a redelivered router finds the grant) and goes back to its
+        # queue, not to FAILURE.
         raise Reject(exc, requeue=True) from exc
 
 

@@ -29,7 +29,7 @@ from app.settings import get_settings
 
 SENTINEL_SCHEME = "sentinel://"
 
-#: How long to wait for a Sentinel's answer, and for a connection to the primary it names.
+#: How long to wait for a Sentinel's answer, and to connect to the primary it names.
 SOCKET_TIMEOUT_S = 5.0
 
 #: A command that cannot reach Redis is tried again for about 12 s (0.05 s doubling up to 1 s
@@ -76,7 +76,8 @@ def sentinel_group(url: str) -> SentinelGroup:
 
 
 def _client_options(group: SentinelGroup) -> dict[str, Any]:
-    return {"db": group.db, "password": group.password, "socket_timeout": SOCKET_TIMEOUT_S}
+    # A bound on connecting only: reads may rightly wait long (BLPOP, XREAD, pub/sub).
+    return {"db": group.db, "password": group.password, "socket_connect_timeout": SOCKET_TIMEOUT_S}
 
 
 def _retry() -> dict[str, Any]:
