@@ -15,13 +15,12 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 from redis import RedisError
 
-from app.bench.harness import free_port, own_fleet, wait_until
+from app.bench.harness import free_port, own_fleet, results_through_outages, wait_until
 from app.schemas import InferResult
 from app.settings import get_settings
 from app.state.client import redis_client
@@ -125,22 +124,6 @@ def sentinels(tmp_path: Path) -> Iterator[SentinelGroup]:
         group.stop()
 
 
-def _results(jobs: list[Any], timeout: float) -> dict[str, str]:
-    """Each job's answer, read through connections that may fail while Redis fails over."""
-    done: dict[str, str] = {}
-    deadline = time.monotonic() + timeout
-    while len(done) < len(jobs) and time.monotonic() < deadline:
-        for job in jobs:
-            if job.id not in done:
-                try:
-                    if job.ready():
-                        done[job.id] = InferResult.model_validate(job.result).text
-                except (RedisError, OSError):
-                    pass  # redis-py asks the Sentinels again on the next call
-        time.sleep(0.3)
-    return done
-
-
 def test_primary_killed_mid_run_the_replica_takes_over_and_every_job_ends_once(
     tmp_path: Path, sentinels: SentinelGroup
 ) -> None:
@@ -180,7 +163,10 @@ def test_primary_killed_mid_run_the_replica_takes_over_and_every_job_ends_once(
         running = len(jobs) - sum(j.ready() for j in jobs)
         print(f"10 jobs submitted during the failover in {time.monotonic() - t:.1f} s")
         wait_until(lambda: sentinels.primary_port() != old, 30, "the replica promoted")
-        done = _results(jobs, 120)
+        done = {
+            k: InferResult.model_validate(v).text
+            for k, v in results_through_outages(jobs, 120).items()
+        }
         assert len(done) == len(jobs), f"{len(jobs) - len(done)} jobs without a result"
         assert all(done.values())
         ran = int(fleet.sim_total("requests_total"))

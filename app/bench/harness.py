@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from redis import RedisError
 
 from app.bench.stack import Child
 from app.settings import TIERS, get_settings, normalize_model
@@ -237,6 +238,23 @@ def results_of(jobs: list[Any], timeout: float) -> list[Any]:
     return [j.get(timeout=1) for j in jobs]
 
 
+def results_through_outages(jobs: list[Any], timeout: float) -> dict[str, Any]:
+    """Each finished job's result by id, within ``timeout``, read through connections that may
+    fail meanwhile (a Redis failover, a broker node down): a failed read is tried again."""
+    done: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(done) < len(jobs) and time.monotonic() < deadline:
+        for job in jobs:
+            if job.id not in done:
+                try:
+                    if job.ready():
+                        done[job.id] = job.result
+                except (RedisError, OSError):
+                    pass  # the client asks again (Sentinel: where the primary is now)
+        time.sleep(0.3)
+    return done
+
+
 def _answers(url: str) -> bool:
     try:
         return requests.get(url, timeout=1).ok
@@ -261,17 +279,26 @@ def own_fleet(
 ) -> Iterator[LocalFleet]:
     """A fleet of its own, under its own namespace and settings (``env``): for tests that need
     settings the shared fleet does not have. This process reads the same settings meanwhile."""
-    env = {"CORRAL_INSTANCES": instances_env(sims), **env}
+    with settings_from({"CORRAL_INSTANCES": instances_env(sims), **env}):
+        fleet = LocalFleet(workdir, dict(os.environ), sims, loglevel=loglevel)
+        try:
+            fleet.start()
+            yield fleet
+        finally:
+            fleet.stop()
+            fleet.purge()
+
+
+@contextmanager
+def settings_from(env: dict[str, str]) -> Iterator[None]:
+    """These ``CORRAL_*`` variables in force in this process (and its Celery app) meanwhile;
+    the environment as it was after."""
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     follow_settings()
-    fleet = LocalFleet(workdir, dict(os.environ), sims, loglevel=loglevel)
     try:
-        fleet.start()
-        yield fleet
+        yield
     finally:
-        fleet.stop()
-        fleet.purge()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

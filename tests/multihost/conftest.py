@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.bench.harness import follow_settings, wait_until
+from app.bench.harness import settings_from, wait_until
 from tests.multihost.bed import Bed, can_run, teardown
 
 
@@ -34,18 +34,11 @@ def bed() -> Iterator[Bed]:
     os.chmod(workdir, 0o755)
     stack = Bed(workdir, namespace=f"mh{os.getpid()}")
     stack.start()
-    saved = {k: os.environ.get(k) for k in stack.corral_env() if k.startswith("CORRAL_")}
-    os.environ.update({k: v for k, v in stack.corral_env().items() if k.startswith("CORRAL_")})
-    follow_settings()
+    env = {k: v for k, v in stack.corral_env().items() if k.startswith("CORRAL_")}
     try:
-        wait_until(stack.ready, 120, "workers and routers of the bed", every=0.5)
-        yield stack
+        with settings_from(env):
+            wait_until(stack.ready, 120, "workers and routers of the bed", every=0.5)
+            yield stack
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        follow_settings()
         stack.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -10,9 +10,8 @@ import time
 from typing import Any
 
 import pytest
-from redis import RedisError
 
-from app.bench.harness import wait_until
+from app.bench.harness import results_through_outages, wait_until
 from app.schemas import InferResult
 from tasks import infer
 from tests.multihost.bed import CHAT, GPUS, Bed
@@ -22,24 +21,10 @@ def _requests(bed: Bed) -> int:
     return sum(int(bed.sim_stats(h)["requests_total"]) for h in GPUS)
 
 
-def _results(jobs: list[Any], timeout: float) -> dict[str, InferResult]:
-    """Each job's answer, read through connections that may fail while the fault lasts."""
-    done: dict[str, InferResult] = {}
-    deadline = time.monotonic() + timeout
-    while len(done) < len(jobs) and time.monotonic() < deadline:
-        for job in jobs:
-            if job.id not in done:
-                try:
-                    if job.ready():
-                        done[job.id] = InferResult.model_validate(job.result)
-                except (RedisError, OSError):
-                    pass
-        time.sleep(0.3)
-    return done
-
-
 def _check(bed: Bed, jobs: list[Any], before: int, what: str, timeout: float = 120) -> None:
-    done = _results(jobs, timeout)
+    done = {
+        k: InferResult.model_validate(v) for k, v in results_through_outages(jobs, timeout).items()
+    }
     assert len(done) == len(jobs), f"{what}: {len(jobs) - len(done)} jobs without a result"
     assert all(r.text for r in done.values())
     ran = _requests(bed) - before
