@@ -142,6 +142,13 @@ def _worker_config(settings: Settings, threads: int) -> dict[str, Any]:
         "worker_pool": "threads",
         "worker_concurrency": threads,
         "task_publish_retry_policy": WORKER_PUBLISH_RETRY_POLICY,
+        # A broker node going away answers the consumer's restart with channel errors for a
+        # while: NOT_FOUND for a classic queue whose node is down, RESOURCE_LOCKED for the
+        # worker's own exclusive mailbox queue until the broker drops the old connection.
+        # Celery counts them unrecoverable and the worker exits (seen in the multi-host bed:
+        # every router and instance worker gone after one node's restart); retried, the
+        # consumer comes back once the queue can be consumed again.
+        "broker_channel_error_retry": True,
     }
 
 

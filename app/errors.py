@@ -61,6 +61,21 @@ class Overloaded(CorralError):
         return self._naming_item(self.message)
 
 
+class BrokerUnavailable(CorralError):
+    """The broker did not take the job: unreachable, or no confirm within ``publish_timeout``
+    seconds, after kombu's retries on fresh connections. Retry the call; if it keeps failing,
+    check ``broker_url`` and the broker. A job whose confirm was lost may still run, under its
+    own id, with nobody waiting for it.
+
+    ``queued``: the ids of the jobs the broker did confirm before it failed: none, except in
+    an ``infer.submit_many`` call of more than one chunk (500 jobs), whose first chunks stand.
+    """
+
+    queued: tuple[str, ...] = ()
+    #: How many of the call's jobs were confirmed (set by ``app.jobs.publish``).
+    published: int = 0
+
+
 # Raised by one call to an Ollama instance (inside a worker).
 
 

@@ -173,6 +173,12 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(3.0, gt=0)
     request_timeout: float = Field(300.0, gt=0, description="longest silence from Ollama, seconds")
     result_expires: int = Field(6 * 3600, ge=60)
+    publish_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="seconds a submit waits for the broker to confirm a job before it tries"
+        " again on a new connection (then BrokerUnavailable: the gateway's 503)",
+    )
     default_tier: Tier = "normal"
     down_cooldown: float = Field(
         5.0, ge=0, description="seconds an open circuit breaker stays open"

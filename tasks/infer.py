@@ -11,8 +11,9 @@ final :class:`~app.schemas.InferResult` or raises a typed :class:`~app.errors.Jo
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any, cast
 
@@ -25,7 +26,7 @@ from celery.utils import uuid
 from pydantic import ValidationError
 
 from app.celery_app import celery_app
-from app.errors import InvalidRequest
+from app.errors import BrokerUnavailable, InvalidRequest
 from app.jobs import executor, lifecycle, router
 from app.jobs.lifecycle import (
     SERVED_MODELS_TTL,
@@ -43,9 +44,10 @@ from app.jobs.lifecycle import (
     Submission,
     Tracing,
 )
-from app.jobs.publish import Outlet, publish_confirmed
+from app.jobs.publish import Outlet, broker_unavailable, publish_confirmed
 from app.queues import route_queue
 from app.schemas import InferRequest, InferResult, RouteState
+from app.settings import get_settings
 from app.state.fleet import fleet_state
 
 __all__ = ["SERVED_MODELS_TTL", "InferAsyncResult", "InferTask", "infer", "validate"]
@@ -104,7 +106,10 @@ class InferTask(Task[..., dict[str, Any]]):
         if handled is not None:
             answer: InferAsyncResult = handled.value
             return answer
-        return self._publish(sub, options)
+        # Waits for the confirm at most publish_timeout per attempt (a silent broker).
+        options.setdefault("confirm_timeout", get_settings().publish_timeout)
+        with self._given_back_if_refused([sub]), broker_unavailable():
+            return self._publish(sub, options)
 
     def submit_many(self, requests: Iterable[Mapping[str, Any]]) -> list[InferAsyncResult]:
         """Submit many jobs at once: one ``infer.delay(**fields)`` per mapping of ``requests``,
@@ -133,17 +138,30 @@ class InferTask(Task[..., dict[str, Any]]):
         if invalid:
             raise _refusing_all(invalid)
         answers = self.middleware.before_publish_many([sub for sub, _ in subs])
-        published = iter(
-            publish_confirmed(
-                self.app,
-                [
-                    partial(self._publish, sub, options)
-                    for (sub, options), handled in zip(subs, answers, strict=True)
-                    if handled is None
-                ],
+        sending = [
+            (sub, options)
+            for (sub, options), handled in zip(subs, answers, strict=True)
+            if handled is None
+        ]
+        with self._given_back_if_refused([sub for sub, _ in sending]):
+            published = iter(
+                publish_confirmed(
+                    self.app, [partial(self._publish, sub, options) for sub, options in sending]
+                )
             )
-        )
         return [next(published) if handled is None else handled.value for handled in answers]
+
+    @contextlib.contextmanager
+    def _given_back_if_refused(self, subs: Sequence[Submission]) -> Iterator[None]:
+        """If the broker does not take the jobs, give back what their checks took for the
+        ones it did not confirm (idempotency keys, fairness counts), so that the call can
+        simply be made again; the error names those it did confirm (``queued``)."""
+        try:
+            yield
+        except BrokerUnavailable as exc:
+            exc.queued = tuple(sub.job for sub in subs[: exc.published])
+            self.middleware.after_publish_failed(subs[exc.published :])
+            raise
 
     def _submission(
         self, fields: dict[str, Any], options: dict[str, Any], item: int | None = None

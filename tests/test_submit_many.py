@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 from celery.signals import before_task_publish
+from kombu import Producer
 
 from app.bench.harness import LocalFleet, wait_until
-from app.errors import InvalidRequest, ModelNotServed, Overloaded, RateLimited
+from app.errors import BrokerUnavailable, InvalidRequest, ModelNotServed, Overloaded, RateLimited
 from app.fleet.policy_admin import PolicyAdmin
 from app.fleet.policy_store import PolicyStore
 from app.jobs import publish
@@ -209,3 +210,31 @@ def test_job_keys_in_a_bulk_call_answer_with_the_first_job(healthy_fleet: LocalF
     assert len({r.id for r in sent}) == 3
     assert [r.get(timeout=30).completion_tokens for r in sent] == [2, 3, 2, 1]
     assert _served(healthy_fleet) == 3
+
+
+def test_jobs_the_broker_does_not_take_raise_broker_unavailable_and_give_back_their_key(
+    healthy_fleet: LocalFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every publish fails as on a connection the broker dropped: kombu's retries on new
+    connections are spent, the call raises BrokerUnavailable, and what the checks took for
+    the jobs is given back, so the same calls made again run."""
+    key, bulk_key, agent = (f"{w}-{time.time()}" for w in ("refused", "bulk-refused", "refused"))
+    served = _served(healthy_fleet)
+
+    def dropped(*_: Any, **__: Any) -> None:
+        raise ConnectionResetError("the broker dropped the connection (test)")
+
+    with monkeypatch.context() as m:
+        m.setattr(Producer, "_publish", dropped)
+        with pytest.raises(BrokerUnavailable, match="retry"):
+            infer.delay(**_gen(1, cache=False), job_key=key, agent=agent)
+        with pytest.raises(BrokerUnavailable) as refused:
+            infer.submit_many([_gen(2, job_key=bulk_key, agent=agent, cache=False)])
+        assert refused.value.queued == ()
+    assert fleet_state().fairness.outstanding("normal", agent) == 0
+    again = [
+        infer.delay(**_gen(1, cache=False), job_key=key, agent=agent),
+        *infer.submit_many([_gen(2, job_key=bulk_key, agent=agent, cache=False)]),
+    ]
+    assert [r.get(timeout=30).completion_tokens for r in again] == [2, 3]
+    assert _served(healthy_fleet) == served + 2

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from app.errors import InvalidRequest, ModelNotServed, Overloaded, RateLimited
+from app.errors import BrokerUnavailable, InvalidRequest, ModelNotServed, Overloaded, RateLimited
 from app.gateway.disconnect import ClientGone, unless_gone
 from app.gateway.errors import GatewayError, job_error
 from app.gateway.services import Services, services
@@ -23,11 +23,16 @@ from app.schemas import InferResult
 
 log = logging.getLogger(__name__)
 
+#: Seconds a client is told to wait before trying again when the broker did not take a job
+#: (a broker node restarting, a network partition healing).
+BROKER_RETRY_AFTER = "2"
+
 
 async def submit(
     request: Request, fields: dict[str, Any], *, not_found: str, wait: bool = True
 ) -> str:
-    """Publish the job; 400 with InvalidRequest's text, 404 ``not_found`` for an unknown model.
+    """Publish the job; 400 with InvalidRequest's text, 404 ``not_found`` for an unknown model,
+    503 when the broker does not take it (the client may retry: nothing waits for it here).
 
     With ``wait`` (the default), :func:`wait` or :func:`stream` must follow.
     """
@@ -47,6 +52,11 @@ async def submit(
         ) from None
     except InvalidRequest as exc:
         raise GatewayError(400, str(exc)) from None
+    except BrokerUnavailable as exc:
+        log.warning("job not submitted: %s", exc)
+        raise GatewayError(
+            503, str(exc), code="broker_unavailable", headers={"Retry-After": BROKER_RETRY_AFTER}
+        ) from None
 
 
 def _left(svc: Services, job_id: str, model: str) -> None:

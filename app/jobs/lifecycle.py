@@ -206,6 +206,10 @@ class Middleware:
                 raise
         return answers
 
+    def after_publish_failed(self, subs: Sequence[Submission]) -> None:
+        """The broker did not take these jobs (``BrokerUnavailable``): give back what
+        ``before_publish`` took for them, as the caller will submit them again."""
+
     def before_route(
         self, task: Task[Any, Any], request: InferRequest, state: RouteState
     ) -> Handled | None:
@@ -250,6 +254,10 @@ class Lifecycle:
                 answers[i] = handled
             pending = [i for i, handled in zip(pending, got, strict=True) if handled is None]
         return answers
+
+    def after_publish_failed(self, subs: Sequence[Submission]) -> None:
+        for m in self.middleware:
+            m.after_publish_failed(subs)
 
     def before_route(
         self, task: Task[Any, Any], request: InferRequest, state: RouteState
@@ -578,9 +586,16 @@ class Idempotency(Middleware):
     """A job submitted with a ``job_key`` already bound to a job is answered by that job.
 
     Hooks: ``before_publish_many`` (binds each key to its job, or answers with the earlier
-    one's result; a key given twice in one bulk call is the first one's). Settings:
+    one's result; a key given twice in one bulk call is the first one's),
+    ``after_publish_failed`` (unbinds the keys of jobs the broker did not take, so that the
+    call made again is not answered by a job that does not exist). Settings:
     ``result_expires`` (how long a key stays bound).
     """
+
+    def after_publish_failed(self, subs: Sequence[Submission]) -> None:
+        bound = [(key, sub.job) for sub in subs if (key := sub.request.job_key) is not None]
+        if bound:
+            fleet_state().job_keys.release(bound)
 
     def before_publish_many(self, subs: Sequence[Submission]) -> list[Handled | None]:
         claims = [(key, sub.job) for sub in subs if (key := sub.request.job_key) is not None]
@@ -602,9 +617,13 @@ class Fairness(Middleware):
     when it ends, however it ends.
 
     Hooks: ``before_publish_many`` (counts them, sets each ``Submission.priority``),
-    ``after_success``, ``after_failure``, ``after_revoke`` (uncount it). Settings: none of its
-    own.
+    ``after_publish_failed``, ``after_success``, ``after_failure``, ``after_revoke`` (uncount
+    it). Settings: none of its own.
     """
+
+    def after_publish_failed(self, subs: Sequence[Submission]) -> None:
+        for sub in subs:
+            fairness.job_ended(sub.job, sub.request.tier, sub.request.agent)
 
     def before_publish_many(self, subs: Sequence[Submission]) -> list[Handled | None]:
         priorities = fairness.fair_priorities(

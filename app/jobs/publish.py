@@ -15,26 +15,51 @@ published again from the first unconfirmed chunk, under the same task ids. A mes
 broker had already taken is then queued twice, as with Celery's own retry of a publish
 whose confirm was lost; the second copy of a job finds the first one's slot or result and
 is dropped (see "Delivery guarantees" in the README).
+
+Once those retries are spent, the call raises :class:`app.errors.BrokerUnavailable`
+(:func:`broker_unavailable`), for ``infer.delay`` as for a bulk call: the gateway answers it
+with a 503, a web app can do the same. A broker that goes silent (a partition) costs at most
+``publish_timeout`` per attempt, never a hang.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
-from amqp.exceptions import MessageNacked
+from amqp.exceptions import MessageNacked, NotFound, RecoverableConnectionError
 from celery import Celery
 from kombu import Connection, Producer, Queue
+from kombu.exceptions import OperationalError
+
+from app.errors import BrokerUnavailable
+from app.settings import get_settings
 
 T = TypeVar("T")
 
 #: Jobs sent before waiting for their confirms (a job is two messages: its own and its
 #: task-sent event).
 CHUNK = 500
-#: How long the broker may take to confirm a chunk before the call fails.
-CONFIRM_TIMEOUT_S = 30.0
+
+
+@contextlib.contextmanager
+def broker_unavailable() -> Iterator[None]:
+    """Raise the broker's refusal, once kombu's retries are spent, as ``BrokerUnavailable``.
+
+    kombu raises ``OperationalError`` when its retries on new connections are spent; the rest
+    are what a publish not retried raises (a lost or silent connection, a refused message).
+    ``NotFound``: the queue is classic and its node is down ("home node ... is down or
+    inaccessible"); every queue a submit uses is declared on the way, so nothing else is
+    missing."""
+    try:
+        yield
+    except (OperationalError, RecoverableConnectionError, OSError, MessageNacked, NotFound) as exc:
+        raise BrokerUnavailable(
+            f"the broker did not take the job ({type(exc).__name__}: {exc}); it may not have"
+            " been queued: retry, and check broker_url if it goes on"
+        ) from exc
 
 
 class Outlet:
@@ -63,7 +88,12 @@ def publish_confirmed(app: Celery, sends: Sequence[Callable[[Outlet], T]]) -> li
         connection = cast(Connection, pooled.connection)  # a pooled producer always has one
         batch = _Batch(app, connection, sends)
         policy = app.conf.task_publish_retry_policy or {}
-        connection.ensure(batch, batch.publish_rest, **policy)()
+        try:
+            with broker_unavailable():
+                connection.ensure(batch, batch.publish_rest, **policy)()
+        except BrokerUnavailable as exc:
+            exc.published = len(batch.results)  # the chunks confirmed stand
+            raise
         return batch.results
 
 
@@ -81,14 +111,18 @@ class _Batch:
         each attempt opens a channel of its own."""
 
     def publish_rest(self) -> None:
+        # A pooled connection that an earlier call's spent retries closed would give no
+        # channel (kombu's ``channel()`` reads a closed connection as None): open it again.
+        self.connection.connect()
         channel = _ConfirmingChannel(self.connection.channel())
+        confirm_timeout = get_settings().publish_timeout
         failed = True
         try:
             outlet = Outlet(self.app, channel.channel)
             while len(self.results) < len(self.sends):
                 chunk = self.sends[len(self.results) : len(self.results) + CHUNK]
                 sent = [send(outlet) for send in chunk]
-                channel.wait_for_confirms(CONFIRM_TIMEOUT_S)
+                channel.wait_for_confirms(confirm_timeout)
                 self.results += sent
             failed = False
         finally:

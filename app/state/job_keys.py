@@ -8,6 +8,7 @@ from typing import cast
 import redis
 
 from app.state import keys
+from app.state.scripts import script
 
 
 class JobKeys:
@@ -31,3 +32,10 @@ class JobKeys:
             None if bound else cast("str | None", first)
             for bound, first in zip(replies[::2], replies[1::2], strict=True)
         ]
+
+    def release(self, bound: Sequence[tuple[str, str]]) -> int:
+        """Unbind each ``(key, job)`` still bound to that job (its publish failed); how many
+        were. One round trip."""
+        names = [keys.job_key(self.ns, key) for key, _ in bound]
+        released = script(self.redis, "release_keys.lua")(keys=names, args=[j for _, j in bound])
+        return int(released)

@@ -13,7 +13,8 @@ What runs where (``Bed.start``):
 * ``state-1``, ``state-2``: the Redis primary and its replica, a Sentinel each, and a third
   Sentinel on ``broker-1`` (three in all, quorum two);
 * ``gpu-1..3``: a simulated Ollama server and its instance worker each;
-* ``router-1``, ``router-2``: the three tier routers each (two routers per tier at once).
+* ``router-1``, ``router-2``: the three tier routers each (two routers per tier at once);
+* ``gateway-1``: ``corral gateway`` on its own host, the way clients reach the fleet over HTTP.
 
 Everything started is stopped by PID, and every namespace, link and the bridge removed, by
 ``Bed.stop`` (also after a failed start).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -76,6 +78,18 @@ class Host:
     def restore(self) -> None:
         self.run("ip", "link", "set", self.link, "up")
 
+    def silence_towards(self, others: list[Host]) -> None:
+        """Drop every packet this host sends to ``others`` (blackhole routes: the kernel here
+        has no qdiscs for a packet filter). Seen from ``others``, this host goes silent, as
+        in a partition: what they send arrives, no answer comes back, and their new
+        connections time out."""
+        for other in others:
+            self.run("ip", "route", "add", "blackhole", f"{other.addr}/32")
+
+    def answer_again(self, others: list[Host]) -> None:
+        for other in others:
+            self.run("ip", "route", "del", "blackhole", f"{other.addr}/32", check=False)
+
 
 HOSTS = {
     h.name: h
@@ -90,11 +104,13 @@ HOSTS = {
         Host("gpu-3", 33),
         Host("router-1", 41),
         Host("router-2", 42),
+        Host("gateway-1", 51),
     ]
 }
 BROKERS = [HOSTS[f"broker-{i}"] for i in (1, 2, 3)]
 GPUS = [HOSTS[f"gpu-{i}"] for i in (1, 2, 3)]
 ROUTERS = [HOSTS["router-1"], HOSTS["router-2"]]
+GATEWAY = HOSTS["gateway-1"]
 
 
 def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -324,9 +340,24 @@ class Bed:
                     {**env, "CORRAL_DATABASE_URL": db},
                 )
 
+        self.spawn(
+            "gateway",
+            GATEWAY,
+            [sys.executable, "-m", "app.cli", "gateway", "--host", GATEWAY.addr, "--no-access-log"],
+            {
+                **env,
+                "CORRAL_DATABASE_URL": f"sqlite:///{self.workdir}/registry-gateway.db",
+                "CORRAL_GATEWAY_AUTH": "false",
+            },
+        )
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{GATEWAY.addr}:11434"
+
     def ready(self) -> bool:
         """Every instance up in the fleet state, every tier queue consumed by both router
-        hosts."""
+        hosts, the gateway listening."""
         from app.queues import queue_counts, route_queue
         from app.settings import TIERS
         from app.state.fleet import fleet_state
@@ -336,7 +367,8 @@ class Bed:
         if up != {h.name for h in GPUS}:
             return False
         counts = queue_counts([route_queue(CHAT, t) for t in TIERS])
-        return all(consumers == len(ROUTERS) for _, consumers in counts.values())
+        routed = all(consumers == len(ROUTERS) for _, consumers in counts.values())
+        return routed and listening(GATEWAY.addr, 11434)
 
     def redis_primary(self) -> str:
         """The primary's address, as the Sentinels say."""
@@ -351,20 +383,25 @@ class Bed:
                 continue
         raise RuntimeError("no Sentinel answers")
 
-    def queue_leader(self, model: str) -> Host:
-        """The broker host whose node leads the normal tier's quorum queue of ``model``."""
+    def queue_home(self, model: str) -> Host:
+        """The broker host whose node holds the normal tier's queue of ``model``: a quorum
+        queue's leader, or the one node of a classic queue."""
         from app.queues import route_queue
 
         queue = route_queue(model, "normal")
+        column = "leader" if self.queue_type == "quorum" else "pid"
         for host in BROKERS:
             listed = self.rabbitmqctl(
-                host, "list_queues", "-q", "--no-table-headers", "name", "leader", check=False
+                host, "list_queues", "-q", "--no-table-headers", "name", column, check=False
             )
             for line in listed.splitlines():
-                name, _, leader = line.partition("\t")
+                name, _, node = line.partition("\t")
                 if name == queue:
-                    return next(h for h in BROKERS if leader.strip().endswith(h.addr))
-        raise RuntimeError(f"no leader listed for {queue}")
+                    # rabbit@10.77.0.11 (a leader), <rabbit@10.77.0.11.1796226048.28560.0> (a pid)
+                    found = re.search(r"@([0-9.]+?)(?:\.\d+\.\d+\.\d+>|>|$)", node.strip())
+                    addr = found.group(1) if found else ""
+                    return next(h for h in BROKERS if h.addr == addr)
+        raise RuntimeError(f"no node listed for {queue}")
 
     def sim_stats(self, host: Host) -> dict[str, Any]:
         import requests

@@ -22,8 +22,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # One module uses it: torn down after it, so its nodes do not idle through the rest of the suite.
+#: Where the logs of the last bed that saw a test fail are kept (its workdir is deleted).
+LOGS_KEPT = Path(tempfile.gettempdir()) / "corral-bed-logs"
+
+
+# Each module uses one: torn down after it, so its nodes do not idle through the rest of the
+# suite (and two beds never run at once: they share the namespaces' names).
 @pytest.fixture(scope="module")
-def bed() -> Iterator[Bed]:
+def bed(request: pytest.FixtureRequest) -> Iterator[Bed]:
+    """The bed with quorum queues, replicated across the three nodes."""
+    yield from _bed(request, "quorum")
+
+
+@pytest.fixture(scope="module")
+def classic_bed(request: pytest.FixtureRequest) -> Iterator[Bed]:
+    """The bed with classic queues: each lives on the node that declared it."""
+    yield from _bed(request, "classic")
+
+
+def _bed(request: pytest.FixtureRequest, queue_type: str) -> Iterator[Bed]:
     why = can_run()
     if why:
         pytest.skip(why)
@@ -32,13 +49,18 @@ def bed() -> Iterator[Bed]:
     # rabbitmq user.
     workdir = Path(tempfile.mkdtemp(prefix="corral-bed-"))
     os.chmod(workdir, 0o755)
-    stack = Bed(workdir, namespace=f"mh{os.getpid()}")
+    stack = Bed(workdir, namespace=f"mh{os.getpid()}{queue_type[0]}", queue_type=queue_type)
     stack.start()
     env = {k: v for k, v in stack.corral_env().items() if k.startswith("CORRAL_")}
+    failed_before = request.session.testsfailed
     try:
         with settings_from(env):
             wait_until(stack.ready, 120, "workers and routers of the bed", every=0.5)
             yield stack
     finally:
         stack.stop()
+        if request.session.testsfailed > failed_before:
+            shutil.rmtree(LOGS_KEPT, ignore_errors=True)
+            shutil.copytree(workdir, LOGS_KEPT, ignore=shutil.ignore_patterns("mnesia"))
+            print(f"\nthe bed's logs: {LOGS_KEPT}")
         shutil.rmtree(workdir, ignore_errors=True)
