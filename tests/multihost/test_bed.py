@@ -61,9 +61,10 @@ def test_the_gateway_cut_off_from_the_broker_answers_503_and_serves_again(bed: B
     before = _requests(bed)
     assert _generate(url, "before").status_code == 200
     with ThreadPoolExecutor(12) as pool:
-        # Submitted before the cut: their results come through Redis, which stays reachable.
+        # Submitted before the cut (all six running: the fleet's six slots), their results
+        # come through Redis, which stays reachable.
         running = [pool.submit(_generate, url, f"in flight {i}", 120) for i in range(6)]
-        wait_until(lambda: _requests_in_flight(bed) > 0, 30, "jobs running")
+        wait_until(lambda: _requests_in_flight(bed) == len(running), 30, "every job running")
         # The brokers go silent for the gateway: its open connections get no answer, its new
         # ones time out, as in a partition. Redis stays reachable.
         for broker in BROKERS:
