@@ -130,24 +130,22 @@ class _Planner:
             latest = fleet_state().placement.latest()
         except (RedisError, ValueError, KeyError, TypeError):
             return self._plan
-        if latest is None:
+        if latest is None or latest.by == self.id or latest.at <= self._at:
             return self._plan
-        by, at, hold, arriving = latest
-        if by == self.id or at <= self._at:
-            return self._plan
+        wanted = dict(latest.wanted)
+        for m, until in (self._plan.wanted if self._plan is not None else {}).items():
+            wanted[m] = max(until, wanted.get(m, 0.0))
         return Placement(
-            hold={name: frozenset(models) for name, models in hold.items()},
-            arriving={name: dict(models) for name, models in arriving.items()},
-            wanted=self._plan.wanted if self._plan is not None else {},
+            hold={name: frozenset(models) for name, models in latest.hold.items()},
+            arriving={name: dict(models) for name, models in latest.arriving.items()},
+            wanted=wanted,
         )
 
-    def sent(self, instance: str, model: str, now: float) -> None:
-        """A job of ``model`` took a slot on ``instance``: if the plan let it in only through
-        the room there, the room is taken and the model placed (``Placement.with_arrival``),
-        until the instance reports what it loaded."""
+    def started(self, model: str, urgent: bool, now: float) -> None:
+        """A job of ``model`` took a slot: the model lingers (``Placement.with_job``)."""
         with self._lock:
             if self._plan is not None:
-                self._plan = self._plan.with_arrival(instance, model, now)
+                self._plan = self._plan.with_job(model, urgent, now)
 
 
 def _show(placement: Placement, by: str, at: float) -> None:
@@ -158,17 +156,19 @@ def _show(placement: Placement, by: str, at: float) -> None:
     # What people see, and what the instance workers unload and preload: routing goes on
     # with the plan whatever Redis says.
     with contextlib.suppress(RedisError):
-        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at)
+        fleet_state().placement.publish(
+            hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at, wanted=placement.wanted
+        )
 
 
 _demand = _Demand()
 _planner = _Planner()
 
 
-def job_sent(instance: str, model: str) -> None:
-    """Called by the router once a job holds a slot on ``instance`` (see ``_Planner.sent``)."""
+def job_started(model: str, urgent: bool) -> None:
+    """Called by the router once a job of ``model`` holds a slot (``_Planner.started``)."""
     if get_settings().placement:
-        _planner.sent(instance, model, time.time())
+        _planner.started(model, urgent, time.time())
 
 
 def with_plan(

@@ -27,7 +27,7 @@ from app.errors import JobRejected
 from app.jobs import embed_batch
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.lifecycle import WHILE_WAITING, job_fields, job_id
-from app.jobs.placement import job_sent, with_plan
+from app.jobs.placement import job_started, with_plan
 from app.observe.tracing import tracer
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy
@@ -207,7 +207,7 @@ def _reserve_slot(
             return got, {}, ""
         if offered:
             fleet.batches.withdraw(job)  # it holds a slot: no batch may take it now
-        job_sent(got, request.model)  # into the room on a box: the plan records it
+        job_started(request.model, urgent=request.tier == "interactive")
         chosen = next((c.score for c in choices if c.instance == got), {})
         return got, chosen, strategy
 
