@@ -195,11 +195,14 @@ def plan(
         serving = [b for b in boxes if m in b.models]
         free = [b for b in serving if evictable(b) > 0]
         if free:
-            # No eviction of needed work: the box with the most room and the least work.
+            # No eviction of needed work: the box with the most room and the least work, and
+            # not one still loading a model the plan switched it to (Ollama loads one model
+            # at a time: this one would wait for that load, an urgent job a second more).
             best = min(
                 free,
                 key=lambda b: (
                     m not in state[b.name],
+                    bool(arriving.get(b.name)),
                     len(state[b.name]) >= b.max_loaded,
                     len(hard[b.name]),
                     b.in_flight,
@@ -209,12 +212,13 @@ def plan(
             take(best, m)
             continue
         # Take a box from the model holding the most (one holding a single box gives it up
-        # only to urgent jobs): not a box just switched to it (see above), and where the
-        # model is loaded already if it is anywhere.
+        # only to urgent jobs): not a box with a switch pending (one to the donor is kept, see
+        # above, and a load in progress would go first), and where the model is loaded
+        # already if it is anywhere.
         donors = [
             (
                 len(holders[d]),
-                d not in arriving.get(b.name, {}),
+                not arriving.get(b.name),
                 m in b.loaded,
                 -b.in_flight,
                 b.name,

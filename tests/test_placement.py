@@ -221,3 +221,13 @@ def test_a_switch_just_decided_stays_while_the_backlog_reads_low() -> None:
     # both boxes stay on A, not yet loaded there; without the switch pending, one would go.
     low = replace(snap(*three, backlog={A: 2, B: 30}), now=100.5)
     assert holders(plan(low, first), A) == a_boxes
+
+
+def test_a_model_gets_a_box_that_is_not_loading_another() -> None:
+    three = frozenset({A, B, C})
+    boxes = [box(n, frozenset({A}), models=three, max_loaded=2) for n in ("x", "y")]
+    busy = Placement(hold={"x": frozenset({B}), "y": frozenset({A})}, arriving={"x": {B: 99.5}})
+    boxes[0] = replace(boxes[0], loaded=frozenset())
+    p = plan(snap(*boxes, backlog={A: 20, B: 20, C: 1}, urgent={C: 1}), busy)
+    # Both have room for C; x is loading B, and C's job would wait for that load.
+    assert holders(p, C) == {"y"} and B in p.hold["x"]
