@@ -22,9 +22,10 @@ The rules:
 * urgent jobs (interactive, or batch jobs aged past their tier's head start) for a model that
   is loaded nowhere take a box at once: they wait about one load time;
 * a model that had urgent jobs keeps its box for ``URGENT_LINGER_S`` after the last one
-  (interactive jobs come in bursts with pauses between; losing the box costs the next one a
-  whole load, keeping it costs one place of ``max_loaded`` on one box, whose slots still run
-  the other model's jobs);
+  started (interactive jobs come one after another with pauses between; losing the box
+  between two of them costs the next one a whole load). Not much longer: the place it keeps
+  is one another model's backlog could use (at 10 s, a box ran one model's jobs on half its
+  slots for 6 s after the interactive stream had ended);
 * the plan is the only way in: room on a box (fewer models than it can hold) is given by the
   plan to a model with work, not to whichever job finds it first. Room that let any model in
   filled each box with the models of the first jobs that reached it, three models' jobs
@@ -59,7 +60,7 @@ UNKNOWN_SERVICE_MS = 1_000.0
 #: second ago most likely still has one.
 LINGER_S = 1.0
 #: The same after its last urgent job (see the module's rules).
-URGENT_LINGER_S = 10.0
+URGENT_LINGER_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -164,8 +164,8 @@ def test_a_model_lingers_after_its_last_job_longer_after_an_urgent_one() -> None
     )
     assert kept.hold["x"] == {A}  # a job of A just started (no reading saw it)
     urgent = Placement(hold={"x": frozenset({A}), "y": frozenset({B})}).with_job(A, True, 100.0)
-    assert plan(replace(s, now=105.0), urgent).hold["x"] == {A}
-    assert plan(replace(s, now=111.0), urgent).hold["x"] == {B}
+    assert plan(replace(s, now=102.5), urgent).hold["x"] == {A}
+    assert plan(replace(s, now=103.5), urgent).hold["x"] == {B}
 
 
 def test_a_lingering_model_keeps_its_box_but_gets_no_new_one() -> None:
