@@ -213,13 +213,13 @@ def plan(
             take(best, m)
             continue
         # Take a box from the model holding the most (one holding a single box gives it up
-        # only to urgent jobs): not a box with a switch pending (one to the donor is kept, see
-        # above, and a load in progress would go first), and where the model is loaded
-        # already if it is anywhere.
+        # only to urgent jobs), first of all not a box with a switch pending (one to the
+        # donor is kept, see above, and a load in progress there would go first), and where
+        # the model is loaded already if it is anywhere.
         donors = [
             (
-                len(holders[d]),
                 not arriving.get(b.name),
+                len(holders[d]),
                 m in b.loaded,
                 -b.in_flight,
                 b.name,

@@ -231,3 +231,15 @@ def test_a_model_gets_a_box_that_is_not_loading_another() -> None:
     p = plan(snap(*boxes, backlog={A: 20, B: 20, C: 1}, urgent={C: 1}), busy)
     # Both have room for C; x is loading B, and C's job would wait for that load.
     assert holders(p, C) == {"y"} and B in p.hold["x"]
+
+
+def test_an_urgent_model_takes_a_box_that_is_not_loading_from_any_donor() -> None:
+    three = frozenset({A, B, C})
+    boxes = [box(n, models=three) for n in ("x", "y")] + [box("z", frozenset({B}), models=three)]
+    # A holds x and y, both still loading it; B holds z: C takes z.
+    busy = Placement(
+        hold={"x": frozenset({A}), "y": frozenset({A}), "z": frozenset({B})},
+        arriving={"x": {A: 99.5}, "y": {A: 99.5}},
+    )
+    p = plan(snap(*boxes, backlog={A: 40, B: 4, C: 1}, urgent={C: 1}), busy)
+    assert holders(p, C) == {"z"}
