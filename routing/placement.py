@@ -15,7 +15,8 @@ The rules:
   ago and has not seen loaded yet;
 * a model with work and no box gets one: a box with room, else one holding only models
   without work, else (when another model holds two boxes or more, or this model has urgent
-  jobs) a box taken from the model that holds the most boxes;
+  jobs) a box taken from the model that holds the most boxes; a box still loading a model
+  the plan switched it to comes last (Ollama loads one model at a time);
 * a box is switched to a model only when the switch pays for itself: the boxes that hold the
   model would take longer than the model's load time to get through its backlog, so the box
   that switches then takes a batch of the new model's jobs, not one;

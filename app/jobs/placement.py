@@ -7,6 +7,10 @@ only when its inputs change: a new reading of the backlog (at most every ``DEMAN
 seconds, by one thread while the others use the last one), a change in what the instances
 hold or whether they are up, or a second gone by (switches it decided settle). Otherwise a
 decision costs a comparison of the fleet's loaded models with the last ones.
+
+The plan each router makes is published (``app.state.placement``): the hand-off of a freed slot
+to a waiting job follows the latest one (``app/state/lua/handoff.lua``), the instance workers
+act on its switches (``app.jobs.model_swap``), and the other routers build on it.
 """
 
 from __future__ import annotations
