@@ -243,3 +243,20 @@ def test_an_urgent_model_takes_a_box_that_is_not_loading_from_any_donor() -> Non
     )
     p = plan(snap(*boxes, backlog={A: 40, B: 4, C: 1}, urgent={C: 1}), busy)
     assert holders(p, C) == {"z"}
+
+
+def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet idle (no plan published for a while, or cleared): the router's own last plan
+    is not built on, since the boxes no longer hold what it says."""
+    from app.jobs import placement as on_job_path
+
+    class Shown:
+        def latest(self) -> None:
+            return None
+
+    monkeypatch.setattr(on_job_path, "fleet_state", lambda: type("F", (), {"placement": Shown()}))
+    monkeypatch.setattr(on_job_path, "_show", lambda *shown: None)
+    planner = on_job_path._Planner()
+    s = snap(box("x"), box("y"), box("z"), backlog={A: 60})
+    assert holders(planner(s, 1.0), A) == {"x", "y", "z"}
+    assert planner._previous() is None  # not its own plan, A on every box

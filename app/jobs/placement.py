@@ -129,12 +129,19 @@ class _Planner:
         process (one per tier) plans for itself, and building on the latest plan whoever made
         it keeps them on the same switches (their readings of the backlog differ by a few
         hundred milliseconds; each planning on its own history, they placed a cold model on
-        two different boxes, each evicting models the other plan kept)."""
+        two different boxes, each evicting models the other plan kept).
+
+        None when no plan is current (none published for ``SHOWN_FOR_S``: the fleet was idle,
+        or the plan was cleared): what the boxes held then is no longer what they hold (keep-
+        alives expire), and a plan built on it sent the first model of the next batch to every
+        box that had held it, to load it there."""
         try:
             latest = fleet_state().placement.latest()
         except (RedisError, ValueError, KeyError, TypeError):
             return self._plan
-        if latest is None or latest.by == self.id or latest.at <= self._at:
+        if latest is None:
+            return None
+        if latest.by == self.id or latest.at <= self._at:
             return self._plan
         wanted = dict(latest.wanted)
         for m, until in (self._plan.wanted if self._plan is not None else {}).items():
