@@ -5,8 +5,8 @@ waits inside it until a loaded model's running requests end, then the server evi
 and loads the new one. Sent job by job to whichever box has a free slot, two models that share
 a fleet of one-model boxes make every box swap model for nearly every job. :func:`plan` decides
 instead which models each box should hold, from the fleet and the backlog per model, and the
-routers only send a job to a box that holds its model, or that the plan is switching to it, or
-that has room to load it without evicting anything (:meth:`Placement.allows`).
+routers only send a job to a box that holds its model or that the plan is switching to it
+(:meth:`Placement.allows`).
 
 The rules:
 
@@ -15,45 +15,62 @@ The rules:
   ago and has not seen loaded yet;
 * a model with work and no box gets one: a box with room, else one holding only models
   without work, else (when another model holds two boxes or more, or this model has urgent
-  jobs) a box taken from the model that holds the most boxes;
+  jobs) a box taken from the model that holds the most boxes; a box still loading a model
+  the plan switched it to comes last (Ollama loads one model at a time);
 * a box is switched to a model only when the switch pays for itself: the boxes that hold the
   model would take longer than the model's load time to get through its backlog, so the box
   that switches then takes a batch of the new model's jobs, not one;
 * urgent jobs (interactive, or batch jobs aged past their tier's head start) for a model that
   is loaded nowhere take a box at once: they wait about one load time;
-* room on a box (fewer models than it can hold) lets any model in, and a router that sends a
-  job into it records that (:meth:`Placement.with_arrival`): the room is taken and the model
-  placed there, so the room is not given again to other models, each evicting the last,
-  during the seconds before the instance reports what it loaded.
+* a model that had urgent jobs keeps its box for ``URGENT_LINGER_S`` after the last one
+  started (interactive jobs come one after another with pauses between; losing the box
+  between two of them costs the next one a whole load). Not much longer: the place it keeps
+  is one another model's backlog could use (at 10 s, a box ran one model's jobs on half its
+  slots for 6 s after the interactive stream had ended);
+* the plan is the only way in: room on a box (fewer models than it can hold) is given by the
+  plan to a model with work, not to whichever job finds it first. Room that let any model in
+  filled each box with the models of the first jobs that reached it, three models' jobs
+  then shared two places and every job of them loaded its model (issue 16's timelines: two
+  boxes of four doing nothing but loads for the first 7 s).
+
+What a box holds is the previous plan's choice, not what it last reported loaded: a report
+lags (a load in progress, an eviction Ollama made by itself for a job that went there on an
+older plan), and a plan rebuilt from it undid its own switches and made new ones, a load
+each. Models it reports loaded beyond the plan's are counted while they fit (a cheap place
+for their model), as models nobody needs there.
 
 No I/O: the backlog per model (``FleetSnapshot.backlog`` and ``urgent``), each instance's loaded
 models and ``max_loaded`` come in the snapshot, and the plan of the previous call comes in as
-``previous`` (a switch is not visible in ``loaded`` until the instance's next heartbeat, so the
-plan remembers the switches it decided for ``settle_s`` seconds).
+``previous`` (what each box holds, and the switches it decided: a switch is kept as decided
+for ``settle_s`` seconds, or until the instance reports the model loaded).
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from routing.snapshot import FleetSnapshot, InstanceStats
 
 #: Load and service times assumed where nothing was learned (as ``routing.ranking``).
 DEFAULT_LOAD_MS = 5_000.0
 UNKNOWN_SERVICE_MS = 1_000.0
+#: Seconds a model keeps a box after its backlog last read non-empty: jobs in transit between
+#: the broker and a router thread are counted nowhere, and a model that had a backlog half a
+#: second ago most likely still has one.
+LINGER_S = 1.0
+#: The same after its last urgent job (see the module's rules).
+URGENT_LINGER_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
     #: Per instance: the models it should hold (loaded and kept, or being loaded).
     hold: dict[str, frozenset[str]] = field(default_factory=dict)
-    #: Per instance: how many more models it can load without evicting one it should hold.
-    room: dict[str, int] = field(default_factory=dict)
     #: Per instance: the models the plan switched it to, not reported loaded yet, and when.
     arriving: dict[str, dict[str, float]] = field(default_factory=dict)
-    #: Per model: when it last had a backlog.
+    #: Per model: until when it keeps a box without a backlog (``LINGER_S``, ``URGENT_LINGER_S``).
     wanted: dict[str, float] = field(default_factory=dict)
 
     def allows(self, instance: str, model: str) -> bool:
@@ -62,23 +79,15 @@ class Placement:
         An instance the plan does not know (down when it was made) is left to the ranking.
         """
         held = self.hold.get(instance)
-        return held is None or model in held or self.room.get(instance, 0) > 0
+        return held is None or model in held
 
-    def with_arrival(self, instance: str, model: str, now: float) -> Placement:
-        """The plan once a job of ``model`` was sent into the room on ``instance``: the model
-        is arriving there (the next plan keeps it, see ``settle_s``), and the room is taken.
-        Unchanged if the plan holds the model there already, or has no room there (the job
-        was ranked on an older plan)."""
-        held = self.hold.get(instance)
-        if held is None or model in held or self.room.get(instance, 0) <= 0:
+    def with_job(self, model: str, urgent: bool, now: float) -> Placement:
+        """The plan once a job of ``model`` started: the model lingers from now on (a job that
+        found a slot at once is never seen waiting by a backlog reading)."""
+        until = now + (URGENT_LINGER_S if urgent else LINGER_S)
+        if self.wanted.get(model, 0.0) >= until:
             return self
-        arriving = {**self.arriving, instance: {**self.arriving.get(instance, {}), model: now}}
-        return Placement(
-            hold={**self.hold, instance: held | {model}},
-            room={**self.room, instance: max(0, self.room.get(instance, 0) - 1)},
-            arriving=arriving,
-            wanted=self.wanted,
-        )
+        return replace(self, wanted={**self.wanted, model: until})
 
 
 def _mean(values: list[float], default: float) -> float:
@@ -89,43 +98,43 @@ def plan(
     snapshot: FleetSnapshot,
     previous: Placement | None = None,
     settle_s: float = 5.0,
-    linger_s: float = 1.0,
 ) -> Placement:
     """The models each up instance should hold, given the backlog per model.
 
-    A model whose backlog reads empty keeps one box for ``linger_s`` more: jobs in transit
-    between the broker and a router thread are counted nowhere, and a model that had a backlog
-    half a second ago most likely still has one.
+    A model whose backlog reads empty keeps its box (one) until ``previous.wanted`` says
+    (``LINGER_S`` after its last backlog, ``URGENT_LINGER_S`` after its last urgent job); it
+    is not given a box it lost meanwhile.
     """
     now = snapshot.now
     boxes = [i for i in snapshot.instances if i.enabled and i.up(now) and i.models]
     demand = {m: n for m, n in snapshot.backlog.items() if n > 0}
-    wanted = dict(previous.wanted) if previous is not None else {}
-    wanted.update((m, now) for m in demand)
-    for m, t in list(wanted.items()):
-        if m not in demand and now - t < linger_s:
-            demand[m] = 1
-        elif now - t >= linger_s:
-            del wanted[m]
+    wanted = {m: t for m, t in (previous.wanted if previous else {}).items() if t > now}
+    for m in demand:
+        linger = URGENT_LINGER_S if snapshot.urgent.get(m, 0) > 0 else LINGER_S
+        wanted[m] = max(wanted.get(m, 0.0), now + linger)
+    lingering = {m for m in wanted if m not in demand}
+    demand.update((m, 1) for m in lingering)
     urgent = snapshot.urgent
     by_name = {b.name: b for b in boxes}
 
-    # What each box holds now: what it reported loaded, or what the previous plan is loading.
+    # What each box holds now: the previous plan's models (and the switches it decided, until
+    # they settle), then the models it reports loaded beside them while they fit.
     state: dict[str, set[str]] = {}
     arriving: dict[str, dict[str, float]] = {}
     for b in boxes:
-        pending = {}
-        if previous is not None:
+        held = previous.hold.get(b.name) if previous is not None else None
+        state[b.name] = set(held) if held is not None else set()
+        for m in sorted(b.loaded - state[b.name]):
+            if len(state[b.name]) < b.max_loaded:
+                state[b.name].add(m)
+        if previous is not None and held is not None:
             pending = {
                 m: t
                 for m, t in previous.arriving.get(b.name, {}).items()
-                if m not in b.loaded and now - t < settle_s
+                if m in held and m not in b.loaded and now - t < settle_s
             }
-        if pending and previous is not None:
-            state[b.name] = set(previous.hold[b.name]) | set(pending)
-            arriving[b.name] = dict(pending)
-        else:
-            state[b.name] = set(b.loaded)
+            if pending:
+                arriving[b.name] = pending
 
     # Service and load times per model, over the boxes that learned them.
     models = set(demand)
@@ -148,8 +157,8 @@ def plan(
     for m, names in holders.items():
         # A switch just decided stays while its model has work, whatever the backlog reads
         # meanwhile: readings made while a batch is still being submitted undercount it, and
-        # undoing the switch would cost a load for nothing. Then the others, by name.
-        names.sort(key=lambda n: (m not in arriving.get(n, {}), n))
+        # undoing the switch would cost a load for nothing. Then those where it is loaded.
+        names.sort(key=lambda n: (m not in arriving.get(n, {}), m not in by_name[n].loaded, n))
         per_box = min((by_name[n].capacity for n in names), default=1)
         switched = sum(m in arriving.get(n, {}) for n in names)
         del names[max(1, math.ceil(demand[m] / per_box), switched) :]
@@ -174,6 +183,7 @@ def plan(
             while len(held) >= b.max_loaded and soft:
                 held.discard(soft.pop())
             held.add(m)
+        if m not in b.loaded and m not in arriving.get(b.name, {}):
             arriving.setdefault(b.name, {})[m] = (
                 previous.arriving.get(b.name, {}).get(m, now) if previous else now
             )
@@ -182,16 +192,19 @@ def plan(
 
     # 2. Every model with work gets a box: urgent ones first, then the biggest backlogs.
     for m in sorted(models, key=lambda m: (-(urgent.get(m, 0) > 0), -demand[m], m)):
-        if holders[m]:
+        if holders[m] or m in lingering:
             continue
         serving = [b for b in boxes if m in b.models]
         free = [b for b in serving if evictable(b) > 0]
         if free:
-            # No eviction of needed work: the box with the most room and the least work.
+            # No eviction of needed work: the box with the most room and the least work, and
+            # not one still loading a model the plan switched it to (Ollama loads one model
+            # at a time: this one would wait for that load, an urgent job a second more).
             best = min(
                 free,
                 key=lambda b: (
                     m not in state[b.name],
+                    bool(arriving.get(b.name)),
                     len(state[b.name]) >= b.max_loaded,
                     len(hard[b.name]),
                     b.in_flight,
@@ -201,16 +214,25 @@ def plan(
             take(best, m)
             continue
         # Take a box from the model holding the most (one holding a single box gives it up
-        # only to urgent jobs).
+        # only to urgent jobs), first of all not a box with a switch pending (one to the
+        # donor is kept, see above, and a load in progress there would go first), and where
+        # the model is loaded already if it is anywhere.
         donors = [
-            (len(holders[d]), -b.in_flight, b.name, d)
+            (
+                not arriving.get(b.name),
+                len(holders[d]),
+                m in b.loaded,
+                -b.in_flight,
+                b.name,
+                d,
+            )
             for b in serving
             for d in hard[b.name]
             if len(holders[d]) >= 2 or (urgent.get(m, 0) > 0 and not urgent.get(d, 0))
         ]
         if not donors:
             continue
-        _, _, n, d = max(donors)
+        *_, n, d = max(donors)
         hard[n].discard(d)
         holders[d].remove(n)
         state[n].discard(d)
@@ -242,7 +264,6 @@ def plan(
 
     return Placement(
         hold={n: frozenset(state[n]) for n in state},
-        room={b.name: max(0, b.max_loaded - len(state[b.name])) for b in boxes},
         arriving={n: a for n, a in arriving.items() if a},
         wanted=wanted,
     )

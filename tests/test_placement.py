@@ -83,10 +83,11 @@ def test_urgent_jobs_take_a_box_from_a_model_holding_only_one() -> None:
     assert plan(replace(s, urgent={B: 1})).hold["x"] == {B}
 
 
-def test_room_lets_a_model_load_without_evicting() -> None:
+def test_room_is_given_by_the_plan_not_to_whichever_job_finds_it() -> None:
     s = snap(box("x", frozenset({A}), max_loaded=3), backlog={A: 100})
     p = plan(s)
-    assert p.allows("x", A) and p.allows("x", B)
+    assert p.allows("x", A) and not p.allows("x", B)
+    assert plan(replace(s, backlog={A: 100, B: 1})).hold["x"] == {A, B}
 
 
 def test_every_model_gets_a_share_of_two_model_boxes() -> None:
@@ -110,8 +111,10 @@ def test_a_switch_is_remembered_until_the_heartbeat_reports_it() -> None:
     # A new job of A arrives before the heartbeat: x stays switched to B.
     again = plan(replace(s, backlog={A: 1, B: 58}), first)
     assert again.hold["x"] == {B}
+    # Settled: no longer a switch, but still what x holds; A takes a box back from B, the
+    # one where A is still loaded.
     later = plan(replace(s, backlog={A: 1, B: 58}, now=200.0), first)
-    assert later.hold["x"] == {A}
+    assert later.hold == {"x": {A}, "y": {B}} and not later.arriving
 
 
 def test_rank_honours_the_plan() -> None:
@@ -137,25 +140,38 @@ def test_a_backlog_that_reads_empty_for_a_moment_keeps_its_box() -> None:
     assert plan(replace(s, backlog={B: 60}, now=101.5), blip).hold["x"] == {B}
 
 
-def test_room_given_to_a_job_is_taken_until_the_instance_reports_its_load() -> None:
+def test_what_a_box_holds_is_the_plans_choice_not_its_last_report() -> None:
     three = frozenset({A, B, C})
-    s = snap(
+    boxes = (
         box("x", frozenset({A}), max_loaded=2, models=three),
         box("y", frozenset({B}), max_loaded=2, models=three),
-        backlog={A: 2, B: 2},
     )
+    first = plan(snap(*boxes, backlog={A: 20, B: 20}))
+    # A job of C went to x on an older plan and Ollama evicted A for it: the report lags and
+    # says {C}; the plan keeps A there (and counts C beside it, the room it fits in).
+    evicted = (replace(boxes[0], loaded=frozenset({C})), boxes[1])
+    again = plan(replace(snap(*evicted, backlog={A: 20, B: 20}), now=100.5), first)
+    assert A in again.hold["x"] and again.hold["y"] >= {B}
+    assert not again.allows("y", C)
+
+
+def test_a_model_lingers_after_its_last_job_longer_after_an_urgent_one() -> None:
+    s = snap(box("x", frozenset({A})), box("y", frozenset({B})), backlog={B: 60})
     p = plan(s)
-    assert p.room == {"x": 1, "y": 1} and p.allows("x", C) and p.allows("x", B)
-    # A router sent a job of C into the room on x: the room is taken, C placed there.
-    after = p.with_arrival("x", C, 100.2)
-    assert after.hold["x"] == {A, C} and after.room["x"] == 0
-    assert after.arriving["x"] == {C: 100.2}
-    assert not after.allows("x", B)  # no second model into the same room
-    assert after.with_arrival("x", B, 100.3) is after  # ranked on an older plan: no room
-    assert after.with_arrival("y", B, 100.3) is after  # held there already
-    # The next plan keeps C there (arriving) until x reports it loaded.
-    again = plan(replace(s, backlog={A: 2, B: 2, C: 1}, now=100.5), after)
-    assert again.hold["x"] == {A, C} and again.room["x"] == 0
+    assert p.hold["x"] == {B}  # A has no work: x goes to B
+    kept = plan(
+        s, replace(p, hold={"x": frozenset({A}), "y": frozenset({B})}).with_job(A, False, 100.0)
+    )
+    assert kept.hold["x"] == {A}  # a job of A just started (no reading saw it)
+    urgent = Placement(hold={"x": frozenset({A}), "y": frozenset({B})}).with_job(A, True, 100.0)
+    assert plan(replace(s, now=102.5), urgent).hold["x"] == {A}
+    assert plan(replace(s, now=103.5), urgent).hold["x"] == {B}
+
+
+def test_a_lingering_model_keeps_its_box_but_gets_no_new_one() -> None:
+    s = snap(box("x", frozenset({B})), box("y", frozenset({B})), backlog={B: 60})
+    lost = Placement(hold={"x": frozenset({B}), "y": frozenset({B})}).with_job(A, True, 100.0)
+    assert holders(plan(s, lost), A) == set()
 
 
 def test_the_job_being_routed_counts_when_the_reading_missed_it(
@@ -205,3 +221,42 @@ def test_a_switch_just_decided_stays_while_the_backlog_reads_low() -> None:
     # both boxes stay on A, not yet loaded there; without the switch pending, one would go.
     low = replace(snap(*three, backlog={A: 2, B: 30}), now=100.5)
     assert holders(plan(low, first), A) == a_boxes
+
+
+def test_a_model_gets_a_box_that_is_not_loading_another() -> None:
+    three = frozenset({A, B, C})
+    boxes = [box(n, frozenset({A}), models=three, max_loaded=2) for n in ("x", "y")]
+    busy = Placement(hold={"x": frozenset({B}), "y": frozenset({A})}, arriving={"x": {B: 99.5}})
+    boxes[0] = replace(boxes[0], loaded=frozenset())
+    p = plan(snap(*boxes, backlog={A: 20, B: 20, C: 1}, urgent={C: 1}), busy)
+    # Both have room for C; x is loading B, and C's job would wait for that load.
+    assert holders(p, C) == {"y"} and B in p.hold["x"]
+
+
+def test_an_urgent_model_takes_a_box_that_is_not_loading_from_any_donor() -> None:
+    three = frozenset({A, B, C})
+    boxes = [box(n, models=three) for n in ("x", "y")] + [box("z", frozenset({B}), models=three)]
+    # A holds x and y, both still loading it; B holds z: C takes z.
+    busy = Placement(
+        hold={"x": frozenset({A}), "y": frozenset({A}), "z": frozenset({B})},
+        arriving={"x": {A: 99.5}, "y": {A: 99.5}},
+    )
+    p = plan(snap(*boxes, backlog={A: 40, B: 4, C: 1}, urgent={C: 1}), busy)
+    assert holders(p, C) == {"z"}
+
+
+def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fleet idle (no plan published for a while, or cleared): the router's own last plan
+    is not built on, since the boxes no longer hold what it says."""
+    from app.jobs import placement as on_job_path
+
+    class Shown:
+        def latest(self) -> None:
+            return None
+
+    monkeypatch.setattr(on_job_path, "fleet_state", lambda: type("F", (), {"placement": Shown()}))
+    monkeypatch.setattr(on_job_path, "_show", lambda *shown: None)
+    planner = on_job_path._Planner()
+    s = snap(box("x"), box("y"), box("z"), backlog={A: 60})
+    assert holders(planner(s, 1.0), A) == {"x", "y", "z"}
+    assert planner._previous() is None  # not its own plan, A on every box

@@ -65,6 +65,21 @@ def test_hand_off_skips_waiters_that_excluded_the_instance(fleet: FleetState) ->
     assert fleet.slots.finish("j1", "a", ok=True, model=M) == "easy"
 
 
+def test_hand_off_follows_the_latest_placement_plan(fleet: FleetState) -> None:
+    other = "o:latest"
+    fleet.instances.register(InstanceConfig(name="a", url="http://a", models=[M, other]))
+    acquire(fleet, "j1")
+    acquire(fleet, "j2")
+    assert fleet.slots.acquire("early", M, score=1.0, candidates=["a"], exclude=[]) is None
+    assert fleet.slots.acquire("late", other, score=2.0, candidates=["a"], exclude=[]) is None
+    # The plan moved a off M since "early" last looked: the slot goes to "late".
+    fleet.placement.publish({"a": [other], "b": [M]}, ttl_s=10)
+    assert fleet.slots.finish("j1", "a", ok=True, model=M) == "late"
+    # No current plan: no filter.
+    fleet.placement.clear()
+    assert fleet.slots.finish("j2", "a", ok=True, model=M) == "early"
+
+
 def test_finish_is_idempotent_and_frees_the_slot(fleet: FleetState) -> None:
     acquire(fleet, "j1")
     assert fleet.slots.finish("j1", "a", ok=True, model=M) is None

@@ -18,14 +18,14 @@ heartbeat, right after reading ``/api/ps``:
   longer moves it in, so a preload that failed is not sent again in a loop.
 
 Unloads and preloads only ever follow a switch, and only once it is ``SETTLE_S`` old: a job of
-the model leaving may still be handed a slot there until then (a waiting job's list of
-instances is refreshed every second, ``app.jobs.router.WAIT_POLL_SECONDS``), and it would find
-the model unloading and have to load it again. The jobs of the model arriving load it
-themselves meanwhile, as they would without any of this. The switch must also read the same
-(decided at the same time) at two heartbeats in a row: each router process plans on its own
-(one per tier), the last one to plan publishes, and a switch one of them makes and another
-does not is not acted on. A model the plan merely keeps is never touched, and with no plan
-(none made lately: the fleet idle) nothing is sent.
+the model leaving may still take a slot there until then (the hand-off follows the latest
+plan, but a job being routed is ranked on its router's own plan, made up to a second before),
+and it would find the model unloading and have to load it again. The jobs of the model
+arriving load it themselves meanwhile, as they would without any of this. The switch must
+also read the same (decided at the same time) at two heartbeats in a row: each router
+process plans on its own (one per tier), the last one to plan publishes, and a switch one of
+them makes and another does not is not acted on. A model the plan merely keeps is never
+touched, and with no plan (none made lately: the fleet idle) nothing is sent.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds an unload may take: Ollama answers it at once.
 UNLOAD_TIMEOUT_S = 10.0
-#: Seconds after the plan decided a switch before it is acted on: every waiting job has looked
-#: at the plan again by then (``app.jobs.router.WAIT_POLL_SECONDS``, plus a margin).
+#: Seconds after the plan decided a switch before it is acted on: every router has planned
+#: again by then (``app.jobs.placement.REPLAN_SECONDS``, plus a margin).
 SETTLE_S = 1.5
 
 

@@ -7,6 +7,10 @@ only when its inputs change: a new reading of the backlog (at most every ``DEMAN
 seconds, by one thread while the others use the last one), a change in what the instances
 hold or whether they are up, or a second gone by (switches it decided settle). Otherwise a
 decision costs a comparison of the fleet's loaded models with the last ones.
+
+The plan each router makes is published (``app.state.placement``): the hand-off of a freed slot
+to a waiting job follows the latest one (``app/state/lua/handoff.lua``), the instance workers
+act on its switches (``app.jobs.model_swap``), and the other routers build on it.
 """
 
 from __future__ import annotations
@@ -125,29 +129,34 @@ class _Planner:
         process (one per tier) plans for itself, and building on the latest plan whoever made
         it keeps them on the same switches (their readings of the backlog differ by a few
         hundred milliseconds; each planning on its own history, they placed a cold model on
-        two different boxes, each evicting models the other plan kept)."""
+        two different boxes, each evicting models the other plan kept).
+
+        None when no plan is current (none published for ``SHOWN_FOR_S``: the fleet was idle,
+        or the plan was cleared): what the boxes held then is no longer what they hold (keep-
+        alives expire), and a plan built on it sent the first model of the next batch to every
+        box that had held it, to load it there."""
         try:
             latest = fleet_state().placement.latest()
         except (RedisError, ValueError, KeyError, TypeError):
             return self._plan
         if latest is None:
+            return None
+        if latest.by == self.id or latest.at <= self._at:
             return self._plan
-        by, at, hold, arriving = latest
-        if by == self.id or at <= self._at:
-            return self._plan
+        wanted = dict(latest.wanted)
+        for m, until in (self._plan.wanted if self._plan is not None else {}).items():
+            wanted[m] = max(until, wanted.get(m, 0.0))
         return Placement(
-            hold={name: frozenset(models) for name, models in hold.items()},
-            arriving={name: dict(models) for name, models in arriving.items()},
-            wanted=self._plan.wanted if self._plan is not None else {},
+            hold={name: frozenset(models) for name, models in latest.hold.items()},
+            arriving={name: dict(models) for name, models in latest.arriving.items()},
+            wanted=wanted,
         )
 
-    def sent(self, instance: str, model: str, now: float) -> None:
-        """A job of ``model`` took a slot on ``instance``: if the plan let it in only through
-        the room there, the room is taken and the model placed (``Placement.with_arrival``),
-        until the instance reports what it loaded."""
+    def started(self, model: str, urgent: bool, now: float) -> None:
+        """A job of ``model`` took a slot: the model lingers (``Placement.with_job``)."""
         with self._lock:
             if self._plan is not None:
-                self._plan = self._plan.with_arrival(instance, model, now)
+                self._plan = self._plan.with_job(model, urgent, now)
 
 
 def _show(placement: Placement, by: str, at: float) -> None:
@@ -158,17 +167,19 @@ def _show(placement: Placement, by: str, at: float) -> None:
     # What people see, and what the instance workers unload and preload: routing goes on
     # with the plan whatever Redis says.
     with contextlib.suppress(RedisError):
-        fleet_state().placement.publish(hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at)
+        fleet_state().placement.publish(
+            hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at, wanted=placement.wanted
+        )
 
 
 _demand = _Demand()
 _planner = _Planner()
 
 
-def job_sent(instance: str, model: str) -> None:
-    """Called by the router once a job holds a slot on ``instance`` (see ``_Planner.sent``)."""
+def job_started(model: str, urgent: bool) -> None:
+    """Called by the router once a job of ``model`` holds a slot (``_Planner.started``)."""
     if get_settings().placement:
-        _planner.sent(instance, model, time.time())
+        _planner.started(model, urgent, time.time())
 
 
 def with_plan(

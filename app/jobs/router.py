@@ -17,6 +17,7 @@ import functools
 import itertools
 import threading
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from amqp.exceptions import AMQPError
@@ -27,7 +28,7 @@ from app.errors import JobRejected
 from app.jobs import embed_batch
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.lifecycle import WHILE_WAITING, job_fields, job_id
-from app.jobs.placement import job_sent, with_plan
+from app.jobs.placement import job_started, with_plan
 from app.observe.tracing import tracer
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy
@@ -35,7 +36,7 @@ from app.queues import instance_queue, queue_counts, route_queue
 from app.schemas import InferRequest, RouteState
 from app.settings import TIERS, get_settings
 from app.state.fleet import BATCHED, DONE, fleet_state
-from routing import FleetSnapshot, rank
+from routing import Choice, FleetSnapshot, rank
 
 if TYPE_CHECKING:
     from tasks.infer import InferTask
@@ -177,8 +178,10 @@ def _reserve_slot(
             # Recomputed each round: a level that changed while the job waited reorders it.
             score=waiter_score(request, state, levels.level()),
             candidates=candidates,
-            # While it waits, a job is handed a slot only on an instance it ranked.
-            exclude=[i.name for i in snapshot.serving(request.model) if i.name not in candidates],
+            # While it waits, a job is handed a slot only on an instance it ranked, the plan
+            # aside: the hand-off follows the latest plan itself (``lua/handoff.lua``), where
+            # this ranking would keep the plan of now for up to ``WAIT_POLL_SECONDS``.
+            exclude=_not_ranked(snapshot, request, state, strategy, choices),
             agent_class=agent_class,
             class_cap=class_cap,
             now=snapshot.now,
@@ -207,9 +210,30 @@ def _reserve_slot(
             return got, {}, ""
         if offered:
             fleet.batches.withdraw(job)  # it holds a slot: no batch may take it now
-        job_sent(got, request.model)  # into the room on a box: the plan records it
+        job_started(request.model, urgent=request.tier == "interactive")
         chosen = next((c.score for c in choices if c.instance == got), {})
         return got, chosen, strategy
+
+
+def _not_ranked(
+    snapshot: FleetSnapshot,
+    request: InferRequest,
+    state: RouteState,
+    strategy: str,
+    choices: list[Choice],
+) -> list[str]:
+    """The instances serving the job's model that its ranking leaves out, not counting those
+    the placement plan leaves out."""
+    if snapshot.placement is not None:
+        choices = rank(
+            replace(snapshot, placement=None),
+            request.model,
+            strategy=strategy,
+            exclude=state.excluded,
+            kind=request.kind,
+        )
+    ranked = {c.instance for c in choices}
+    return [i.name for i in snapshot.serving(request.model) if i.name not in ranked]
 
 
 class _RecentSnapshot:

@@ -11,11 +11,19 @@ expires if no router made one for a while, so a stale plan is never shown or act
 from __future__ import annotations
 
 import json
-from typing import cast
+from typing import NamedTuple, cast
 
 import redis
 
 from app.state import keys
+
+
+class Published(NamedTuple):
+    by: str
+    at: float
+    hold: dict[str, list[str]]
+    arriving: dict[str, dict[str, float]]
+    wanted: dict[str, float]
 
 
 class PlacementShown:
@@ -33,26 +41,33 @@ class PlacementShown:
         arriving: dict[str, dict[str, float]] | None = None,
         by: str = "",
         at: float = 0.0,
+        wanted: dict[str, float] | None = None,
     ) -> None:
         """``by``: the router process that made the plan, ``at``: when (its fleet snapshot's
-        wall-clock time)."""
+        wall-clock time); ``wanted``: until when each model keeps its box without a backlog
+        (``routing.placement``), so that every router keeps it, not only the one that saw its
+        jobs."""
         px = max(1, int(ttl_s * 1000))
-        moves = {"by": by, "at": at, "arriving": arriving or {}}
+        moves = {"by": by, "at": at, "arriving": arriving or {}, "wanted": wanted or {}}
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(self.key, json.dumps(hold, sort_keys=True), px=px)
             pipe.set(self.arriving_key, json.dumps(moves, sort_keys=True), px=px)
             pipe.execute()
 
-    def latest(
-        self,
-    ) -> tuple[str, float, dict[str, list[str]], dict[str, dict[str, float]]] | None:
-        """(by, at, hold, arriving) of the last plan published, None if none is current."""
+    def latest(self) -> Published | None:
+        """The last plan published, None if none is current."""
         keys_ = [self.key, self.arriving_key]
         hold_raw, moves_raw = cast("list[str | None]", self.redis.mget(keys_))
         if hold_raw is None or moves_raw is None:
             return None
         moves = json.loads(moves_raw)
-        return moves["by"], float(moves["at"]), json.loads(hold_raw), moves["arriving"]
+        return Published(
+            moves["by"],
+            float(moves["at"]),
+            json.loads(hold_raw),
+            moves["arriving"],
+            moves.get("wanted", {}),
+        )
 
     def read(self) -> dict[str, list[str]] | None:
         raw = cast("str | None", self.redis.get(self.key))  # the client decodes responses
@@ -65,11 +80,10 @@ class PlacementShown:
         latest = self.latest()
         if latest is None:
             return None
-        _, _, hold, arriving = latest
-        held = hold.get(instance)
+        held = latest.hold.get(instance)
         if held is None:
             return None
-        return frozenset(held), arriving.get(instance, {})
+        return frozenset(held), latest.arriving.get(instance, {})
 
     def clear(self) -> None:
         """Forget the plan (the bench, between runs that must start with nothing loaded)."""

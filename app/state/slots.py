@@ -50,7 +50,9 @@ class Slots:
     rate: InstanceRate
 
     def _handoff_prefixes(self) -> list[str]:
-        return [keys.waiters(self.ns, ""), keys.handoff(self.ns, "")]
+        """What the hand-off builds its dynamic keys from, and the placement plan it follows
+        (see ``lua/handoff.lua``)."""
+        return [keys.waiters(self.ns, ""), keys.handoff(self.ns, ""), keys.placement(self.ns)]
 
     def acquire(
         self,

@@ -12,7 +12,7 @@
 --       instance_models(inst), excluded, waiter_class, class_in_flight, job_class
 -- ARGV: job, instance, now, lease, ok (1/0), service_ms, model, open_breaker (1/0),
 --       done_ttl, alpha, breaker_threshold, breaker_cooldown, cancelled (1/0),
---       burst_seconds, waiters prefix, handoff prefix
+--       burst_seconds, waiters prefix, handoff prefix, placement key
 -- Dynamic keys: the hand-off's (see handoff.lua).
 -- Returns the job the slot was handed to, or false.
 
@@ -21,7 +21,7 @@ local K = {
   excl = KEYS[8], wclass = KEYS[9], class_in_flight = KEYS[10], job_class = KEYS[11],
 }
 local inst_key, models_key = KEYS[6], KEYS[7]
-local P = {waiters = ARGV[15], handoff = ARGV[16]}
+local P = {waiters = ARGV[15], handoff = ARGV[16], placement = ARGV[17]}
 local job, inst = ARGV[1], ARGV[2]
 local now, lease = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ok, cancelled = ARGV[5] == '1', ARGV[13] == '1'

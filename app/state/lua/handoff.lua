@@ -7,6 +7,23 @@
 -- inside this step, so they cannot all be declared in KEYS[]; the script appends the model or
 -- job to a prefix that app.state.keys built (P.waiters, P.handoff). This is why Corral needs
 -- a single Redis, not a Redis Cluster. K holds the keys the including script got in KEYS[].
+--
+-- The placement plan (P.placement, app.state.placement: JSON, per instance the models it
+-- should hold) is read here too: a slot goes only to a waiter of a model the latest plan
+-- holds on this instance. A waiter's own list of instances is as old as its last look at
+-- the fleet (up to a second), and with the plan there it was handed slots on a box the plan
+-- had just moved off its model (a load back, then another load) and none on the box the
+-- plan had just moved to it (idle slots). No plan, or none for this instance: no filter.
+
+local function planned_models(P, inst)
+  local raw = redis.call('GET', P.placement)
+  if not raw then return nil end
+  local ok, plan = pcall(cjson.decode, raw)
+  if not ok or type(plan) ~= 'table' or type(plan[inst]) ~= 'table' then return nil end
+  local held = {}
+  for _, m in ipairs(plan[inst]) do held[m] = true end
+  return held
+end
 
 local function handoff(K, P, inst, inst_key, models_key, now, lease, burst_seconds)
   -- A removed instance (corral fleet remove --force) keeps no counters.
@@ -16,20 +33,24 @@ local function handoff(K, P, inst, inst_key, models_key, now, lease, burst_secon
   if v[1] == '1' and tonumber(v[2] or '0') <= now and (v[5] or 'closed') == 'closed'
      and tonumber(v[3] or '0') <= tonumber(v[4] or '0') then
     local best, best_score, best_model
+    local planned = planned_models(P, inst)
     for _, m in ipairs(redis.call('SMEMBERS', models_key)) do
-      -- The first waiters that may use this instance; those that may not (it failed them,
-      -- their class is at its cap) are skipped. Deep enough that a free slot is not left
-      -- idle behind a crowd of such waiters until the others look again (within a second).
-      local w = redis.call('ZRANGE', P.waiters .. m, 0, 63, 'WITHSCORES')
-      for j = 1, #w, 2 do
-        local s = tonumber(w[j + 1])
-        if best_score and s >= best_score then break end
-        local ex = redis.call('HGET', K.excl, w[j])
-        local name, cap = waiter_class(K.wclass, w[j])
-        if (not ex or not string.find(',' .. ex .. ',', ',' .. inst .. ',', 1, true))
-           and not (name and class_full(K.class_in_flight, name, cap)) then
-          best, best_score, best_model = w[j], s, m
-          break
+      -- Only the models the latest plan holds here (see above).
+      if not planned or planned[m] then
+        -- The first waiters that may use this instance; those that may not (it failed them,
+        -- their class is at its cap) are skipped. Deep enough that a free slot is not left
+        -- idle behind a crowd of such waiters until the others look again (within a second).
+        local w = redis.call('ZRANGE', P.waiters .. m, 0, 63, 'WITHSCORES')
+        for j = 1, #w, 2 do
+          local s = tonumber(w[j + 1])
+          if best_score and s >= best_score then break end
+          local ex = redis.call('HGET', K.excl, w[j])
+          local name, cap = waiter_class(K.wclass, w[j])
+          if (not ex or not string.find(',' .. ex .. ',', ',' .. inst .. ',', 1, true))
+             and not (name and class_full(K.class_in_flight, name, cap)) then
+            best, best_score, best_model = w[j], s, m
+            break
+          end
         end
       end
     end

@@ -8,7 +8,7 @@
 --
 -- KEYS: grants, running, leases, instances, excluded, waiter_class, class_in_flight, job_class
 -- ARGV: now, lease, burst_seconds, instance prefix, models suffix, waiters prefix,
---       handoff prefix, then the jobs (none: the expired ones)
+--       handoff prefix, placement key, then the jobs (none: the expired ones)
 -- Dynamic keys: the instances' hashes and model sets (which instance a job held is read from
 -- the grants inside this step: instance prefix .. name, and .. models suffix), and the
 -- hand-off's (see handoff.lua).
@@ -20,8 +20,8 @@ local K = {
 }
 local now, lease, burst_seconds = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local instance_prefix, models_suffix = ARGV[4], ARGV[5]
-local P = {waiters = ARGV[6], handoff = ARGV[7]}
-local expired = {unpack(ARGV, 8)}
+local P = {waiters = ARGV[6], handoff = ARGV[7], placement = ARGV[8]}
+local expired = {unpack(ARGV, 9)}
 if #expired == 0 then
   expired = redis.call('ZRANGEBYSCORE', K.leases, '-inf', now, 'LIMIT', 0, 100)
 end
