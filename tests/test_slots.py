@@ -80,6 +80,25 @@ def test_hand_off_follows_the_latest_placement_plan(fleet: FleetState) -> None:
     assert fleet.slots.finish("j2", "a", ok=True, model=M) == "early"
 
 
+def test_the_published_plan_reads_back_and_an_old_string_plan_filters_nothing(
+    fleet: FleetState,
+) -> None:
+    fleet.placement.publish({"a": [M, "o:latest"], "b": []}, ttl_s=10, by="r1", at=5.0)
+    latest = fleet.placement.latest()
+    assert latest is not None and latest.by == "r1" and latest.at == 5.0
+    assert latest.hold == {"a": [M, "o:latest"], "b": []} == fleet.placement.read()
+    assert fleet.placement.moves("a") == (frozenset({M, "o:latest"}), {})
+    assert fleet.placement.moves("c") is None
+    fleet.placement.publish({}, ttl_s=10)  # nothing up: no plan
+    assert fleet.placement.latest() is None and fleet.placement.read() is None
+    # A plan as an older Corral wrote it (one JSON string), met during a rolling upgrade.
+    acquire(fleet, "j1")
+    acquire(fleet, "j2")
+    assert fleet.slots.acquire("w", M, score=1.0, candidates=["a"], exclude=[]) is None
+    fleet.redis.set(keys.placement(fleet.ns), '{"a": ["o:latest"]}')
+    assert fleet.slots.finish("j1", "a", ok=True, model=M) == "w"
+
+
 def test_finish_is_idempotent_and_frees_the_slot(fleet: FleetState) -> None:
     acquire(fleet, "j1")
     assert fleet.slots.finish("j1", "a", ok=True, model=M) is None

@@ -217,8 +217,9 @@ def metrics(ns: str, name: str) -> str:
 
 
 def placement(ns: str) -> str:
-    # string (JSON), with a TTL: the last placement plan a router made (the models each
-    # instance should hold), for the dashboard and `corral fleet list`
+    # hash, with a TTL: the last placement plan a router made, instance -> the models it
+    # should hold (a JSON list); for the dashboard and `corral fleet list`, and read field by
+    # field by every slot hand-off (lua/handoff.lua), which needs its own instance's only
     return f"{ns}:placement"
 
 

@@ -50,28 +50,35 @@ class PlacementShown:
         px = max(1, int(ttl_s * 1000))
         moves = {"by": by, "at": at, "arriving": arriving or {}, "wanted": wanted or {}}
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(self.key, json.dumps(hold, sort_keys=True), px=px)
+            # A hash, so that a slot's hand-off reads its own instance's models, not the
+            # whole fleet's plan. A plan holding nothing (no instance up) is no plan.
+            pipe.delete(self.key)
+            if hold:
+                pipe.hset(self.key, mapping={i: json.dumps(m) for i, m in hold.items()})
+                pipe.pexpire(self.key, px)
             pipe.set(self.arriving_key, json.dumps(moves, sort_keys=True), px=px)
             pipe.execute()
 
     def latest(self) -> Published | None:
         """The last plan published, None if none is current."""
-        keys_ = [self.key, self.arriving_key]
-        hold_raw, moves_raw = cast("list[str | None]", self.redis.mget(keys_))
-        if hold_raw is None or moves_raw is None:
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.key)
+            pipe.get(self.arriving_key)
+            hold_raw, moves_raw = pipe.execute()
+        if not hold_raw or moves_raw is None:
             return None
         moves = json.loads(moves_raw)
         return Published(
             moves["by"],
             float(moves["at"]),
-            json.loads(hold_raw),
+            _hold(hold_raw),
             moves["arriving"],
             moves.get("wanted", {}),
         )
 
     def read(self) -> dict[str, list[str]] | None:
-        raw = cast("str | None", self.redis.get(self.key))  # the client decodes responses
-        return None if raw is None else cast(dict[str, list[str]], json.loads(raw))
+        raw = cast("dict[str, str]", self.redis.hgetall(self.key))  # the client decodes
+        return _hold(raw) if raw else None
 
     def moves(self, instance: str) -> tuple[frozenset[str], dict[str, float]] | None:
         """(models ``instance`` should hold, those of them the plan switched it to with the
@@ -88,3 +95,7 @@ class PlacementShown:
     def clear(self) -> None:
         """Forget the plan (the bench, between runs that must start with nothing loaded)."""
         self.redis.delete(self.key, self.arriving_key)
+
+
+def _hold(raw: dict[str, str]) -> dict[str, list[str]]:
+    return {instance: json.loads(models) for instance, models in raw.items()}

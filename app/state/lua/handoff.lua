@@ -8,20 +8,22 @@
 -- job to a prefix that app.state.keys built (P.waiters, P.handoff). This is why Corral needs
 -- a single Redis, not a Redis Cluster. K holds the keys the including script got in KEYS[].
 --
--- The placement plan (P.placement, app.state.placement: JSON, per instance the models it
--- should hold) is read here too: a slot goes only to a waiter of a model the latest plan
+-- The placement plan (P.placement, app.state.placement: a hash, per instance the models it
+-- should hold as a JSON list) is read here too, this instance's field only: a slot goes only to a waiter of a model the latest plan
 -- holds on this instance. A waiter's own list of instances is as old as its last look at
 -- the fleet (up to a second), and with the plan there it was handed slots on a box the plan
 -- had just moved off its model (a load back, then another load) and none on the box the
 -- plan had just moved to it (idle slots). No plan, or none for this instance: no filter.
 
 local function planned_models(P, inst)
-  local raw = redis.call('GET', P.placement)
+  -- A plan written by an older Corral (a JSON string) during a rolling upgrade: no filter.
+  if redis.call('TYPE', P.placement).ok ~= 'hash' then return nil end
+  local raw = redis.call('HGET', P.placement, inst)
   if not raw then return nil end
-  local ok, plan = pcall(cjson.decode, raw)
-  if not ok or type(plan) ~= 'table' or type(plan[inst]) ~= 'table' then return nil end
+  local ok, models = pcall(cjson.decode, raw)
+  if not ok or type(models) ~= 'table' then return nil end
   local held = {}
-  for _, m in ipairs(plan[inst]) do held[m] = true end
+  for _, m in ipairs(models) do held[m] = true end
   return held
 end
 
