@@ -403,6 +403,33 @@ class Bed:
                     return next(h for h in BROKERS if h.addr == addr)
         raise RuntimeError(f"no node listed for {queue}")
 
+    def served(self) -> int:
+        """Requests the GPU hosts' servers have served in all (the same job twice counts
+        twice)."""
+        return sum(int(self.sim_stats(h)["requests_total"]) for h in GPUS)
+
+    def in_flight(self) -> int:
+        return sum(int(self.sim_stats(h)["in_flight"]) for h in GPUS)
+
+    def expect_each_once(
+        self, jobs: list[Any], served_before: int, what: str, timeout: float = 120
+    ) -> None:
+        """Every job of ``jobs`` ends with one result (read through Redis's and the broker's
+        outages), no server above its parallelism; prints how many ran twice."""
+        from app.bench.harness import results_through_outages
+        from app.schemas import InferResult
+
+        done = {
+            k: InferResult.model_validate(v)
+            for k, v in results_through_outages(jobs, timeout).items()
+        }
+        assert len(done) == len(jobs), f"{what}: {len(jobs) - len(done)} jobs without a result"
+        assert all(r.text for r in done.values())
+        ran = self.served() - served_before
+        print(f"{what}: {len(jobs)} jobs, {ran} requests served, {ran - len(jobs)} ran twice")
+        for host in GPUS:
+            assert self.sim_stats(host)["peak_in_flight"] <= 2, host.name
+
     def sim_stats(self, host: Host) -> dict[str, Any]:
         import requests
 

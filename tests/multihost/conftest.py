@@ -21,7 +21,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.multihost)
 
 
-# One module uses it: torn down after it, so its nodes do not idle through the rest of the suite.
 #: Where the logs of the last bed that saw a test fail are kept (its workdir is deleted).
 LOGS_KEPT = Path(tempfile.gettempdir()) / "corral-bed-logs"
 

@@ -8,40 +8,19 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 
-from app.bench.harness import results_through_outages, wait_until
+from app.bench.harness import wait_until
 from app.schemas import InferResult
 from tasks import infer
 from tests.multihost.bed import BROKERS, CHAT, GATEWAY, GPUS, Bed
 
 
-def _requests(bed: Bed) -> int:
-    return sum(int(bed.sim_stats(h)["requests_total"]) for h in GPUS)
-
-
-def _requests_in_flight(bed: Bed) -> int:
-    return sum(int(bed.sim_stats(h)["in_flight"]) for h in GPUS)
-
-
-def _check(bed: Bed, jobs: list[Any], before: int, what: str, timeout: float = 120) -> None:
-    done = {
-        k: InferResult.model_validate(v) for k, v in results_through_outages(jobs, timeout).items()
-    }
-    assert len(done) == len(jobs), f"{what}: {len(jobs) - len(done)} jobs without a result"
-    assert all(r.text for r in done.values())
-    ran = _requests(bed) - before
-    print(f"{what}: {len(jobs)} jobs, {ran} requests served, {ran - len(jobs)} ran twice")
-    for host in GPUS:
-        assert bed.sim_stats(host)["peak_in_flight"] <= 2, host.name
-
-
 def test_jobs_run_across_hosts_on_every_gpu_host(bed: Bed) -> None:
-    before = _requests(bed)
+    before = bed.served()
     jobs = [infer.delay(model=CHAT, prompt=f"across {i}", cache=False) for i in range(30)]
-    _check(bed, jobs, before, "no fault")
+    bed.expect_each_once(jobs, before, "no fault")
     served = {InferResult.model_validate(j.result).routing.instance for j in jobs}
     assert served == {h.name for h in GPUS}
 
@@ -58,13 +37,13 @@ def _chat_openai(url: str, prompt: str) -> httpx.Response:
 
 def test_the_gateway_cut_off_from_the_broker_answers_503_and_serves_again(bed: Bed) -> None:
     url = bed.gateway_url
-    before = _requests(bed)
+    before = bed.served()
     assert _generate(url, "before").status_code == 200
     with ThreadPoolExecutor(12) as pool:
         # Submitted before the cut (all six running: the fleet's six slots), their results
         # come through Redis, which stays reachable.
         running = [pool.submit(_generate, url, f"in flight {i}", 120) for i in range(6)]
-        wait_until(lambda: _requests_in_flight(bed) == len(running), 30, "every job running")
+        wait_until(lambda: bed.in_flight() == len(running), 30, "every job running")
         # The brokers go silent for the gateway: its open connections get no answer, its new
         # ones time out, as in a partition. Redis stays reachable.
         for broker in BROKERS:
@@ -99,9 +78,9 @@ def test_the_gateway_cut_off_from_the_broker_answers_503_and_serves_again(bed: B
     # A job whose publish reached the broker but whose confirm never came back runs for
     # nobody: the at-least-once window of a publish (its client got the 503 and may retry).
     answered = 1 + len(running) + 2
-    wait_until(lambda: _requests(bed) - before >= answered, 30, "the answered jobs counted")
+    wait_until(lambda: bed.served() - before >= answered, 30, "the answered jobs counted")
     time.sleep(2)
-    orphans = _requests(bed) - before - answered
+    orphans = bed.served() - before - answered
     print(f"  {orphans} of the {refused} refused jobs still ran (they reached the broker)")
     assert 0 <= orphans <= refused
     for host in GPUS:
@@ -110,7 +89,7 @@ def test_the_gateway_cut_off_from_the_broker_answers_503_and_serves_again(bed: B
 
 def test_a_gpu_host_cut_off_for_20_s_loses_nothing_and_serves_again(bed: Bed) -> None:
     gpu = GPUS[1]
-    before = _requests(bed)
+    before = bed.served()
     jobs = [infer.delay(model=CHAT, prompt=f"cut {i}", cache=False) for i in range(40)]
     wait_until(lambda: bed.sim_stats(gpu)["in_flight"] > 0, 30, f"jobs running on {gpu.name}")
     gpu.cut()
@@ -118,39 +97,39 @@ def test_a_gpu_host_cut_off_for_20_s_loses_nothing_and_serves_again(bed: Bed) ->
         time.sleep(20)
     finally:
         gpu.restore()
-    _check(bed, jobs, before, f"{gpu.name} cut off for 20 s", timeout=180)
+    bed.expect_each_once(jobs, before, f"{gpu.name} cut off for 20 s", timeout=180)
     # Back on the network, it takes jobs again.
     served_before = int(bed.sim_stats(gpu)["requests_total"])
     wait_until(bed.ready, 60, f"{gpu.name} back in the fleet", every=0.5)
-    before = _requests(bed)
+    before = bed.served()
     more = [infer.delay(model=CHAT, prompt=f"back {i}", cache=False) for i in range(18)]
-    _check(bed, more, before, f"after {gpu.name} came back")
+    bed.expect_each_once(more, before, f"after {gpu.name} came back")
     assert int(bed.sim_stats(gpu)["requests_total"]) > served_before
 
 
 def test_the_redis_primary_killed_sentinel_promotes_and_jobs_finish(bed: Bed) -> None:
-    before = _requests(bed)
+    before = bed.served()
     jobs = [infer.delay(model=CHAT, prompt=f"redis {i}", cache=False) for i in range(40)]
     wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
     old = bed.redis_primary()
     bed.kill("redis-primary")
-    _check(bed, jobs, before, "Redis primary killed", timeout=180)
+    bed.expect_each_once(jobs, before, "Redis primary killed", timeout=180)
     assert bed.redis_primary() != old
 
 
 def test_the_broker_node_leading_the_queues_stopped_work_goes_on(bed: Bed) -> None:
-    before = _requests(bed)
+    before = bed.served()
     jobs = [infer.delay(model=CHAT, prompt=f"broker {i}", cache=False) for i in range(40)]
     wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
     leader = bed.queue_home(CHAT)
     bed.rabbitmqctl(leader, "stop_app")
     try:
-        _check(
-            bed, jobs, before, f"RabbitMQ node {leader.name} (queue leader) stopped", timeout=180
+        bed.expect_each_once(
+            jobs, before, f"RabbitMQ node {leader.name} (queue leader) stopped", timeout=180
         )
-        before = _requests(bed)
+        before = bed.served()
         late = [infer.delay(model=CHAT, prompt=f"no leader {i}", cache=False) for i in range(10)]
-        _check(bed, late, before, f"submitted with {leader.name} down")
+        bed.expect_each_once(late, before, f"submitted with {leader.name} down")
     finally:
         bed.rabbitmqctl(leader, "start_app")
     # Every router and worker consumes again (their consumers restart after channel errors).
@@ -160,18 +139,18 @@ def test_the_broker_node_leading_the_queues_stopped_work_goes_on(bed: Bed) -> No
 
 
 def test_a_router_host_killed_the_other_carries_every_tier(bed: Bed) -> None:
-    before = _requests(bed)
+    before = bed.served()
     jobs = [infer.delay(model=CHAT, prompt=f"router host {i}", cache=False) for i in range(40)]
     wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
     for tier in ("interactive", "normal", "batch"):
         bed.kill(f"router-{tier}-router-1")
-    _check(bed, jobs, before, "router host killed")
+    bed.expect_each_once(jobs, before, "router host killed")
 
 
 def test_after_a_router_host_died_new_jobs_still_run(bed: Bed) -> None:
-    before = _requests(bed)
+    before = bed.served()
     late = [
         infer.delay(model=CHAT, prompt=f"after {i}", cache=False, tier="interactive")
         for i in range(6)
     ]
-    _check(bed, late, before, "after the router host died", timeout=60)
+    bed.expect_each_once(late, before, "after the router host died", timeout=60)

@@ -15,21 +15,20 @@ from typing import Any
 from app.bench.harness import wait_until
 from app.errors import BrokerUnavailable
 from tasks import infer
-from tests.multihost.bed import CHAT, GPUS, Bed
-from tests.multihost.test_bed import _check, _requests
+from tests.multihost.bed import CHAT, Bed
 
 
 def test_classic_queues_serve_across_hosts(classic_bed: Bed) -> None:
-    before = _requests(classic_bed)
+    before = classic_bed.served()
     jobs = [infer.delay(model=CHAT, prompt=f"classic {i}", cache=False) for i in range(20)]
-    _check(classic_bed, jobs, before, "classic, no fault")
+    classic_bed.expect_each_once(jobs, before, "classic, no fault")
 
 
 def test_the_node_holding_classic_queues_stopped_they_wait_and_lose_nothing(
     classic_bed: Bed,
 ) -> None:
     bed = classic_bed
-    before = _requests(bed)
+    before = bed.served()
     jobs = [infer.delay(model=CHAT, prompt=f"classic node {i}", cache=False) for i in range(40)]
     wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
     home = bed.queue_home(CHAT)
@@ -53,7 +52,5 @@ def test_the_node_holding_classic_queues_stopped_they_wait_and_lose_nothing(
         f" of 6 submitted meanwhile, {len(late)} queued, {len(refused)} refused"
         + (f" ({refused[0][:120]})" if refused else "")
     )
-    _check(bed, jobs + late, before, f"classic, {home.name} back", timeout=180)
+    bed.expect_each_once(jobs + late, before, f"classic, {home.name} back", timeout=180)
     print(f"  the last job ended {time.monotonic() - back:.0f} s after the node was back")
-    for host in GPUS:
-        assert bed.sim_stats(host)["peak_in_flight"] <= 2
