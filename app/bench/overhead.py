@@ -238,29 +238,18 @@ def measure_submission(n: int, rounds: int = 3) -> dict[str, Any]:
 @contextmanager
 def _bench_stack() -> Iterator[LocalFleet]:
     """The benchmark's stack, under a namespace of its own; stopped and purged after."""
-    from app.bench.harness import LocalFleet, free_port, instances_env
+    from app.bench.harness import free_port, own_fleet
 
     sims = [{**s, "port": free_port()} for s in SIMS]
-    namespace = f"bench{os.getpid()}"
-    os.environ.update(
-        {
-            "CORRAL_NAMESPACE": namespace,
-            "CORRAL_INSTANCES": instances_env(sims),
-            "CORRAL_CACHE_ENABLED": "false",
-        }
-    )
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
     workdir = Path(tempfile.mkdtemp(prefix="corral-bench-"))
-    fleet = LocalFleet(workdir, dict(os.environ), sims)
     typer.echo(f"starting a benchmark stack (logs in {workdir})")
-    try:
-        fleet.start()
+    with own_fleet(
+        workdir,
+        sims,
+        CORRAL_NAMESPACE=f"bench{os.getpid()}",
+        CORRAL_CACHE_ENABLED="false",
+    ) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        fleet.purge()
 
 
 def run_benchmark(jobs: int = 400, sequential: int = 200, submitted: int = 1000) -> dict[str, Any]:
