@@ -27,11 +27,13 @@ def _celery_worker(
 ) -> None:
     """``celery worker`` with the role's configuration (``app.celery_app``), on ``queues``."""
     from app.celery_app import celery_app, use_role_config
+    from app.jobs.consumer_watch import ConsumerWatch
     from app.observe import logs, tracing
 
     logs.set_role(role)
     tracing.setup(role)
     use_role_config(config)
+    celery_app.steps["consumer"].add(ConsumerWatch)
     celery_app.worker_main(
         [
             "worker",

@@ -21,7 +21,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.multihost)
 
 
-#: Where the logs of the last bed that saw a test fail are kept (its workdir is deleted).
+#: Set (to anything) to keep the bed's logs also when every test passed.
+KEEP_LOGS = "CORRAL_BED_KEEP_LOGS"
+
+
+#: Where the logs of the last bed that saw a test fail are kept, a folder per queue type
+#: (its workdir is deleted).
 LOGS_KEPT = Path(tempfile.gettempdir()) / "corral-bed-logs"
 
 
@@ -58,8 +63,9 @@ def _bed(request: pytest.FixtureRequest, queue_type: str) -> Iterator[Bed]:
             yield stack
     finally:
         stack.stop()
-        if request.session.testsfailed > failed_before:
-            shutil.rmtree(LOGS_KEPT, ignore_errors=True)
-            shutil.copytree(workdir, LOGS_KEPT, ignore=shutil.ignore_patterns("mnesia"))
-            print(f"\nthe bed's logs: {LOGS_KEPT}")
+        if request.session.testsfailed > failed_before or os.environ.get(KEEP_LOGS):
+            kept = LOGS_KEPT / queue_type
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(workdir, kept, ignore=shutil.ignore_patterns("mnesia"))
+            print(f"\nthe bed's logs: {kept}")
         shutil.rmtree(workdir, ignore_errors=True)

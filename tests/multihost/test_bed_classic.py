@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytest
-
 from app.bench.harness import wait_until
 from app.errors import BrokerUnavailable
 from tasks import infer
@@ -26,16 +24,6 @@ def test_classic_queues_serve_across_hosts(classic_bed: Bed) -> None:
     classic_bed.expect_each_once(jobs, before, "classic, no fault")
 
 
-#: Its record (2026-12-02): passed in 3 runs, failed in 2 (fresh-clone CI runs). In the first, one
-#: instance worker's consumer restarted on channel errors (NOT_FOUND while the node came
-#: back) until Celery's "Frequent restarts detected", received two redelivered jobs over and
-#: over, then took nothing more: 4 jobs stayed in its queue without a result after 180 s,
-#: the worker still running. Cause not found yet; the logs are kept when it fails.
-@pytest.mark.xfail(
-    strict=False,
-    reason="an instance worker's consumer may not come back after the channel-error restarts"
-    " of a classic queue's node returning (2 runs in 5; cause not found)",
-)
 def test_the_node_holding_classic_queues_stopped_they_wait_and_lose_nothing(
     classic_bed: Bed,
 ) -> None:
