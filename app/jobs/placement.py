@@ -16,6 +16,9 @@ act on its switches (``app.jobs.model_swap``), and the other routers build on it
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
+import math
 import os
 import socket
 import threading
@@ -39,6 +42,10 @@ DEMAND_TTL = 0.5
 REPLAN_SECONDS = 1.0
 #: Seconds the last plan stays shown once no router makes one.
 SHOWN_FOR_S = 10.0
+#: Seconds between two looks of a router process's own planner at the fleet (``keep_planning``).
+PLAN_EVERY_S = 0.25
+
+log = logging.getLogger(__name__)
 
 _Reading = tuple[float, dict[str, int], dict[str, int]]
 
@@ -108,9 +115,10 @@ class _Planner:
             return self._plan  # type: ignore[return-value]  # None only while blocking
         try:
             if self._plan is None or key != self._key or now - self._at > REPLAN_SECONDS:
-                self._plan = plan(snapshot, self._previous())
+                previous = self._previous()
+                self._plan = plan(snapshot, previous)
                 self._key, self._at = key, now
-                _show(self._plan, self.id, now)
+                _show(self._plan, self.id, now, previous)
             return self._plan
         finally:
             self._lock.release()
@@ -119,9 +127,10 @@ class _Planner:
         """Plan now, whatever changed (a job the reading missed, see ``with_plan``); the plan
         then stands until the next reading."""
         with self._lock:
-            self._plan = plan(snapshot, self._previous())
+            previous = self._previous()
+            self._plan = plan(snapshot, previous)
             self._at = snapshot.now
-            _show(self._plan, self.id, snapshot.now)
+            _show(self._plan, self.id, snapshot.now, previous)
             return self._plan
 
     def _previous(self) -> Placement | None:
@@ -159,9 +168,11 @@ class _Planner:
                 self._plan = self._plan.with_job(model, urgent, now)
 
 
-def _show(placement: Placement, by: str, at: float) -> None:
+def _show(placement: Placement, by: str, at: float, previous: Placement | None) -> None:
     """Keep the new plan where the dashboard, ``corral fleet list``, the instance workers
-    (``app.jobs.model_swap``) and the other routers (``_Planner._previous``) read it."""
+    (``app.jobs.model_swap``), the other routers (``_Planner._previous``) and the slot
+    hand-off (``lua/handoff.lua``) read it; then offer the idle slots of each box it moved a
+    model onto to that model's waiting jobs (``gained``)."""
     hold = {name: sorted(models) for name, models in placement.hold.items()}
     arriving = {name: dict(models) for name, models in placement.arriving.items()}
     # What people see, and what the instance workers unload and preload: routing goes on
@@ -170,10 +181,54 @@ def _show(placement: Placement, by: str, at: float) -> None:
         fleet_state().placement.publish(
             hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at, wanted=placement.wanted
         )
+        # A waiting job is handed a slot when a job frees one, or finds one when it looks at
+        # the fleet again (every ``WAIT_POLL_SECONDS``). A box the plan just moved its model
+        # onto is often idle (the model it held ran out of work), and without the offer its
+        # slots stayed idle up to a second, a whole load time in issue 16's bench.
+        fleet_state().slots.offer(gained(previous, placement))
+
+
+def gained(previous: Placement | None, placement: Placement) -> dict[str, list[str]]:
+    """Per instance, the models ``placement`` holds there and ``previous`` did not."""
+    out = {}
+    for name, models in placement.hold.items():
+        before = previous.hold.get(name, frozenset()) if previous is not None else frozenset()
+        if new := sorted(models - before):
+            out[name] = new
+    return out
 
 
 _demand = _Demand()
 _planner = _Planner()
+#: When (monotonic) this process last attached the plan to a job's ranking: it plans by itself
+#: (``keep_planning``) only while it routes jobs or holds waiting ones.
+_last_used = -math.inf
+
+
+def keep_planning(stop: threading.Event) -> None:
+    """Make the plan again as the fleet and the backlog change, not only when a job is routed:
+    the router's thread, started with the worker (``app.jobs.router_worker``).
+
+    A plan made on a job's way through the router stood until the next job came or a waiting
+    one looked again (up to a second): made as a batch was being submitted, from a reading
+    that saw only its first jobs, it left a box without a model for a second (issue 16's
+    timelines). Planning here, with ``_show`` offering the idle slots of a box to the models
+    moved onto it, a change of the backlog reaches the boxes within ``PLAN_EVERY_S`` plus the
+    reading's age. Idle while this process routes nothing (for ``SHOWN_FOR_S``).
+    """
+    while not stop.wait(PLAN_EVERY_S):
+        if not get_settings().placement or time.monotonic() - _last_used > SHOWN_FOR_S:
+            continue
+        try:
+            snapshot = fleet_state().instances.snapshot()
+            at, waiting, urgent = _demand(functools.partial(_served, snapshot))
+            _planner(replace(snapshot, backlog=waiting, urgent=urgent), at)
+        except (OSError, RedisError, OperationalError, AMQPError):
+            log.warning("planning the placement failed", exc_info=True)
+
+
+def _served(snapshot: FleetSnapshot) -> list[str]:
+    return sorted({m for i in snapshot.instances for m in i.models})
 
 
 def job_started(model: str, urgent: bool) -> None:
@@ -200,10 +255,12 @@ def with_plan(
     a model loaded nowhere would wait for its next look at the fleet (a second) before the
     plan gives its model a box.
     """
+    global _last_used
     current = {model: backlog(model)} if strategy == "smart" else {}
     if not get_settings().placement:
         return replace(snapshot, backlog=current)
-    at, waiting, urgent = _demand(lambda: sorted({m for i in snapshot.instances for m in i.models}))
+    _last_used = time.monotonic()
+    at, waiting, urgent = _demand(lambda: _served(snapshot))
     snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
     placement = _planner(snapshot, at)
     missed = not waiting.get(model) or (urgent_job and not urgent.get(model))
