@@ -95,6 +95,10 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
     batch: embed_batch.Batch | None = None
     try:
+        if not stats["loaded"]:
+            # Its model was not loaded at the last heartbeat: if the server is full, the
+            # plan's choice of what to evict goes first (app.jobs.model_swap's make_room).
+            agent.make_room(request.model)
         # Embed jobs of this model waiting for a slot ride in this call (app.jobs.embed_batch).
         batch = embed_batch.gather(job, instance, request, state)
         with (

@@ -259,6 +259,25 @@ class InstanceAgent:
             preload_timeout=self.config.request_timeout or s.request_timeout,
         )
 
+    def make_room(self, model: str) -> None:
+        """Before a call that loads ``model`` on a full server: unload what the placement plan
+        gave up here and wait for the room (``ModelSwap.make_room``), so that Ollama does not
+        evict a model the plan keeps. With no plan, or the model loaded, nothing."""
+        s = get_settings()
+        if not (s.placement and s.placement_swaps):
+            return
+        plan = fleet_state().placement.moves(self.name)
+        if plan is None:
+            return
+
+        def loaded() -> frozenset[str]:
+            return frozenset(normalize_model(m) for m in self.client.loaded())
+
+        try:
+            self.swap.make_room(model, plan[0], self.config.max_loaded_models, self.client, loaded)
+        except OllamaError as exc:  # the call itself will say what is wrong with the server
+            log.warning("instance %s: making room for %s failed: %s", self.name, model, exc)
+
     def _loop(self) -> None:
         interval = get_settings().heartbeat_interval
         beats = 0

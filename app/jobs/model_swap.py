@@ -26,6 +26,14 @@ also read the same (decided at the same time) at two heartbeats in a row: each r
 process plans on its own (one per tier), the last one to plan publishes, and a switch one of
 them makes and another does not is not acted on. A model the plan merely keeps is never
 touched, and with no plan (none made lately: the fleet idle) nothing is sent.
+
+A job that is about to load its model on a full server is the exception (``make_room``): the
+server evicts a model for it anyway, now, and Ollama picks the first *idle* one, which is as
+often a model the plan keeps (idle between two of its jobs) as the one it gave up (still
+running its last ones). Evicting a kept model cost a load back, and the thrash went on from
+there (issue 16's timelines: a box loaded five models in five seconds). So before such a call
+the worker unloads the models the plan gave up and waits for the room: the wait is the one
+Ollama would make for the model it should evict, its running requests.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.errors import OllamaError
@@ -46,6 +55,12 @@ UNLOAD_TIMEOUT_S = 10.0
 #: Seconds after the plan decided a switch before it is acted on: every router has planned
 #: again by then (``app.jobs.placement.REPLAN_SECONDS``, plus a margin).
 SETTLE_S = 1.5
+#: Seconds a job that must load its model waits for the models leaving to end their running
+#: requests (``make_room``), and between two looks at ``/api/ps`` meanwhile. Past the bound
+#: the job goes anyway and Ollama evicts what it picks: a leaving model's long generation
+#: must not hold a job's slot for minutes.
+ROOM_WAIT_S = 5.0
+ROOM_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +91,17 @@ def moves(
     room -= len(sent & coming)
     candidates = sorted(coming - busy - sent)
     return Moves(unload, tuple(candidates[:1]) if room > 0 else ())
+
+
+def leaving_for(
+    model: str, held: frozenset[str], loaded: frozenset[str], max_loaded: int
+) -> tuple[str, ...]:
+    """The loaded models to unload before a job of ``model`` (not loaded) runs: those the plan
+    no longer holds here, when the server is full. Empty when it has room, or when the plan
+    holds every loaded model (then Ollama's choice is as good as any)."""
+    if model in loaded or len(loaded) < max_loaded:
+        return ()
+    return tuple(sorted(loaded - held - {model}))
 
 
 @dataclass
@@ -136,6 +162,38 @@ class ModelSwap:
             )
             self._preloading.start()
         return Moves(unload, todo.preload)
+
+    def make_room(
+        self,
+        model: str,
+        held: frozenset[str],
+        max_loaded: int,
+        client: OllamaClient,
+        loaded: Callable[[], frozenset[str]],
+    ) -> tuple[str, ...]:
+        """Before a job of ``model`` runs here: if the server is full and ``model`` is not
+        loaded, unload the models the plan (``held``) gave up, and wait until one of them
+        left (at most ``ROOM_WAIT_S``). ``loaded`` reads ``/api/ps``. Returns what it
+        unloaded."""
+        leaving = leaving_for(model, held, loaded(), max_loaded)
+        for name in leaving:
+            if name in self.unloading:
+                continue
+            self.unloading.add(name)
+            try:
+                client.unload(name, timeout=UNLOAD_TIMEOUT_S)
+            except OllamaError as exc:
+                log.warning("instance %s: unloading %s failed: %s", self.instance, name, exc)
+                continue
+            log.info("instance %s: %s unloaded for a job of %s", self.instance, name, model)
+            metrics.unload_sent(self.instance, name)
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while leaving and time.monotonic() < deadline:
+            time.sleep(ROOM_POLL_S)
+            now_loaded = loaded()
+            if model in now_loaded or len(now_loaded) < max_loaded:
+                break
+        return leaving
 
     def _preload(self, client: OllamaClient, model: str, timeout: float) -> None:
         try:
