@@ -133,6 +133,25 @@ def test_make_room_unloads_the_model_leaving_and_waits_until_it_left() -> None:
     assert client.unloads == [B]
 
 
+def test_an_urgent_switch_makes_room_and_preloads_at_once() -> None:
+    swap, client = ModelSwap("x"), FakeClient()
+    client.release.set()
+    state = {"loaded": fs(A, B)}
+
+    def loaded() -> frozenset[str]:
+        if client.unloads:  # B's last request ended
+            state["loaded"] = fs(A) | fs(*client.preloads)
+        return state["loaded"]
+
+    # B leaves, C arrives, not settled: sent now, B unloaded before C is preloaded.
+    assert swap.switch_now(fs(A, C), fs(C), 2, fs(A), client, loaded, 10.0) == C  # type: ignore[arg-type]
+    assert client.unloads == [B] and client.preloads == [C]
+    # The heartbeat that follows sends neither again.
+    assert swap.step((fs(A, C), {C: 100.0}), fs(A, C), 2, NONE, client, 10.0, now=110.0) == Moves()  # type: ignore[arg-type]
+    assert swap.switch_now(fs(A, C), fs(C), 2, NONE, client, loaded, 10.0) is None  # type: ignore[arg-type]
+    assert client.unloads == [B] and client.preloads == [C]
+
+
 # With real processes -----------------------------------------------------------------------
 
 LOAD_S, SERVICE_S, PARALLELISM = 0.5, 0.25, 2

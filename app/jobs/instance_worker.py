@@ -109,6 +109,9 @@ class InstanceAgent:
             self._register()
             self.beat(discover=False)
         threading.Thread(target=self._loop, name=f"corral-agent-{self.name}", daemon=True).start()
+        threading.Thread(
+            target=self._follow_nudges, name=f"corral-nudges-{self.name}", daemon=True
+        ).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -258,6 +261,45 @@ class InstanceAgent:
             self.client,
             preload_timeout=self.config.request_timeout or s.request_timeout,
         )
+
+    def _follow_nudges(self) -> None:
+        """Act on an urgent switch as soon as a router nudges this instance, not at the next
+        heartbeat (``ModelSwap.switch_now``)."""
+        interval = get_settings().heartbeat_interval
+        while not self._stop.is_set():
+            try:
+                if fleet_state().placement.wait_nudge(self.name, interval):
+                    with suppress_instrumentation():
+                        self.switch_now()
+            except Exception:  # the thread must outlive a Redis or server blip
+                log.exception("instance %s: following a nudge failed", self.name)
+                self._stop.wait(interval)
+
+    def switch_now(self) -> None:
+        s = get_settings()
+        if self.removed or not (s.placement and s.placement_swaps):
+            return
+        plan = fleet_state().placement.moves(self.name)
+        if plan is None:
+            return
+        with self._lock:
+            busy = frozenset(self.running.values())
+
+        def loaded() -> frozenset[str]:
+            return frozenset(normalize_model(m) for m in self.client.loaded())
+
+        try:
+            self.swap.switch_now(
+                plan[0],
+                frozenset(plan[1]),
+                self.config.max_loaded_models,
+                busy,
+                self.client,
+                loaded,
+                preload_timeout=self.config.request_timeout or s.request_timeout,
+            )
+        except OllamaError as exc:
+            log.warning("instance %s: an urgent switch failed: %s", self.name, exc)
 
     def make_room(self, model: str) -> None:
         """Before a call that loads ``model`` on a full server: unload what the placement plan

@@ -34,6 +34,11 @@ running its last ones). Evicting a kept model cost a load back, and the thrash w
 there (issue 16's timelines: a box loaded five models in five seconds). So before such a call
 the worker unloads the models the plan gave up and waits for the room: the wait is the one
 Ollama would make for the model it should evict, its running requests.
+
+A switch made for urgent jobs (a model loaded nowhere, its interactive job waiting) cannot
+wait to settle either: the router that made it nudges the worker (``PlacementShown.nudge``),
+which at once makes the room and preloads the model (``switch_now``), so the load runs while
+the urgent job waits for a slot on the box rather than after it got one.
 """
 
 from __future__ import annotations
@@ -194,6 +199,32 @@ class ModelSwap:
             if model in now_loaded or len(now_loaded) < max_loaded:
                 break
         return leaving
+
+    def switch_now(
+        self,
+        held: frozenset[str],
+        arriving: frozenset[str],
+        max_loaded: int,
+        busy: frozenset[str],
+        client: OllamaClient,
+        loaded: Callable[[], frozenset[str]],
+        preload_timeout: float,
+    ) -> str | None:
+        """A switch made for urgent jobs (the worker was nudged): unload what the plan gave
+        up, wait for the room, and preload the model arriving, now, in the caller's thread,
+        not once the switch has settled. The load then runs while the urgent job waits for
+        its slot, instead of after. Returns the model preloaded, if any."""
+        coming = sorted(arriving - loaded() - busy - self.sent)
+        if not coming:
+            return None
+        model = coming[0]
+        self.make_room(model, held, max_loaded, client, loaded)
+        now_loaded = loaded()
+        if model in now_loaded or len(now_loaded) >= max_loaded:
+            return None  # loaded by its job meanwhile, or the room never came
+        self.sent.add(model)
+        self._preload(client, model, preload_timeout)
+        return model
 
     def _preload(self, client: OllamaClient, model: str, timeout: float) -> None:
         try:

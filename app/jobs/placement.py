@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from amqp.exceptions import AMQPError
@@ -118,7 +118,7 @@ class _Planner:
                 previous = self._previous()
                 self._plan = plan(snapshot, previous)
                 self._key, self._at = key, now
-                _show(self._plan, self.id, now, previous)
+                _show(self._plan, self.id, now, previous, snapshot.urgent)
             return self._plan
         finally:
             self._lock.release()
@@ -130,7 +130,7 @@ class _Planner:
             previous = self._previous()
             self._plan = plan(snapshot, previous)
             self._at = snapshot.now
-            _show(self._plan, self.id, snapshot.now, previous)
+            _show(self._plan, self.id, snapshot.now, previous, snapshot.urgent)
             return self._plan
 
     def _previous(self) -> Placement | None:
@@ -168,11 +168,18 @@ class _Planner:
                 self._plan = self._plan.with_job(model, urgent, now)
 
 
-def _show(placement: Placement, by: str, at: float, previous: Placement | None) -> None:
+def _show(
+    placement: Placement,
+    by: str,
+    at: float,
+    previous: Placement | None,
+    urgent: Mapping[str, int],
+) -> None:
     """Keep the new plan where the dashboard, ``corral fleet list``, the instance workers
     (``app.jobs.model_swap``), the other routers (``_Planner._previous``) and the slot
     hand-off (``lua/handoff.lua``) read it; then offer the idle slots of each box it moved a
-    model onto to that model's waiting jobs (``gained``)."""
+    model onto to that model's waiting jobs (``gained``), and nudge the worker of a box it
+    moved a model with ``urgent`` jobs onto."""
     hold = {name: sorted(models) for name, models in placement.hold.items()}
     arriving = {name: dict(models) for name, models in placement.arriving.items()}
     # What people see, and what the instance workers unload and preload: routing goes on
@@ -185,7 +192,14 @@ def _show(placement: Placement, by: str, at: float, previous: Placement | None) 
         # the fleet again (every ``WAIT_POLL_SECONDS``). A box the plan just moved its model
         # onto is often idle (the model it held ran out of work), and without the offer its
         # slots stayed idle up to a second, a whole load time in issue 16's bench.
-        fleet_state().slots.offer(gained(previous, placement))
+        moved = gained(previous, placement)
+        fleet_state().slots.offer(moved)
+        # The worker would act on the switch once it settled (a few seconds, see
+        # app.jobs.model_swap): an urgent job would then wait for its slot, then for the load.
+        # Nudged, it evicts and preloads now, while the job waits for the slot.
+        for instance, models in moved.items():
+            if any(urgent.get(m, 0) > 0 for m in models):
+                fleet_state().placement.nudge(instance)
 
 
 def gained(previous: Placement | None, placement: Placement) -> dict[str, list[str]]:

@@ -17,6 +17,10 @@ import redis
 
 from app.state import keys
 
+#: Seconds a nudge nobody took is kept: a worker that was not waiting (restarting) must not
+#: act on an old one much later; its heartbeat follows the plan anyway.
+NUDGE_TTL_S = 5
+
 
 class Published(NamedTuple):
     by: str
@@ -32,6 +36,7 @@ class PlacementShown:
 
     def __init__(self, client: redis.Redis, ns: str) -> None:
         self.redis = client
+        self.ns = ns
         self.key, self.arriving_key = keys.placement(ns), keys.placement_arriving(ns)
 
     def publish(
@@ -91,6 +96,21 @@ class PlacementShown:
         if held is None:
             return None
         return frozenset(held), latest.arriving.get(instance, {})
+
+    def nudge(self, instance: str) -> None:
+        """Tell ``instance``'s worker to act on the plan now (``wait_nudge``): a model with
+        urgent jobs was just moved onto it."""
+        key = keys.placement_nudge(self.ns, instance)
+        with self.redis.pipeline(transaction=False) as pipe:
+            # One nudge is enough however many plans made it before the worker looked.
+            pipe.delete(key)
+            pipe.rpush(key, "1")
+            pipe.expire(key, NUDGE_TTL_S)
+            pipe.execute()
+
+    def wait_nudge(self, instance: str, timeout: float) -> bool:
+        """Block until a router nudges ``instance`` (True) or ``timeout`` passes (False)."""
+        return bool(self.redis.blpop([keys.placement_nudge(self.ns, instance)], timeout=timeout))
 
     def clear(self) -> None:
         """Forget the plan (the bench, between runs that must start with nothing loaded)."""
