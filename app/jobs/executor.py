@@ -148,11 +148,18 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     )
     # The slot is freed by the after_success hooks, once the result is stored; the call's
     # timing is learned in the same step.
+    # The service time learned for the routers (smart's estimate, the placement plan's) leaves
+    # out the call's wait inside Ollama for its model (load_duration: a load, or the requests
+    # of the model it evicts): the load is learned apart (record_load) and added where the
+    # model is not loaded. Counted in both, one load lengthened the next dozen estimates of
+    # the model's jobs by half (EWMA 0.2), and the plan moved a box to the last jobs of a
+    # backlog for a load that cost more than it saved (issue 16's timelines).
+    own_ms = max(0.0, result.routing.service_s - reply.timings.load_s) * 1000
     task.request.update(
         corral_ran=Ran(
             instance,
             request.model,
-            result.routing.service_s * 1000,
+            own_ms,
             request.cache_key() if cacheable(request) else None,
             _timing(request.model, reply, call),
         )
