@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 from amqp.exceptions import AMQPError
@@ -214,9 +213,22 @@ def gained(previous: Placement | None, placement: Placement) -> dict[str, list[s
 
 _demand = _Demand()
 _planner = _Planner()
-#: When (monotonic) this process last attached the plan to a job's ranking: it plans by itself
-#: (``keep_planning``) only while it routes jobs or holds waiting ones.
-_last_used = -math.inf
+#: Jobs of this process looking for a slot (``routing_job``): it plans by itself only meanwhile.
+_routing = 0
+_routing_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def routing_job() -> Iterator[None]:
+    """Around a job's search for a slot, waits included (``app.jobs.router``)."""
+    global _routing
+    with _routing_lock:
+        _routing += 1
+    try:
+        yield
+    finally:
+        with _routing_lock:
+            _routing -= 1
 
 
 def keep_planning(stop: threading.Event) -> None:
@@ -228,10 +240,13 @@ def keep_planning(stop: threading.Event) -> None:
     that saw only its first jobs, it left a box without a model for a second (issue 16's
     timelines). Planning here, with ``_show`` offering the idle slots of a box to the models
     moved onto it, a change of the backlog reaches the boxes within ``PLAN_EVERY_S`` plus the
-    reading's age. Idle while this process routes nothing (for ``SHOWN_FOR_S``).
+    reading's age. Only while this process holds jobs looking for a slot: a plan made with no
+    work anywhere would keep the last one's models everywhere, published as current, and
+    the next batch's first jobs would go to every box that held their model (the bench
+    clears the plan between runs for that reason: planning on, it put them back).
     """
     while not stop.wait(PLAN_EVERY_S):
-        if not get_settings().placement or time.monotonic() - _last_used > SHOWN_FOR_S:
+        if not get_settings().placement or not _routing:
             continue
         try:
             snapshot = fleet_state().instances.snapshot()
@@ -269,11 +284,9 @@ def with_plan(
     a model loaded nowhere would wait for its next look at the fleet (a second) before the
     plan gives its model a box.
     """
-    global _last_used
     current = {model: backlog(model)} if strategy == "smart" else {}
     if not get_settings().placement:
         return replace(snapshot, backlog=current)
-    _last_used = time.monotonic()
     at, waiting, urgent = _demand(lambda: _served(snapshot))
     snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
     placement = _planner(snapshot, at)
