@@ -126,11 +126,21 @@ def test_a_job_loading_its_model_on_a_full_server_evicts_what_the_plan_gave_up()
 def test_make_room_unloads_the_model_leaving_and_waits_until_it_left() -> None:
     swap, client = ModelSwap("x"), FakeClient()
     reads = iter([fs(A, B), fs(A, B), fs(A)])  # B's last request ends at the third look
-    assert swap.make_room(C, fs(A, C), 2, client, lambda: next(reads)) == (B,)  # type: ignore[arg-type]
+    assert swap.make_room(C, fs(A, C), 2, client, lambda: next(reads), lambda: fs(C)) == (B,)  # type: ignore[arg-type]
     assert client.unloads == [B] and next(reads, None) is None
     # A second job of C meanwhile: B is not sent keep_alive 0 twice.
-    assert swap.make_room(C, fs(A, C), 2, client, lambda: fs(A)) == ()  # type: ignore[arg-type]
+    assert swap.make_room(C, fs(A, C), 2, client, lambda: fs(A), lambda: fs(C)) == ()  # type: ignore[arg-type]
     assert client.unloads == [B]
+
+
+def test_make_room_counts_a_model_still_loading_as_held() -> None:
+    """B is loading (a job of it runs, /api/ps does not list it yet) and the plan moved it
+    off: no room until it showed loaded, was unloaded and left."""
+    swap, client = ModelSwap("x"), FakeClient()
+    reads = iter([fs(A), fs(A), fs(A, B), fs(A, B), fs(A)])
+    busy = iter([fs(B, C), fs(B, C), fs(B, C), fs(C), fs(C)])
+    got = swap.make_room(C, fs(A, C), 2, client, lambda: next(reads), lambda: next(busy))  # type: ignore[arg-type]
+    assert got == (B,) and client.unloads == [B] and next(reads, None) is None
 
 
 def test_an_urgent_switch_makes_room_and_preloads_at_once() -> None:
@@ -144,11 +154,11 @@ def test_an_urgent_switch_makes_room_and_preloads_at_once() -> None:
         return state["loaded"]
 
     # B leaves, C arrives, not settled: sent now, B unloaded before C is preloaded.
-    assert swap.switch_now(fs(A, C), fs(C), 2, fs(A), client, loaded, 10.0) == C  # type: ignore[arg-type]
+    assert swap.switch_now(fs(A, C), fs(C), 2, lambda: fs(A), client, loaded, 10.0) == C  # type: ignore[arg-type]
     assert client.unloads == [B] and client.preloads == [C]
     # The heartbeat that follows sends neither again.
     assert swap.step((fs(A, C), {C: 100.0}), fs(A, C), 2, NONE, client, 10.0, now=110.0) == Moves()  # type: ignore[arg-type]
-    assert swap.switch_now(fs(A, C), fs(C), 2, NONE, client, loaded, 10.0) is None  # type: ignore[arg-type]
+    assert swap.switch_now(fs(A, C), fs(C), 2, lambda: NONE, client, loaded, 10.0) is None  # type: ignore[arg-type]
     assert client.unloads == [B] and client.preloads == [C]
 
 

@@ -262,6 +262,15 @@ class InstanceAgent:
             preload_timeout=self.config.request_timeout or s.request_timeout,
         )
 
+    def _loaded(self) -> frozenset[str]:
+        """What the server lists as loaded now (``/api/ps``)."""
+        return frozenset(normalize_model(m) for m in self.client.loaded())
+
+    def _busy(self) -> frozenset[str]:
+        """The models of the jobs running here now."""
+        with self._lock:
+            return frozenset(self.running.values())
+
     def _follow_nudges(self) -> None:
         """Act on an urgent switch as soon as a router nudges this instance, not at the next
         heartbeat (``ModelSwap.switch_now``)."""
@@ -282,20 +291,14 @@ class InstanceAgent:
         plan = fleet_state().placement.moves(self.name)
         if plan is None:
             return
-        with self._lock:
-            busy = frozenset(self.running.values())
-
-        def loaded() -> frozenset[str]:
-            return frozenset(normalize_model(m) for m in self.client.loaded())
-
         try:
             self.swap.switch_now(
                 plan[0],
                 frozenset(plan[1]),
                 self.config.max_loaded_models,
-                busy,
+                self._busy,
                 self.client,
-                loaded,
+                self._loaded,
                 preload_timeout=self.config.request_timeout or s.request_timeout,
             )
         except OllamaError as exc:
@@ -312,11 +315,10 @@ class InstanceAgent:
         if plan is None:
             return
 
-        def loaded() -> frozenset[str]:
-            return frozenset(normalize_model(m) for m in self.client.loaded())
-
         try:
-            self.swap.make_room(model, plan[0], self.config.max_loaded_models, self.client, loaded)
+            self.swap.make_room(
+                model, plan[0], self.config.max_loaded_models, self.client, self._loaded, self._busy
+            )
         except OllamaError as exc:  # the call itself will say what is wrong with the server
             log.warning("instance %s: making room for %s failed: %s", self.name, model, exc)
 

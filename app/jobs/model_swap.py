@@ -175,37 +175,48 @@ class ModelSwap:
         max_loaded: int,
         client: OllamaClient,
         loaded: Callable[[], frozenset[str]],
+        busy: Callable[[], frozenset[str]],
     ) -> tuple[str, ...]:
-        """Before a job of ``model`` runs here: if the server is full and ``model`` is not
-        loaded, unload the models the plan (``held``) gave up, and wait until one of them
-        left (at most ``ROOM_WAIT_S``). ``loaded`` reads ``/api/ps``. Returns what it
-        unloaded."""
-        leaving = leaving_for(model, held, loaded(), max_loaded)
-        for name in leaving:
-            if name in self.unloading:
-                continue
-            self.unloading.add(name)
-            try:
-                client.unload(name, timeout=UNLOAD_TIMEOUT_S)
-            except OllamaError as exc:
-                log.warning("instance %s: unloading %s failed: %s", self.instance, name, exc)
-                continue
-            log.info("instance %s: %s unloaded for a job of %s", self.instance, name, model)
-            metrics.unload_sent(self.instance, name)
+        """Before a job (or a preload) of ``model`` runs here: if the server is full and
+        ``model`` is not loaded, unload the models the plan (``held``) gave up, and wait until
+        there is room for ``model`` (at most ``ROOM_WAIT_S``). ``loaded`` reads ``/api/ps``;
+        ``busy``: the models of the jobs running here. Returns the models leaving.
+
+        A model with a job running here and not loaded yet is being loaded (or waits for its
+        load): ``/api/ps`` does not list it, yet it takes its place when its load ends, so it
+        counts as held, and, if it is leaving, is unloaded once it shows loaded. Counted as
+        room, a preload sent during such a load made Ollama evict a model the plan kept."""
+        now_loaded, now_busy = loaded(), busy()
+        leaving = leaving_for(model, held, now_loaded | (now_busy - {model}), max_loaded)
         deadline = time.monotonic() + ROOM_WAIT_S
-        while leaving and time.monotonic() < deadline:
-            time.sleep(ROOM_POLL_S)
-            now_loaded = loaded()
-            if model in now_loaded or len(now_loaded) < max_loaded:
+        while leaving:
+            for name in sorted((set(leaving) & now_loaded) - self.unloading):
+                self._unload(client, name, model)
+            occupied = now_loaded | (now_busy - {model})
+            if model in now_loaded or len(occupied) < max_loaded:
                 break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(ROOM_POLL_S)
+            now_loaded, now_busy = loaded(), busy()
         return leaving
+
+    def _unload(self, client: OllamaClient, name: str, model: str) -> None:
+        self.unloading.add(name)  # once, even if it fails: Ollama evicts it anyway
+        try:
+            client.unload(name, timeout=UNLOAD_TIMEOUT_S)
+        except OllamaError as exc:
+            log.warning("instance %s: unloading %s failed: %s", self.instance, name, exc)
+            return
+        log.info("instance %s: %s unloaded to make room for %s", self.instance, name, model)
+        metrics.unload_sent(self.instance, name)
 
     def switch_now(
         self,
         held: frozenset[str],
         arriving: frozenset[str],
         max_loaded: int,
-        busy: frozenset[str],
+        busy: Callable[[], frozenset[str]],
         client: OllamaClient,
         loaded: Callable[[], frozenset[str]],
         preload_timeout: float,
@@ -214,14 +225,14 @@ class ModelSwap:
         up, wait for the room, and preload the model arriving, now, in the caller's thread,
         not once the switch has settled. The load then runs while the urgent job waits for
         its slot, instead of after. Returns the model preloaded, if any."""
-        coming = sorted(arriving - loaded() - busy - self.sent)
+        coming = sorted(arriving - loaded() - busy() - self.sent)
         if not coming:
             return None
         model = coming[0]
-        self.make_room(model, held, max_loaded, client, loaded)
-        now_loaded = loaded()
-        if model in now_loaded or len(now_loaded) >= max_loaded:
-            return None  # loaded by its job meanwhile, or the room never came
+        self.make_room(model, held, max_loaded, client, loaded, busy)
+        now_loaded, now_busy = loaded(), busy()
+        if model in now_loaded | now_busy or len(now_loaded | now_busy) >= max_loaded:
+            return None  # a job of it loads it meanwhile, or the room never came
         self.sent.add(model)
         self._preload(client, model, preload_timeout)
         return model
