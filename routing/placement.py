@@ -18,8 +18,9 @@ The rules:
   jobs) a box taken from the model that holds the most boxes; a box still loading a model
   the plan switched it to comes last (Ollama loads one model at a time);
 * a box is switched to a model only when the switch pays for itself: the boxes that hold the
-  model would take longer than the model's load time to get through its backlog, so the box
-  that switches then takes a batch of the new model's jobs, not one;
+  model would take longer than the model's load time to get through its backlog, and with
+  the box too (once loaded) the backlog would end at least one job's service time sooner, so
+  the box that switches then takes a batch of the new model's jobs, not one;
 * urgent jobs (interactive, or batch jobs aged past their tier's head start) for a model that
   is loaded nowhere take a box at once: they wait about one load time;
 * a model that had urgent jobs keeps its box for ``URGENT_LINGER_S`` after the last one
@@ -172,6 +173,16 @@ def plan(
         s = slots(m)
         return demand[m] * service[m] / s if s else math.inf
 
+    def saved_ms(m: str, b: InstanceStats, cost: float) -> float:
+        """How much sooner ``m``'s backlog would end with ``b`` too, ``b`` joining after
+        ``cost``: the backlog's work spread over the slots it has and ``b``'s. Less than one
+        job's service time, and the switch is noise in the estimate: ``b`` loads the model for
+        the last job or two of each slot (issue 16's two-model timelines: a box switched a
+        second before the backlog's end, loaded for 1 s, then ran 2 jobs and ended last)."""
+        have, add = slots(m), b.capacity / (len(hard[b.name]) + 1)
+        after = (demand[m] * service[m] + add * cost) / (have + add)
+        return remaining_ms(m) - after
+
     def evictable(b: InstanceStats) -> int:
         """Models it can take: room, plus loaded models nobody needs there."""
         return b.max_loaded - len(hard[b.name])
@@ -257,7 +268,7 @@ def plan(
             key=lambda b: (m not in state[b.name], len(hard[b.name]), b.in_flight, b.name),
         )
         cost = 0.0 if m in state[best.name] else load[m]
-        if remaining_ms(m) <= cost:
+        if remaining_ms(m) <= cost or saved_ms(m, best, cost) < service[m]:
             continue
         take(best, m)
         heapq.heappush(heap, (-remaining_ms(m), m))

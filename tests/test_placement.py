@@ -55,6 +55,14 @@ def test_a_box_switches_only_when_the_switch_pays_for_itself() -> None:
     assert plan(s).hold["x"] == {A}
 
 
+def test_no_switch_for_the_last_jobs_of_a_backlog() -> None:
+    # 20 jobs of A on x and y: 1.25 s left, more than a load; with z too (after its 1 s load)
+    # 1.17 s, not a job's time sooner: z stays. With 40 jobs, 2.5 s against 2 s: z switches.
+    boxes = (box("x", frozenset({A})), box("y", frozenset({A})), box("z", frozenset({B})))
+    assert plan(snap(*boxes, backlog={A: 20})).hold["z"] == {B}
+    assert plan(snap(*boxes, backlog={A: 40})).hold["z"] == {A}
+
+
 def test_boxes_beyond_what_the_backlog_keeps_busy_are_released() -> None:
     s = snap(
         box("x", frozenset({A})),
