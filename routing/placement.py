@@ -73,6 +73,9 @@ class Placement:
     arriving: dict[str, dict[str, float]] = field(default_factory=dict)
     #: Per model: until when it keeps a box without a backlog (``LINGER_S``, ``URGENT_LINGER_S``).
     wanted: dict[str, float] = field(default_factory=dict)
+    #: Per model with work: its backlog as this plan read it (the next one rebalances only
+    #: backlogs that did not grow since).
+    seen: dict[str, int] = field(default_factory=dict)
 
     def allows(self, instance: str, model: str) -> bool:
         """Whether a job of ``model`` may take a slot on ``instance``.
@@ -273,8 +276,46 @@ def plan(
         take(best, m)
         heapq.heappush(heap, (-remaining_ms(m), m))
 
+    # 4. Rebalance: a box moves from a model whose backlog would end early to the one whose
+    # backlog would end last, when that ends the latter at least one job's time sooner and
+    # the former no later. Without it, two models sharing three one-model boxes ran one
+    # backlog on two boxes and the other on one, until the first ended and its boxes idled,
+    # then loaded the second (issue 16's two-model timelines: 1.3 x ideal). Only between
+    # backlogs that are draining (neither read higher than at the last plan): while a batch
+    # is still being submitted the readings grow by tens of jobs, and a rebalance on them
+    # sent boxes back and forth (20-27 loads where 5 do). Never a box just switched.
+    seen = previous.seen if previous is not None else {}
+    draining = {m for m in models if m not in lingering and demand[m] <= seen.get(m, -1)}
+    for _ in range(len(boxes)):
+        last = max((m for m in draining if holders[m]), key=remaining_ms, default=None)
+        if last is None:
+            break
+        moves: list[tuple[float, str, str]] = []
+        for d in draining - {last}:
+            if len(holders[d]) < 2:
+                continue
+            for n in holders[d]:
+                b = by_name[n]
+                if last not in b.models or d in arriving.get(n, {}) or last in hard[n]:
+                    continue
+                share = b.capacity / len(hard[n])
+                cost = 0.0 if last in state[n] else load[last]
+                d_after = demand[d] * service[d] / (slots(d) - share)
+                last_after = (demand[last] * service[last] + share * cost) / (slots(last) + share)
+                gain = remaining_ms(last) - max(d_after, last_after)
+                if gain >= service[last]:
+                    moves.append((gain, n, d))
+        if not moves:
+            break
+        _, n, d = max(moves)
+        hard[n].discard(d)
+        holders[d].remove(n)
+        state[n].discard(d)
+        take(by_name[n], last)
+
     return Placement(
         hold={n: frozenset(state[n]) for n in state},
         arriving={n: a for n, a in arriving.items() if a},
         wanted=wanted,
+        seen={m: n for m, n in demand.items() if m not in lingering},
     )

@@ -63,6 +63,22 @@ def test_no_switch_for_the_last_jobs_of_a_backlog() -> None:
     assert plan(snap(*boxes, backlog={A: 40})).hold["z"] == {A}
 
 
+def test_a_box_moves_to_the_backlog_that_would_end_last_once_both_drain() -> None:
+    boxes = (box("x", frozenset({A})), box("y", frozenset({A})), box("z", frozenset({B})))
+    held = {"x": frozenset({A}), "y": frozenset({A}), "z": frozenset({B})}
+    # A ends in 1.9 s on two boxes, B in 5.6 s on one: with one of A's boxes, 3.3 s (a load
+    # included), and A then ends in 3.75 s.
+    draining = Placement(hold=held, seen={A: 32, B: 45})
+    p = plan(snap(*boxes, backlog={A: 30, B: 45}), draining)
+    assert len(holders(p, A)) == 1 and len(holders(p, B)) == 2
+    # B's backlog still growing (a batch being submitted): no move.
+    growing = Placement(hold=held, seen={A: 32, B: 40})
+    assert plan(snap(*boxes, backlog={A: 30, B: 45}), growing).hold == held
+    # At the start (60 and 60) moving a box ends neither sooner.
+    start = Placement(hold=held, seen={A: 60, B: 60})
+    assert plan(snap(*boxes, backlog={A: 60, B: 60}), start).hold == held
+
+
 def test_boxes_beyond_what_the_backlog_keeps_busy_are_released() -> None:
     s = snap(
         box("x", frozenset({A})),

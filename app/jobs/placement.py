@@ -158,6 +158,7 @@ class _Planner:
             hold={name: frozenset(models) for name, models in latest.hold.items()},
             arriving={name: dict(models) for name, models in latest.arriving.items()},
             wanted=wanted,
+            seen=dict(latest.seen),
         )
 
     def started(self, model: str, urgent: bool, now: float) -> None:
@@ -185,7 +186,13 @@ def _show(
     # with the plan whatever Redis says.
     with contextlib.suppress(RedisError):
         fleet_state().placement.publish(
-            hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at, wanted=placement.wanted
+            hold,
+            ttl_s=SHOWN_FOR_S,
+            arriving=arriving,
+            by=by,
+            at=at,
+            wanted=placement.wanted,
+            seen=placement.seen,
         )
         # A waiting job is handed a slot when a job frees one, or finds one when it looks at
         # the fleet again (every ``WAIT_POLL_SECONDS``). A box the plan just moved its model

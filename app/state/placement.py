@@ -28,6 +28,7 @@ class Published(NamedTuple):
     hold: dict[str, list[str]]
     arriving: dict[str, dict[str, float]]
     wanted: dict[str, float]
+    seen: dict[str, int]
 
 
 class PlacementShown:
@@ -47,13 +48,21 @@ class PlacementShown:
         by: str = "",
         at: float = 0.0,
         wanted: dict[str, float] | None = None,
+        seen: dict[str, int] | None = None,
     ) -> None:
         """``by``: the router process that made the plan, ``at``: when (its fleet snapshot's
         wall-clock time); ``wanted``: until when each model keeps its box without a backlog
         (``routing.placement``), so that every router keeps it, not only the one that saw its
-        jobs."""
+        jobs; ``seen``: each model's backlog as the plan read it (the next plan, whoever
+        makes it, rebalances only backlogs that did not grow since)."""
         px = max(1, int(ttl_s * 1000))
-        moves = {"by": by, "at": at, "arriving": arriving or {}, "wanted": wanted or {}}
+        moves = {
+            "by": by,
+            "at": at,
+            "arriving": arriving or {},
+            "wanted": wanted or {},
+            "seen": seen or {},
+        }
         with self.redis.pipeline(transaction=True) as pipe:
             # A hash, so that a slot's hand-off reads its own instance's models, not the
             # whole fleet's plan. A plan holding nothing (no instance up) is no plan.
@@ -79,6 +88,7 @@ class PlacementShown:
             _hold(hold_raw),
             moves["arriving"],
             moves.get("wanted", {}),
+            moves.get("seen", {}),
         )
 
     def read(self) -> dict[str, list[str]] | None:
