@@ -186,6 +186,22 @@ def plan(
         after = (demand[m] * service[m] + add * cost) / (have + add)
         return remaining_ms(m) - after
 
+    def loading_until(b: InstanceStats) -> float:
+        """When the loads of the switches pending on ``b`` should be over (now if none): each
+        switch's time, plus a job's service (its first job waits for a slot there) and the
+        model's load. Ollama loads one model at a time, so a model placed on ``b`` waits for
+        them. Not "any switch pending": what a box reports loaded lags a heartbeat (2 s), and
+        right after a batch's first loads every box had one; the cold model then went to a
+        box whose second load had just begun, and its job waited for that load too."""
+        pending = arriving.get(b.name, {})
+        return max(
+            [now]
+            + [
+                t + service.get(a, UNKNOWN_SERVICE_MS) + load.get(a, DEFAULT_LOAD_MS)
+                for a, t in pending.items()
+            ]
+        )
+
     def evictable(b: InstanceStats) -> int:
         """Models it can take: room, plus loaded models nobody needs there."""
         return b.max_loaded - len(hard[b.name])
@@ -218,7 +234,7 @@ def plan(
                 free,
                 key=lambda b: (
                     m not in state[b.name],
-                    bool(arriving.get(b.name)),
+                    loading_until(b),
                     len(state[b.name]) >= b.max_loaded,
                     len(hard[b.name]),
                     b.in_flight,
@@ -228,12 +244,12 @@ def plan(
             take(best, m)
             continue
         # Take a box from the model holding the most (one holding a single box gives it up
-        # only to urgent jobs), first of all not a box with a switch pending (one to the
-        # donor is kept, see above, and a load in progress there would go first), and where
-        # the model is loaded already if it is anywhere.
+        # only to urgent jobs), first of all the box whose pending switches should be loaded
+        # the soonest (none: now; a load in progress there would go first), and where the
+        # model is loaded already if it is anywhere.
         donors = [
             (
-                not arriving.get(b.name),
+                -loading_until(b),
                 len(holders[d]),
                 m in b.loaded,
                 -b.in_flight,

@@ -269,6 +269,20 @@ def test_an_urgent_model_takes_a_box_that_is_not_loading_from_any_donor() -> Non
     assert holders(p, C) == {"z"}
 
 
+def test_an_urgent_model_takes_the_box_whose_loads_should_be_over() -> None:
+    """Reports lag: every box still lists a switch as pending. x and y were switched to A
+    0.2 s ago (loading it now), z to B 2 s ago (loaded by now, not reported yet): C, urgent,
+    takes z, though A holds two boxes and B one."""
+    three = frozenset({A, B, C})
+    boxes = [box(n, models=three) for n in ("x", "y", "z")]
+    pending = Placement(
+        hold={"x": frozenset({A}), "y": frozenset({A}), "z": frozenset({B})},
+        arriving={"x": {A: 99.8}, "y": {A: 99.8}, "z": {B: 98.0}},
+    )
+    p = plan(snap(*boxes, backlog={A: 40, B: 20, C: 1}, urgent={C: 1}), pending)
+    assert holders(p, C) == {"z"}
+
+
 def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fleet idle (no plan published for a while, or cleared): the router's own last plan
     is not built on, since the boxes no longer hold what it says."""
