@@ -6,11 +6,15 @@ then ranks only the instances the plan allows for the job's model. The plan is c
 only when its inputs change: a new reading of the backlog (at most every ``DEMAND_TTL``
 seconds, by one thread while the others use the last one), a change in what the instances
 hold or whether they are up, or a second gone by (switches it decided settle). Otherwise a
-decision costs a comparison of the fleet's loaded models with the last ones.
+decision costs a comparison of the fleet's loaded models with the last ones. While jobs of
+the process look for a slot, a thread of its own (``keep_planning``) also makes it again as
+those inputs change, whether or not a job is routed meanwhile.
 
 The plan each router makes is published (``app.state.placement``): the hand-off of a freed slot
-to a waiting job follows the latest one (``app/state/lua/handoff.lua``), the instance workers
-act on its switches (``app.jobs.model_swap``), and the other routers build on it.
+to a waiting job follows the latest one (``app/state/lua/handoff.lua``), the idle slots of a box
+it moved a model onto are offered to that model's waiting jobs at once (``Slots.offer``), the
+instance workers act on its switches (``app.jobs.model_swap``; nudged at once for a switch made
+for urgent jobs), and the other routers build on it.
 """
 
 from __future__ import annotations
