@@ -189,7 +189,8 @@ def plan(
     def loading_until(b: InstanceStats) -> float:
         """When the loads of the switches pending on ``b`` should be over (now if none): each
         switch's time, plus a job's service (its first job waits for a slot there) and the
-        model's load. Ollama loads one model at a time, so a model placed on ``b`` waits for
+        model's load; for a load a job there has begun (``InstanceStats.loading``), its start
+        plus the load. Ollama loads one model at a time, so a model placed on ``b`` waits for
         them. Not "any switch pending": what a box reports loaded lags a heartbeat (2 s), and
         right after a batch's first loads every box had one; the cold model then went to a
         box whose second load had just begun, and its job waited for that load too."""
@@ -197,9 +198,12 @@ def plan(
         return max(
             [now]
             + [
-                t + service.get(a, UNKNOWN_SERVICE_MS) + load.get(a, DEFAULT_LOAD_MS)
+                t + (service.get(a, UNKNOWN_SERVICE_MS) + load.get(a, DEFAULT_LOAD_MS)) / 1000
                 for a, t in pending.items()
+                if a not in b.loading
             ]
+            # A load a job started there (its worker said so): from then, the load's time.
+            + [t + load.get(a, DEFAULT_LOAD_MS) / 1000 for a, t in b.loading.items()]
         )
 
     def evictable(b: InstanceStats) -> int:
@@ -293,12 +297,12 @@ def plan(
         heapq.heappush(heap, (-remaining_ms(m), m))
 
     # 4. Rebalance: a box moves from a model whose backlog would end early to the one whose
-    # backlog would end last, when that ends the latter at least one job's time sooner and
-    # the former no later. Without it, two models sharing three one-model boxes ran one
-    # backlog on two boxes and the other on one, until the first ended and its boxes idled,
-    # then loaded the second (issue 16's two-model timelines: 1.3 x ideal). Only between
-    # backlogs that are draining (neither read higher than at the last plan): while a batch
-    # is still being submitted the readings grow by tens of jobs, and a rebalance on them
+    # backlog would end last, when that ends the latter at least one job's time sooner and the
+    # former still no later than the latter. Without it, two models sharing three one-model
+    # boxes ran one backlog on two boxes and the other on one, until the first ended and its
+    # boxes idled, then loaded the second (issue 16's two-model timelines: 1.3 x ideal). Only
+    # between backlogs that are draining (neither read higher than at the last plan): while a
+    # batch is still being submitted the readings grow by tens of jobs, and a rebalance on them
     # sent boxes back and forth (20-27 loads where 5 do). Never a box just switched.
     seen = previous.seen if previous is not None else {}
     draining = {m for m in models if m not in lingering and demand[m] <= seen.get(m, -1)}
@@ -318,8 +322,10 @@ def plan(
                 cost = 0.0 if last in state[n] else load[last]
                 d_after = demand[d] * service[d] / (slots(d) - share)
                 last_after = (demand[last] * service[last] + share * cost) / (slots(last) + share)
-                gain = remaining_ms(last) - max(d_after, last_after)
-                if gain >= service[last]:
+                # The donor must still end no later than the receiver: a move that made it
+                # the last instead was undone by the next plan (a load each way, twice).
+                gain = remaining_ms(last) - last_after
+                if gain >= service[last] and d_after <= last_after:
                     moves.append((gain, n, d))
         if not moves:
             break

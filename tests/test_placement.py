@@ -66,14 +66,17 @@ def test_no_switch_for_the_last_jobs_of_a_backlog() -> None:
 def test_a_box_moves_to_the_backlog_that_would_end_last_once_both_drain() -> None:
     boxes = (box("x", frozenset({A})), box("y", frozenset({A})), box("z", frozenset({B})))
     held = {"x": frozenset({A}), "y": frozenset({A}), "z": frozenset({B})}
-    # A ends in 1.9 s on two boxes, B in 5.6 s on one: with one of A's boxes, 3.3 s (a load
-    # included), and A then ends in 3.75 s.
+    # A ends in 1.25 s on two boxes, B in 5.6 s on one: with one of A's boxes, 3.3 s (a load
+    # included), and A then ends in 2.5 s, still before B.
     draining = Placement(hold=held, seen={A: 32, B: 45})
-    p = plan(snap(*boxes, backlog={A: 30, B: 45}), draining)
+    p = plan(snap(*boxes, backlog={A: 20, B: 45}), draining)
     assert len(holders(p, A)) == 1 and len(holders(p, B)) == 2
+    # With 30 jobs of A, A on one box would end last (3.75 s): not yet, or the next plan
+    # moves the box back.
+    assert plan(snap(*boxes, backlog={A: 30, B: 45}), draining).hold == held
     # B's backlog still growing (a batch being submitted): no move.
     growing = Placement(hold=held, seen={A: 32, B: 40})
-    assert plan(snap(*boxes, backlog={A: 30, B: 45}), growing).hold == held
+    assert plan(snap(*boxes, backlog={A: 20, B: 45}), growing).hold == held
     # At the start (60 and 60) moving a box ends neither sooner.
     start = Placement(hold=held, seen={A: 60, B: 60})
     assert plan(snap(*boxes, backlog={A: 60, B: 60}), start).hold == held
@@ -281,6 +284,20 @@ def test_an_urgent_model_takes_the_box_whose_loads_should_be_over() -> None:
     )
     p = plan(snap(*boxes, backlog={A: 40, B: 20, C: 1}, urgent={C: 1}), pending)
     assert holders(p, C) == {"z"}
+
+
+def test_a_load_a_job_has_begun_counts_from_its_start() -> None:
+    """The switch to B on y was decided 1.5 s ago, so by the switches alone its load should
+    be over; but its first job began loading B only 0.2 s ago (its worker says so): C goes
+    to x, whose switch to A, decided 1.2 s ago, no job has begun loading yet."""
+    three = frozenset({A, B, C})
+    x, y = box("x", models=three), box("y", models=three, loading={B: 99.8})
+    pending = Placement(
+        hold={"x": frozenset({A}), "y": frozenset({B})},
+        arriving={"x": {A: 98.8}, "y": {B: 98.5}},
+    )
+    p = plan(snap(x, y, backlog={A: 40, B: 40, C: 1}, urgent={C: 1}), pending)
+    assert holders(p, C) == {"x"}
 
 
 def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.MonkeyPatch) -> None:

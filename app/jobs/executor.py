@@ -94,11 +94,17 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     agent.job_started(job, request.model)
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
     batch: embed_batch.Batch | None = None
+    loading = False
     try:
         if not stats["loaded"]:
             # Its model was not loaded at the last heartbeat: if the server is full, the
             # plan's choice of what to evict goes first (app.jobs.model_swap's make_room).
-            agent.make_room(request.model)
+            # A load it makes is shown at once (the heartbeat's report comes seconds later):
+            # the placement plan puts no other model on a box busy loading (Ollama loads one
+            # model at a time: that one would wait for this load first).
+            loading = agent.make_room(request.model)
+            if loading:
+                fleet_state().instances.loading(instance, request.model, time.time())
         # Embed jobs of this model waiting for a slot ride in this call (app.jobs.embed_batch).
         batch = embed_batch.gather(job, instance, request, state)
         with (
@@ -123,6 +129,8 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
         _on_failure(task, request, state, agent, exc, open_now=silent_box)
     finally:
         agent.job_ended(job)
+        if loading:
+            fleet_state().instances.loading(instance, request.model, None)
     finished = time.time()
     if reply.timings.load_s > COLD_LOAD_S:
         # It loaded the model first: what `smart` expects a cold start here to cost.

@@ -304,23 +304,26 @@ class InstanceAgent:
         except OllamaError as exc:
             log.warning("instance %s: an urgent switch failed: %s", self.name, exc)
 
-    def make_room(self, model: str) -> None:
+    def make_room(self, model: str) -> bool:
         """Before a call that loads ``model`` on a full server: unload what the placement plan
         gave up here and wait for the room (``ModelSwap.make_room``), so that Ollama does not
-        evict a model the plan keeps. With no plan, or the model loaded, nothing."""
+        evict a model the plan keeps. With no plan, or the model loaded, nothing. Returns
+        whether the call will load the model (not loaded now, as far as it knows)."""
         s = get_settings()
         if not (s.placement and s.placement_swaps):
-            return
+            return False
         plan = fleet_state().placement.moves(self.name)
         if plan is None:
-            return
+            return False
 
         try:
             self.swap.make_room(
                 model, plan[0], self.config.max_loaded_models, self.client, self._loaded, self._busy
             )
+            return model not in self._loaded()
         except OllamaError as exc:  # the call itself will say what is wrong with the server
             log.warning("instance %s: making room for %s failed: %s", self.name, model, exc)
+            return False
 
     def _loop(self) -> None:
         interval = get_settings().heartbeat_interval
