@@ -98,13 +98,10 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     try:
         if not stats["loaded"]:
             # Its model was not loaded at the last heartbeat: if the server is full, the
-            # plan's choice of what to evict goes first (app.jobs.model_swap's make_room).
-            # A load it makes is shown at once (the heartbeat's report comes seconds later):
-            # the placement plan puts no other model on a box busy loading (Ollama loads one
-            # model at a time: that one would wait for this load first).
+            # plan's choice of what to evict goes first (app.jobs.model_swap's make_room),
+            # and the load it makes is shown until the job ends, not at the next heartbeat:
+            # Ollama loads one model at a time, and the plan puts no other model there meanwhile.
             loading = agent.make_room(request.model)
-            if loading:
-                fleet_state().instances.loading(instance, request.model, time.time())
         # Embed jobs of this model waiting for a slot ride in this call (app.jobs.embed_batch).
         batch = embed_batch.gather(job, instance, request, state)
         with (
@@ -130,7 +127,7 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     finally:
         agent.job_ended(job)
         if loading:
-            fleet_state().instances.loading(instance, request.model, None)
+            agent.loaded_by(request.model)
     finished = time.time()
     if reply.timings.load_s > COLD_LOAD_S:
         # It loaded the model first: what `smart` expects a cold start here to cost.

@@ -16,6 +16,7 @@ instance gets that many jobs at once).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import psutil
 from celery.signals import worker_ready, worker_shutdown
 from opentelemetry.instrumentation.utils import suppress_instrumentation
+from redis import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import OllamaError
@@ -308,22 +310,32 @@ class InstanceAgent:
         """Before a call that loads ``model`` on a full server: unload what the placement plan
         gave up here and wait for the room (``ModelSwap.make_room``), so that Ollama does not
         evict a model the plan keeps. With no plan, or the model loaded, nothing. Returns
-        whether the call will load the model (not loaded now, as far as it knows)."""
+        whether the call will load the model (not loaded now), and if so shows the load at
+        once (``Instances.loading``): the plan puts no other model on a box busy loading."""
         s = get_settings()
         if not (s.placement and s.placement_swaps):
             return False
-        plan = fleet_state().placement.moves(self.name)
-        if plan is None:
-            return False
-
         try:
+            plan = fleet_state().placement.moves(self.name)
+            if plan is None:
+                return False
             self.swap.make_room(
                 model, plan[0], self.config.max_loaded_models, self.client, self._loaded, self._busy
             )
-            return model not in self._loaded()
-        except OllamaError as exc:  # the call itself will say what is wrong with the server
+            loading = model not in self._loaded()
+            if loading:
+                fleet_state().instances.loading(self.name, model, time.time())
+            return loading
+        # The job runs anyway: the call itself says what is wrong with the server, and the
+        # plan only loses a hint.
+        except (OllamaError, RedisError) as exc:
             log.warning("instance %s: making room for %s failed: %s", self.name, model, exc)
             return False
+
+    def loaded_by(self, model: str) -> None:
+        """The job that loaded ``model`` (``make_room`` said it would) ended."""
+        with contextlib.suppress(RedisError):
+            fleet_state().instances.loading(self.name, model, None)
 
     def _loop(self) -> None:
         interval = get_settings().heartbeat_interval
