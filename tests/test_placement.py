@@ -325,3 +325,37 @@ def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.Monke
     s = snap(box("x"), box("y"), box("z"), backlog={A: 60})
     assert holders(planner(s, 1.0), A) == {"x", "y", "z"}
     assert planner._previous() is None  # not its own plan, A on every box
+
+
+def test_a_router_plans_by_itself_only_while_its_jobs_look_for_a_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between two routed jobs the plan still follows the backlog (``keep_planning``), but a
+    router with no job looking for a slot leaves the last plan alone."""
+    import threading
+    import time
+
+    from app.jobs import placement as on_job_path
+
+    s = snap(box("x"), box("y"), backlog={})
+    fleet = type("F", (), {"instances": type("I", (), {"snapshot": staticmethod(lambda: s)})})
+    made: list[float] = []
+    monkeypatch.setattr(on_job_path, "fleet_state", lambda: fleet)
+    monkeypatch.setattr(on_job_path, "_demand", lambda models: (1.0, {A: 10}, {}))
+    monkeypatch.setattr(on_job_path, "_planner", lambda snapshot, at: made.append(at))
+    monkeypatch.setattr(on_job_path, "PLAN_EVERY_S", 0.01)
+    stop = threading.Event()
+    planning = threading.Thread(target=on_job_path.keep_planning, args=(stop,), daemon=True)
+    planning.start()
+    try:
+        time.sleep(0.1)
+        assert made == []
+        with on_job_path.routing_job():
+            time.sleep(0.1)
+        assert made
+        count = len(made)
+        time.sleep(0.1)
+        assert len(made) <= count + 1  # a look already under way when the job left
+    finally:
+        stop.set()
+        planning.join(1)
