@@ -249,15 +249,11 @@ def plan(
             continue
         # Take a box from the model holding the most (one holding a single box gives it up
         # only to urgent jobs), first of all the box whose pending switches should be loaded
-        # the soonest (none: now; a load in progress there would go first), there a model
-        # switched to it whose load no job has begun (cancelled, it leaves room at once, and
-        # no load before this model's; evicting a loaded model instead, the cold model's job
-        # waited for the load of the other one that stayed, then for its own), and where the
+        # the soonest (none: now; a load in progress there would go first), and where the
         # model is loaded already if it is anywhere.
         donors = [
             (
                 -loading_until(b),
-                d not in b.loaded and d not in b.loading,
                 len(holders[d]),
                 m in b.loaded,
                 -b.in_flight,

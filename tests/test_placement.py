@@ -300,16 +300,6 @@ def test_a_load_a_job_has_begun_counts_from_its_start() -> None:
     assert holders(p, C) == {"x"}
 
 
-def test_an_urgent_model_cancels_a_switch_whose_load_has_not_begun() -> None:
-    """x holds B (loaded) and was switched to A, whose load no job has begun: C, urgent,
-    takes A's place, not B's (B needs no load; evicted, C would wait for A's load too)."""
-    three = frozenset({A, B, C})
-    x = box("x", frozenset({B}), models=three, max_loaded=2)
-    switched = Placement(hold={"x": frozenset({A, B})}, arriving={"x": {A: 99.0}})
-    p = plan(snap(x, backlog={A: 40, B: 40, C: 1}, urgent={C: 1}), switched)
-    assert p.hold["x"] == {B, C}
-
-
 def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fleet idle (no plan published for a while, or cleared): the router's own last plan
     is not built on, since the boxes no longer hold what it says."""
