@@ -18,8 +18,9 @@ The rules:
   jobs) a box taken from the model that holds the most boxes; a box still loading a model
   the plan switched it to comes last (Ollama loads one model at a time);
 * a box is switched to a model only when the switch pays for itself: the boxes that hold the
-  model would take longer than the model's load time to get through its backlog, so the box
-  that switches then takes a batch of the new model's jobs, not one;
+  model would take longer than the model's load time to get through its backlog, and with
+  the box too (once loaded) the backlog would end at least one job's service time sooner, so
+  the box that switches then takes a batch of the new model's jobs, not one;
 * urgent jobs (interactive, or batch jobs aged past their tier's head start) for a model that
   is loaded nowhere take a box at once: they wait about one load time;
 * a model that had urgent jobs keeps its box for ``URGENT_LINGER_S`` after the last one
@@ -72,6 +73,9 @@ class Placement:
     arriving: dict[str, dict[str, float]] = field(default_factory=dict)
     #: Per model: until when it keeps a box without a backlog (``LINGER_S``, ``URGENT_LINGER_S``).
     wanted: dict[str, float] = field(default_factory=dict)
+    #: Per model with work: its backlog as this plan read it (the next one rebalances only
+    #: backlogs that did not grow since).
+    seen: dict[str, int] = field(default_factory=dict)
 
     def allows(self, instance: str, model: str) -> bool:
         """Whether a job of ``model`` may take a slot on ``instance``.
@@ -172,6 +176,36 @@ def plan(
         s = slots(m)
         return demand[m] * service[m] / s if s else math.inf
 
+    def saved_ms(m: str, b: InstanceStats, cost: float) -> float:
+        """How much sooner ``m``'s backlog would end with ``b`` too, ``b`` joining after
+        ``cost``: the backlog's work spread over the slots it has and ``b``'s. Less than one
+        job's service time, and the switch is noise in the estimate: ``b`` loads the model for
+        the last job or two of each slot (issue 16's two-model timelines: a box switched a
+        second before the backlog's end, loaded for 1 s, then ran 2 jobs and ended last)."""
+        have, add = slots(m), b.capacity / (len(hard[b.name]) + 1)
+        after = (demand[m] * service[m] + add * cost) / (have + add)
+        return remaining_ms(m) - after
+
+    def loading_until(b: InstanceStats) -> float:
+        """When the loads of the switches pending on ``b`` should be over (now if none): each
+        switch's time, plus a job's service (its first job waits for a slot there) and the
+        model's load; for a load a job there has begun (``InstanceStats.loading``), its start
+        plus the load. Ollama loads one model at a time, so a model placed on ``b`` waits for
+        them. Not "any switch pending": what a box reports loaded lags a heartbeat (2 s), and
+        right after a batch's first loads every box had one; the cold model then went to a
+        box whose second load had just begun, and its job waited for that load too."""
+        pending = arriving.get(b.name, {})
+        return max(
+            [now]
+            + [
+                t + (service.get(a, UNKNOWN_SERVICE_MS) + load.get(a, DEFAULT_LOAD_MS)) / 1000
+                for a, t in pending.items()
+                if a not in b.loading
+            ]
+            # A load a job started there (its worker said so): from then, the load's time.
+            + [t + load.get(a, DEFAULT_LOAD_MS) / 1000 for a, t in b.loading.items()]
+        )
+
     def evictable(b: InstanceStats) -> int:
         """Models it can take: room, plus loaded models nobody needs there."""
         return b.max_loaded - len(hard[b.name])
@@ -204,7 +238,7 @@ def plan(
                 free,
                 key=lambda b: (
                     m not in state[b.name],
-                    bool(arriving.get(b.name)),
+                    loading_until(b),
                     len(state[b.name]) >= b.max_loaded,
                     len(hard[b.name]),
                     b.in_flight,
@@ -214,12 +248,12 @@ def plan(
             take(best, m)
             continue
         # Take a box from the model holding the most (one holding a single box gives it up
-        # only to urgent jobs), first of all not a box with a switch pending (one to the
-        # donor is kept, see above, and a load in progress there would go first), and where
-        # the model is loaded already if it is anywhere.
+        # only to urgent jobs), first of all the box whose pending switches should be loaded
+        # the soonest (none: now; a load in progress there would go first), and where the
+        # model is loaded already if it is anywhere.
         donors = [
             (
-                not arriving.get(b.name),
+                -loading_until(b),
                 len(holders[d]),
                 m in b.loaded,
                 -b.in_flight,
@@ -257,13 +291,53 @@ def plan(
             key=lambda b: (m not in state[b.name], len(hard[b.name]), b.in_flight, b.name),
         )
         cost = 0.0 if m in state[best.name] else load[m]
-        if remaining_ms(m) <= cost:
+        if remaining_ms(m) <= cost or saved_ms(m, best, cost) < service[m]:
             continue
         take(best, m)
         heapq.heappush(heap, (-remaining_ms(m), m))
+
+    # 4. Rebalance: a box moves from a model whose backlog would end early to the one whose
+    # backlog would end last, when that ends the latter at least one job's time sooner and the
+    # former still no later than the latter. Without it, two models sharing three one-model
+    # boxes ran one backlog on two boxes and the other on one, until the first ended and its
+    # boxes idled, then loaded the second (issue 16's two-model timelines: 1.3 x ideal). Only
+    # between backlogs that are draining (neither read higher than at the last plan): while a
+    # batch is still being submitted the readings grow by tens of jobs, and a rebalance on them
+    # sent boxes back and forth (20-27 loads where 5 do). Never a box just switched.
+    seen = previous.seen if previous is not None else {}
+    draining = {m for m in models if m not in lingering and demand[m] <= seen.get(m, -1)}
+    for _ in range(len(boxes)):
+        last = max((m for m in draining if holders[m]), key=remaining_ms, default=None)
+        if last is None:
+            break
+        moves: list[tuple[float, str, str]] = []
+        for d in draining - {last}:
+            if len(holders[d]) < 2:
+                continue
+            for n in holders[d]:
+                b = by_name[n]
+                if last not in b.models or d in arriving.get(n, {}) or last in hard[n]:
+                    continue
+                share = b.capacity / len(hard[n])
+                cost = 0.0 if last in state[n] else load[last]
+                d_after = demand[d] * service[d] / (slots(d) - share)
+                last_after = (demand[last] * service[last] + share * cost) / (slots(last) + share)
+                # The donor must still end no later than the receiver: a move that made it
+                # the last instead was undone by the next plan (a load each way, twice).
+                gain = remaining_ms(last) - last_after
+                if gain >= service[last] and d_after <= last_after:
+                    moves.append((gain, n, d))
+        if not moves:
+            break
+        _, n, d = max(moves)
+        hard[n].discard(d)
+        holders[d].remove(n)
+        state[n].discard(d)
+        take(by_name[n], last)
 
     return Placement(
         hold={n: frozenset(state[n]) for n in state},
         arriving={n: a for n, a in arriving.items() if a},
         wanted=wanted,
+        seen={m: n for m, n in demand.items() if m not in lingering},
     )

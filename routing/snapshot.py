@@ -42,6 +42,9 @@ class InstanceStats:
     priority: int = 5
     #: How many models the server holds at once (Ollama's OLLAMA_MAX_LOADED_MODELS).
     max_loaded: int = 3
+    #: Models a job running there is loading, with since when (wall clock): ``loaded`` is as
+    #: of the last heartbeat, this as of the job's start.
+    loading: dict[str, float] = field(default_factory=dict)
 
     @property
     def free(self) -> int:

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from app.bench.harness import LocalFleet, free_port, own_fleet, results_of, wait_until
-from app.jobs.model_swap import SETTLE_S, ModelSwap, Moves, moves
+from app.jobs.model_swap import SETTLE_S, ModelSwap, Moves, leaving_for, moves
 from app.observe.metrics import job_store
 from app.state.fleet import fleet_state
 from tasks import infer
@@ -114,6 +114,52 @@ def test_a_switch_another_router_does_not_make_is_not_acted_on() -> None:
     for i, switched in enumerate(plans):
         swap.step((fs(B), switched), fs(A), 1, NONE, client, 10.0, now=103.0 + i)  # type: ignore[arg-type]
     assert client.unloads == [] and client.preloads == []
+
+
+def test_a_job_loading_its_model_on_a_full_server_evicts_what_the_plan_gave_up() -> None:
+    assert leaving_for(C, fs(A, C), fs(A, B), max_loaded=2) == (B,)
+    assert leaving_for(C, fs(A, B, C), fs(A, B), 2) == ()  # the plan keeps both: Ollama picks
+    assert leaving_for(C, fs(C), fs(A), 2) == ()  # room beside A
+    assert leaving_for(A, fs(C), fs(A, B), 2) == ()  # loaded already
+
+
+def test_make_room_unloads_the_model_leaving_and_waits_until_it_left() -> None:
+    swap, client = ModelSwap("x"), FakeClient()
+    reads = iter([fs(A, B), fs(A, B), fs(A)])  # B's last request ends at the third look
+    assert swap.make_room(C, fs(A, C), 2, client, lambda: next(reads), lambda: fs(C)) == (B,)  # type: ignore[arg-type]
+    assert client.unloads == [B] and next(reads, None) is None
+    # A second job of C meanwhile: B is not sent keep_alive 0 twice.
+    assert swap.make_room(C, fs(A, C), 2, client, lambda: fs(A), lambda: fs(C)) == ()  # type: ignore[arg-type]
+    assert client.unloads == [B]
+
+
+def test_make_room_counts_a_model_still_loading_as_held() -> None:
+    """B is loading (a job of it runs, /api/ps does not list it yet) and the plan moved it
+    off: no room until it showed loaded, was unloaded and left."""
+    swap, client = ModelSwap("x"), FakeClient()
+    reads = iter([fs(A), fs(A), fs(A, B), fs(A, B), fs(A)])
+    busy = iter([fs(B, C), fs(B, C), fs(B, C), fs(C), fs(C)])
+    got = swap.make_room(C, fs(A, C), 2, client, lambda: next(reads), lambda: next(busy))  # type: ignore[arg-type]
+    assert got == (B,) and client.unloads == [B] and next(reads, None) is None
+
+
+def test_an_urgent_switch_makes_room_and_preloads_at_once() -> None:
+    swap, client = ModelSwap("x"), FakeClient()
+    client.release.set()
+    state = {"loaded": fs(A, B)}
+
+    def loaded() -> frozenset[str]:
+        if client.unloads:  # B's last request ended
+            state["loaded"] = fs(A) | fs(*client.preloads)
+        return state["loaded"]
+
+    # B leaves, C arrives, not settled: sent now, B unloaded before C is preloaded.
+    assert swap.switch_now(fs(A, C), fs(C), 2, lambda: fs(A), client, loaded, 10.0) == C  # type: ignore[arg-type]
+    assert client.unloads == [B] and client.preloads == [C]
+    # The heartbeat that follows sends neither again.
+    assert swap.step((fs(A, C), {C: 100.0}), fs(A, C), 2, NONE, client, 10.0, now=110.0) == Moves()  # type: ignore[arg-type]
+    assert swap.switch_now(fs(A, C), fs(C), 2, lambda: NONE, client, loaded, 10.0) is None  # type: ignore[arg-type]
+    assert client.unloads == [B] and client.preloads == [C]
 
 
 # With real processes -----------------------------------------------------------------------

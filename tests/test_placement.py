@@ -55,6 +55,33 @@ def test_a_box_switches_only_when_the_switch_pays_for_itself() -> None:
     assert plan(s).hold["x"] == {A}
 
 
+def test_no_switch_for_the_last_jobs_of_a_backlog() -> None:
+    # 20 jobs of A on x and y: 1.25 s left, more than a load; with z too (after its 1 s load)
+    # 1.17 s, not a job's time sooner: z stays. With 40 jobs, 2.5 s against 2 s: z switches.
+    boxes = (box("x", frozenset({A})), box("y", frozenset({A})), box("z", frozenset({B})))
+    assert plan(snap(*boxes, backlog={A: 20})).hold["z"] == {B}
+    assert plan(snap(*boxes, backlog={A: 40})).hold["z"] == {A}
+
+
+def test_a_box_moves_to_the_backlog_that_would_end_last_once_both_drain() -> None:
+    boxes = (box("x", frozenset({A})), box("y", frozenset({A})), box("z", frozenset({B})))
+    held = {"x": frozenset({A}), "y": frozenset({A}), "z": frozenset({B})}
+    # A ends in 1.25 s on two boxes, B in 5.6 s on one: with one of A's boxes, 3.3 s (a load
+    # included), and A then ends in 2.5 s, still before B.
+    draining = Placement(hold=held, seen={A: 32, B: 45})
+    p = plan(snap(*boxes, backlog={A: 20, B: 45}), draining)
+    assert len(holders(p, A)) == 1 and len(holders(p, B)) == 2
+    # With 30 jobs of A, A on one box would end last (3.75 s): not yet, or the next plan
+    # moves the box back.
+    assert plan(snap(*boxes, backlog={A: 30, B: 45}), draining).hold == held
+    # B's backlog still growing (a batch being submitted): no move.
+    growing = Placement(hold=held, seen={A: 32, B: 40})
+    assert plan(snap(*boxes, backlog={A: 20, B: 45}), growing).hold == held
+    # At the start (60 and 60) moving a box ends neither sooner.
+    start = Placement(hold=held, seen={A: 60, B: 60})
+    assert plan(snap(*boxes, backlog={A: 60, B: 60}), start).hold == held
+
+
 def test_boxes_beyond_what_the_backlog_keeps_busy_are_released() -> None:
     s = snap(
         box("x", frozenset({A})),
@@ -245,6 +272,34 @@ def test_an_urgent_model_takes_a_box_that_is_not_loading_from_any_donor() -> Non
     assert holders(p, C) == {"z"}
 
 
+def test_an_urgent_model_takes_the_box_whose_loads_should_be_over() -> None:
+    """Reports lag: every box still lists a switch as pending. x and y were switched to A
+    0.2 s ago (loading it now), z to B 2 s ago (loaded by now, not reported yet): C, urgent,
+    takes z, though A holds two boxes and B one."""
+    three = frozenset({A, B, C})
+    boxes = [box(n, models=three) for n in ("x", "y", "z")]
+    pending = Placement(
+        hold={"x": frozenset({A}), "y": frozenset({A}), "z": frozenset({B})},
+        arriving={"x": {A: 99.8}, "y": {A: 99.8}, "z": {B: 98.0}},
+    )
+    p = plan(snap(*boxes, backlog={A: 40, B: 20, C: 1}, urgent={C: 1}), pending)
+    assert holders(p, C) == {"z"}
+
+
+def test_a_load_a_job_has_begun_counts_from_its_start() -> None:
+    """The switch to B on y was decided 1.5 s ago, so by the switches alone its load should
+    be over; but its first job began loading B only 0.2 s ago (its worker says so): C goes
+    to x, whose switch to A, decided 1.2 s ago, no job has begun loading yet."""
+    three = frozenset({A, B, C})
+    x, y = box("x", models=three), box("y", models=three, loading={B: 99.8})
+    pending = Placement(
+        hold={"x": frozenset({A}), "y": frozenset({B})},
+        arriving={"x": {A: 98.8}, "y": {B: 98.5}},
+    )
+    p = plan(snap(x, y, backlog={A: 40, B: 40, C: 1}, urgent={C: 1}), pending)
+    assert holders(p, C) == {"x"}
+
+
 def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fleet idle (no plan published for a while, or cleared): the router's own last plan
     is not built on, since the boxes no longer hold what it says."""
@@ -260,3 +315,37 @@ def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.Monke
     s = snap(box("x"), box("y"), box("z"), backlog={A: 60})
     assert holders(planner(s, 1.0), A) == {"x", "y", "z"}
     assert planner._previous() is None  # not its own plan, A on every box
+
+
+def test_a_router_plans_by_itself_only_while_its_jobs_look_for_a_slot(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between two routed jobs the plan still follows the backlog (``keep_planning``), but a
+    router with no job looking for a slot leaves the last plan alone."""
+    import threading
+    import time
+
+    from app.jobs import placement as on_job_path
+
+    s = snap(box("x"), box("y"), backlog={})
+    fleet = type("F", (), {"instances": type("I", (), {"snapshot": staticmethod(lambda: s)})})
+    made: list[float] = []
+    monkeypatch.setattr(on_job_path, "fleet_state", lambda: fleet)
+    monkeypatch.setattr(on_job_path, "_demand", lambda models: (1.0, {A: 10}, {}))
+    monkeypatch.setattr(on_job_path, "_planner", lambda snapshot, at: made.append(at))
+    monkeypatch.setattr(on_job_path, "PLAN_EVERY_S", 0.01)
+    stop = threading.Event()
+    planning = threading.Thread(target=on_job_path.keep_planning, args=(stop,), daemon=True)
+    planning.start()
+    try:
+        time.sleep(0.1)
+        assert made == []
+        with on_job_path.routing_job():
+            time.sleep(0.1)
+        assert made
+        count = len(made)
+        time.sleep(0.1)
+        assert len(made) <= count + 1  # a look already under way when the job left
+    finally:
+        stop.set()
+        planning.join(1)

@@ -80,6 +80,32 @@ def test_hand_off_follows_the_latest_placement_plan(fleet: FleetState) -> None:
     assert fleet.slots.finish("j2", "a", ok=True, model=M) == "early"
 
 
+def test_an_idle_box_the_plan_moves_a_model_onto_is_offered_to_that_models_waiters(
+    fleet: FleetState,
+) -> None:
+    """No job frees a slot on an idle box: ``offer`` hands its slots to the waiters of the
+    models the plan just moved there, best first, never beyond its parallelism, and to no
+    waiter of another model or one that excluded the box."""
+    other = "o:latest"
+    fleet.instances.register(InstanceConfig(name="a", url="http://a", models=[M, other]))
+    fleet.placement.publish({"a": [other], "b": [M]}, ttl_s=10)
+    for job, score in (("j1", 3.0), ("j2", 1.0), ("j3", 2.0), ("picky", 0.5)):
+        exclude = ["a"] if job == "picky" else []
+        assert fleet.slots.acquire(job, M, score=score, candidates=[], exclude=exclude) is None
+    assert fleet.slots.acquire("o1", other, score=0.1, candidates=[], exclude=[]) is None
+    assert fleet.slots.offer({"a": [M]}) == 0  # the plan does not hold M on a yet
+    fleet.placement.publish({"a": [M], "b": [M]}, ttl_s=10)
+    assert fleet.slots.offer({"a": [M]}) == 2
+    assert fleet.slots.wait_handoff("j2", 1) == "a" and fleet.slots.wait_handoff("j3", 1) == "a"
+    assert in_flight(fleet, "a") == 2 and fleet.slots.waiting(M) == 2
+    assert fleet.slots.offer({"a": [M]}) == 0 and in_flight(fleet, "a") == 2  # full
+    fleet.slots.finish("j2", "a", ok=True, model=M)  # hands its slot on: to j1
+    assert fleet.slots.wait_handoff("j1", 1) == "a"
+    fleet.slots.finish("j1", "a", ok=True, model=M)
+    assert fleet.slots.offer({"a": [M]}) == 0 and in_flight(fleet, "a") == 1  # only picky left
+    assert fleet.slots.offer({"gone": [M]}) == 0
+
+
 def test_the_published_plan_reads_back_and_an_old_string_plan_filters_nothing(
     fleet: FleetState,
 ) -> None:

@@ -94,7 +94,14 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     agent.job_started(job, request.model)
     relay = token_relay().sink(job, state.attempts + 1) if request.stream else None
     batch: embed_batch.Batch | None = None
+    loading = False
     try:
+        if not stats["loaded"]:
+            # Its model was not loaded at the last heartbeat: if the server is full, the
+            # plan's choice of what to evict goes first (app.jobs.model_swap's make_room),
+            # and the load it makes is shown until the job ends, not at the next heartbeat:
+            # Ollama loads one model at a time, and the plan puts no other model there meanwhile.
+            loading = agent.make_room(request.model)
         # Embed jobs of this model waiting for a slot ride in this call (app.jobs.embed_batch).
         batch = embed_batch.gather(job, instance, request, state)
         with (
@@ -119,6 +126,8 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
         _on_failure(task, request, state, agent, exc, open_now=silent_box)
     finally:
         agent.job_ended(job)
+        if loading:
+            agent.loaded_by(request.model)
     finished = time.time()
     if reply.timings.load_s > COLD_LOAD_S:
         # It loaded the model first: what `smart` expects a cold start here to cost.
@@ -144,11 +153,18 @@ def execute(task: InferTask, request: InferRequest, state: RouteState) -> dict[s
     )
     # The slot is freed by the after_success hooks, once the result is stored; the call's
     # timing is learned in the same step.
+    # The service time learned for the routers (smart's estimate, the placement plan's) leaves
+    # out the call's wait inside Ollama for its model (load_duration: a load, or the requests
+    # of the model it evicts): the load is learned apart (record_load) and added where the
+    # model is not loaded. Counted in both, one load lengthened the next dozen estimates of
+    # the model's jobs by half (EWMA 0.2), and the plan moved a box to the last jobs of a
+    # backlog for a load that cost more than it saved (issue 16's timelines).
+    own_ms = max(0.0, result.routing.service_s - reply.timings.load_s) * 1000
     task.request.update(
         corral_ran=Ran(
             instance,
             request.model,
-            result.routing.service_s * 1000,
+            own_ms,
             request.cache_key() if cacheable(request) else None,
             _timing(request.model, reply, call),
         )

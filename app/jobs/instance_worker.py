@@ -16,6 +16,7 @@ instance gets that many jobs at once).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 import psutil
 from celery.signals import worker_ready, worker_shutdown
 from opentelemetry.instrumentation.utils import suppress_instrumentation
+from redis import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import OllamaError
@@ -109,6 +111,9 @@ class InstanceAgent:
             self._register()
             self.beat(discover=False)
         threading.Thread(target=self._loop, name=f"corral-agent-{self.name}", daemon=True).start()
+        threading.Thread(
+            target=self._follow_nudges, name=f"corral-nudges-{self.name}", daemon=True
+        ).start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -258,6 +263,79 @@ class InstanceAgent:
             self.client,
             preload_timeout=self.config.request_timeout or s.request_timeout,
         )
+
+    def _loaded(self) -> frozenset[str]:
+        """What the server lists as loaded now (``/api/ps``)."""
+        return frozenset(normalize_model(m) for m in self.client.loaded())
+
+    def _busy(self) -> frozenset[str]:
+        """The models of the jobs running here now."""
+        with self._lock:
+            return frozenset(self.running.values())
+
+    def _follow_nudges(self) -> None:
+        """Act on an urgent switch as soon as a router nudges this instance, not at the next
+        heartbeat (``ModelSwap.switch_now``)."""
+        interval = get_settings().heartbeat_interval
+        while not self._stop.is_set():
+            try:
+                if fleet_state().placement.wait_nudge(self.name, interval):
+                    with suppress_instrumentation():
+                        self.switch_now()
+            except Exception:  # the thread must outlive a Redis or server blip
+                log.exception("instance %s: following a nudge failed", self.name)
+                self._stop.wait(interval)
+
+    def switch_now(self) -> None:
+        s = get_settings()
+        if self.removed or not (s.placement and s.placement_swaps):
+            return
+        plan = fleet_state().placement.moves(self.name)
+        if plan is None:
+            return
+        try:
+            self.swap.switch_now(
+                plan[0],
+                frozenset(plan[1]),
+                self.config.max_loaded_models,
+                self._busy,
+                self.client,
+                self._loaded,
+                preload_timeout=self.config.request_timeout or s.request_timeout,
+            )
+        except OllamaError as exc:
+            log.warning("instance %s: an urgent switch failed: %s", self.name, exc)
+
+    def make_room(self, model: str) -> bool:
+        """Before a call that loads ``model`` on a full server: unload what the placement plan
+        gave up here and wait for the room (``ModelSwap.make_room``), so that Ollama does not
+        evict a model the plan keeps. With no plan, or the model loaded, nothing. Returns
+        whether the call will load the model (not loaded now), and if so shows the load at
+        once (``Instances.loading``): the plan puts no other model on a box busy loading."""
+        s = get_settings()
+        if not (s.placement and s.placement_swaps):
+            return False
+        try:
+            plan = fleet_state().placement.moves(self.name)
+            if plan is None:
+                return False
+            self.swap.make_room(
+                model, plan[0], self.config.max_loaded_models, self.client, self._loaded, self._busy
+            )
+            loading = model not in self._loaded()
+            if loading:
+                fleet_state().instances.loading(self.name, model, time.time())
+            return loading
+        # The job runs anyway: the call itself says what is wrong with the server, and the
+        # plan only loses a hint.
+        except (OllamaError, RedisError) as exc:
+            log.warning("instance %s: making room for %s failed: %s", self.name, model, exc)
+            return False
+
+    def loaded_by(self, model: str) -> None:
+        """The job that loaded ``model`` (``make_room`` said it would) ended."""
+        with contextlib.suppress(RedisError):
+            fleet_state().instances.loading(self.name, model, None)
 
     def _loop(self) -> None:
         interval = get_settings().heartbeat_interval

@@ -26,6 +26,19 @@ also read the same (decided at the same time) at two heartbeats in a row: each r
 process plans on its own (one per tier), the last one to plan publishes, and a switch one of
 them makes and another does not is not acted on. A model the plan merely keeps is never
 touched, and with no plan (none made lately: the fleet idle) nothing is sent.
+
+A job that is about to load its model on a full server is the exception (``make_room``): the
+server evicts a model for it anyway, now, and Ollama picks the first *idle* one, which is as
+often a model the plan keeps (idle between two of its jobs) as the one it gave up (still
+running its last ones). Evicting a kept model cost a load back, and the thrash went on from
+there (issue 16's timelines: a box loaded five models in five seconds). So before such a call
+the worker unloads the models the plan gave up and waits for the room: the wait is the one
+Ollama would make for the model it should evict, its running requests.
+
+A switch made for urgent jobs (a model loaded nowhere, its interactive job waiting) cannot
+wait to settle either: the router that made it nudges the worker (``PlacementShown.nudge``),
+which at once makes the room and preloads the model (``switch_now``), so the load runs while
+the urgent job waits for a slot on the box rather than after it got one.
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from app.errors import OllamaError
@@ -46,6 +60,12 @@ UNLOAD_TIMEOUT_S = 10.0
 #: Seconds after the plan decided a switch before it is acted on: every router has planned
 #: again by then (``app.jobs.placement.REPLAN_SECONDS``, plus a margin).
 SETTLE_S = 1.5
+#: Seconds a job that must load its model waits for the models leaving to end their running
+#: requests (``make_room``), and between two looks at ``/api/ps`` meanwhile. Past the bound
+#: the job goes anyway and Ollama evicts what it picks: a leaving model's long generation
+#: must not hold a job's slot for minutes.
+ROOM_WAIT_S = 5.0
+ROOM_POLL_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +96,17 @@ def moves(
     room -= len(sent & coming)
     candidates = sorted(coming - busy - sent)
     return Moves(unload, tuple(candidates[:1]) if room > 0 else ())
+
+
+def leaving_for(
+    model: str, held: frozenset[str], loaded: frozenset[str], max_loaded: int
+) -> tuple[str, ...]:
+    """The loaded models to unload before a job of ``model`` (not loaded) runs: those the plan
+    no longer holds here, when the server is full. Empty when it has room, or when the plan
+    holds every loaded model (then Ollama's choice is as good as any)."""
+    if model in loaded or len(loaded) < max_loaded:
+        return ()
+    return tuple(sorted(loaded - held - {model}))
 
 
 @dataclass
@@ -136,6 +167,75 @@ class ModelSwap:
             )
             self._preloading.start()
         return Moves(unload, todo.preload)
+
+    def make_room(
+        self,
+        model: str,
+        held: frozenset[str],
+        max_loaded: int,
+        client: OllamaClient,
+        loaded: Callable[[], frozenset[str]],
+        busy: Callable[[], frozenset[str]],
+    ) -> tuple[str, ...]:
+        """Before a job (or a preload) of ``model`` runs here: if the server is full and
+        ``model`` is not loaded, unload the models the plan (``held``) gave up, and wait until
+        there is room for ``model`` (at most ``ROOM_WAIT_S``). ``loaded`` reads ``/api/ps``;
+        ``busy``: the models of the jobs running here. Returns the models leaving.
+
+        A model with a job running here and not loaded yet is being loaded (or waits for its
+        load): ``/api/ps`` does not list it, yet it takes its place when its load ends, so it
+        counts as held, and, if it is leaving, is unloaded once it shows loaded. Counted as
+        room, a preload sent during such a load made Ollama evict a model the plan kept."""
+        now_loaded, now_busy = loaded(), busy()
+        leaving = leaving_for(model, held, now_loaded | (now_busy - {model}), max_loaded)
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while leaving:
+            for name in sorted((set(leaving) & now_loaded) - self.unloading):
+                self._unload(client, name, model)
+            occupied = now_loaded | (now_busy - {model})
+            if model in now_loaded or len(occupied) < max_loaded:
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(ROOM_POLL_S)
+            now_loaded, now_busy = loaded(), busy()
+        return leaving
+
+    def _unload(self, client: OllamaClient, name: str, model: str) -> None:
+        self.unloading.add(name)  # once, even if it fails: Ollama evicts it anyway
+        try:
+            client.unload(name, timeout=UNLOAD_TIMEOUT_S)
+        except OllamaError as exc:
+            log.warning("instance %s: unloading %s failed: %s", self.instance, name, exc)
+            return
+        log.info("instance %s: %s unloaded to make room for %s", self.instance, name, model)
+        metrics.unload_sent(self.instance, name)
+
+    def switch_now(
+        self,
+        held: frozenset[str],
+        arriving: frozenset[str],
+        max_loaded: int,
+        busy: Callable[[], frozenset[str]],
+        client: OllamaClient,
+        loaded: Callable[[], frozenset[str]],
+        preload_timeout: float,
+    ) -> str | None:
+        """A switch made for urgent jobs (the worker was nudged): unload what the plan gave
+        up, wait for the room, and preload the model arriving, now, in the caller's thread,
+        not once the switch has settled. The load then runs while the urgent job waits for
+        its slot, instead of after. Returns the model preloaded, if any."""
+        coming = sorted(arriving - loaded() - busy() - self.sent)
+        if not coming:
+            return None
+        model = coming[0]
+        self.make_room(model, held, max_loaded, client, loaded, busy)
+        now_loaded, now_busy = loaded(), busy()
+        if model in now_loaded | now_busy or len(now_loaded | now_busy) >= max_loaded:
+            return None  # a job of it loads it meanwhile, or the room never came
+        self.sent.add(model)
+        self._preload(client, model, preload_timeout)
+        return model
 
     def _preload(self, client: OllamaClient, model: str, timeout: float) -> None:
         try:

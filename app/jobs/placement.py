@@ -6,22 +6,28 @@ then ranks only the instances the plan allows for the job's model. The plan is c
 only when its inputs change: a new reading of the backlog (at most every ``DEMAND_TTL``
 seconds, by one thread while the others use the last one), a change in what the instances
 hold or whether they are up, or a second gone by (switches it decided settle). Otherwise a
-decision costs a comparison of the fleet's loaded models with the last ones.
+decision costs a comparison of the fleet's loaded models with the last ones. While jobs of
+the process look for a slot, a thread of its own (``keep_planning``) also makes it again as
+those inputs change, whether or not a job is routed meanwhile.
 
 The plan each router makes is published (``app.state.placement``): the hand-off of a freed slot
-to a waiting job follows the latest one (``app/state/lua/handoff.lua``), the instance workers
-act on its switches (``app.jobs.model_swap``), and the other routers build on it.
+to a waiting job follows the latest one (``app/state/lua/handoff.lua``), the idle slots of a box
+it moved a model onto are offered to that model's waiting jobs at once (``Slots.offer``), the
+instance workers act on its switches (``app.jobs.model_swap``; nudged at once for a switch made
+for urgent jobs), and the other routers build on it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 
 from amqp.exceptions import AMQPError
@@ -39,6 +45,10 @@ DEMAND_TTL = 0.5
 REPLAN_SECONDS = 1.0
 #: Seconds the last plan stays shown once no router makes one.
 SHOWN_FOR_S = 10.0
+#: Seconds between two looks of a router process's own planner at the fleet (``keep_planning``).
+PLAN_EVERY_S = 0.25
+
+log = logging.getLogger(__name__)
 
 _Reading = tuple[float, dict[str, int], dict[str, int]]
 
@@ -108,9 +118,10 @@ class _Planner:
             return self._plan  # type: ignore[return-value]  # None only while blocking
         try:
             if self._plan is None or key != self._key or now - self._at > REPLAN_SECONDS:
-                self._plan = plan(snapshot, self._previous())
+                previous = self._previous()
+                self._plan = plan(snapshot, previous)
                 self._key, self._at = key, now
-                _show(self._plan, self.id, now)
+                _show(self._plan, self.id, now, previous, snapshot.urgent)
             return self._plan
         finally:
             self._lock.release()
@@ -119,9 +130,10 @@ class _Planner:
         """Plan now, whatever changed (a job the reading missed, see ``with_plan``); the plan
         then stands until the next reading."""
         with self._lock:
-            self._plan = plan(snapshot, self._previous())
+            previous = self._previous()
+            self._plan = plan(snapshot, previous)
             self._at = snapshot.now
-            _show(self._plan, self.id, snapshot.now)
+            _show(self._plan, self.id, snapshot.now, previous, snapshot.urgent)
             return self._plan
 
     def _previous(self) -> Placement | None:
@@ -150,6 +162,7 @@ class _Planner:
             hold={name: frozenset(models) for name, models in latest.hold.items()},
             arriving={name: dict(models) for name, models in latest.arriving.items()},
             wanted=wanted,
+            seen=dict(latest.seen),
         )
 
     def started(self, model: str, urgent: bool, now: float) -> None:
@@ -159,21 +172,103 @@ class _Planner:
                 self._plan = self._plan.with_job(model, urgent, now)
 
 
-def _show(placement: Placement, by: str, at: float) -> None:
+def _show(
+    placement: Placement,
+    by: str,
+    at: float,
+    previous: Placement | None,
+    urgent: Mapping[str, int],
+) -> None:
     """Keep the new plan where the dashboard, ``corral fleet list``, the instance workers
-    (``app.jobs.model_swap``) and the other routers (``_Planner._previous``) read it."""
+    (``app.jobs.model_swap``), the other routers (``_Planner._previous``) and the slot
+    hand-off (``lua/handoff.lua``) read it; then offer the idle slots of each box it moved a
+    model onto to that model's waiting jobs (``gained``), and nudge the worker of a box it
+    moved a model with ``urgent`` jobs onto."""
     hold = {name: sorted(models) for name, models in placement.hold.items()}
     arriving = {name: dict(models) for name, models in placement.arriving.items()}
     # What people see, and what the instance workers unload and preload: routing goes on
     # with the plan whatever Redis says.
     with contextlib.suppress(RedisError):
         fleet_state().placement.publish(
-            hold, ttl_s=SHOWN_FOR_S, arriving=arriving, by=by, at=at, wanted=placement.wanted
+            hold,
+            ttl_s=SHOWN_FOR_S,
+            arriving=arriving,
+            by=by,
+            at=at,
+            wanted=placement.wanted,
+            seen=placement.seen,
         )
+        # A waiting job is handed a slot when a job frees one, or finds one when it looks at
+        # the fleet again (every ``WAIT_POLL_SECONDS``). A box the plan just moved its model
+        # onto is often idle (the model it held ran out of work), and without the offer its
+        # slots stayed idle up to a second, a whole load time in issue 16's bench.
+        moved = gained(previous, placement)
+        fleet_state().slots.offer(moved)
+        # The worker would act on the switch once it settled (a few seconds, see
+        # app.jobs.model_swap): an urgent job would then wait for its slot, then for the load.
+        # Nudged, it evicts and preloads now, while the job waits for the slot.
+        for instance, models in moved.items():
+            if any(urgent.get(m, 0) > 0 for m in models):
+                fleet_state().placement.nudge(instance)
+
+
+def gained(previous: Placement | None, placement: Placement) -> dict[str, list[str]]:
+    """Per instance, the models ``placement`` holds there and ``previous`` did not."""
+    out = {}
+    for name, models in placement.hold.items():
+        before = previous.hold.get(name, frozenset()) if previous is not None else frozenset()
+        if new := sorted(models - before):
+            out[name] = new
+    return out
 
 
 _demand = _Demand()
 _planner = _Planner()
+#: Jobs of this process looking for a slot (``routing_job``): it plans by itself only meanwhile.
+_routing = 0
+_routing_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def routing_job() -> Iterator[None]:
+    """Around a job's search for a slot, waits included (``app.jobs.router``)."""
+    global _routing
+    with _routing_lock:
+        _routing += 1
+    try:
+        yield
+    finally:
+        with _routing_lock:
+            _routing -= 1
+
+
+def keep_planning(stop: threading.Event) -> None:
+    """Make the plan again as the fleet and the backlog change, not only when a job is routed:
+    the router's thread, started with the worker (``app.jobs.router_worker``).
+
+    A plan made on a job's way through the router stood until the next job came or a waiting
+    one looked again (up to a second): made as a batch was being submitted, from a reading
+    that saw only its first jobs, it left a box without a model for a second (issue 16's
+    timelines). Planning here, with ``_show`` offering the idle slots of a box to the models
+    moved onto it, a change of the backlog reaches the boxes within ``PLAN_EVERY_S`` plus the
+    reading's age. Only while this process holds jobs looking for a slot: a plan made with no
+    work anywhere would keep the last one's models everywhere, published as current, and
+    the next batch's first jobs would go to every box that held their model (the bench
+    clears the plan between runs for that reason: planning on, it put them back).
+    """
+    while not stop.wait(PLAN_EVERY_S):
+        if not get_settings().placement or not _routing:
+            continue
+        try:
+            snapshot = fleet_state().instances.snapshot()
+            at, waiting, urgent = _demand(functools.partial(_served, snapshot))
+            _planner(replace(snapshot, backlog=waiting, urgent=urgent), at)
+        except (OSError, RedisError, OperationalError, AMQPError):
+            log.warning("planning the placement failed", exc_info=True)
+
+
+def _served(snapshot: FleetSnapshot) -> list[str]:
+    return sorted({m for i in snapshot.instances for m in i.models})
 
 
 def job_started(model: str, urgent: bool) -> None:
@@ -203,7 +298,7 @@ def with_plan(
     current = {model: backlog(model)} if strategy == "smart" else {}
     if not get_settings().placement:
         return replace(snapshot, backlog=current)
-    at, waiting, urgent = _demand(lambda: sorted({m for i in snapshot.instances for m in i.models}))
+    at, waiting, urgent = _demand(lambda: _served(snapshot))
     snapshot = replace(snapshot, backlog=waiting, urgent=urgent)
     placement = _planner(snapshot, at)
     missed = not waiting.get(model) or (urgent_job and not urgent.get(model))

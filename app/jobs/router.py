@@ -28,7 +28,7 @@ from app.errors import JobRejected
 from app.jobs import embed_batch
 from app.jobs.cancellation import end_revoked, is_revoked
 from app.jobs.lifecycle import WHILE_WAITING, job_fields, job_id
-from app.jobs.placement import job_started, with_plan
+from app.jobs.placement import job_started, routing_job, with_plan
 from app.observe.tracing import tracer
 from app.policy.degradation import degradation, yield_band
 from app.policy.live import live_policy
@@ -118,6 +118,15 @@ def route(task: InferTask, request: InferRequest, state: RouteState) -> dict[str
 
 
 def _reserve_slot(
+    task: InferTask, request: InferRequest, state: RouteState
+) -> tuple[str, dict[str, float], str]:
+    # Meanwhile the process's planner makes the placement plan again as the backlog changes,
+    # and a new plan hands this job a box it moved its model onto (app.jobs.placement).
+    with routing_job():
+        return _seek_slot(task, request, state)
+
+
+def _seek_slot(
     task: InferTask, request: InferRequest, state: RouteState
 ) -> tuple[str, dict[str, float], str]:
     job = job_id(task)

@@ -14,6 +14,7 @@ import threading
 from celery.signals import worker_ready, worker_shutting_down
 from kombu.transport.native_delayed_delivery import bind_queue_to_native_delayed_delivery_exchange
 
+from app.jobs.placement import keep_planning
 from app.jobs.router import shutting_down
 from app.queues import batch_queue, route_queue
 from app.settings import Tier, get_settings
@@ -104,6 +105,9 @@ def _start_watch(sender: object = None, **_: object) -> None:
             target=_watch_models, args=(_tier, hostname, shutting_down), daemon=True
         ).start()
         threading.Thread(target=_evaluate_degradation, args=(shutting_down,), daemon=True).start()
+        threading.Thread(
+            target=keep_planning, args=(shutting_down,), name="corral-placement", daemon=True
+        ).start()
 
 
 @worker_shutting_down.connect

@@ -131,6 +131,14 @@ class Instances:
         """How long ``model`` took to load on the instance, learned from a cold start."""
         self.averages.fold(keys.instance(self.ns, name), {f"load:{model}": ms})
 
+    def loading(self, name: str, model: str, since: float | None) -> None:
+        """A job on the instance is loading ``model`` since ``since`` (None: no longer)."""
+        key = keys.instance(self.ns, name)
+        if since is None:
+            self.redis.hdel(key, f"loading:{model}")
+        else:
+            self.redis.hset(key, f"loading:{model}", since)
+
     def silence_stats(self, name: str, model: str) -> dict[str, float | bool | None]:
         """What ``app.jobs.silence`` learned of ``model`` on the instance, and whether it is loaded.
 
@@ -272,4 +280,5 @@ def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:
         breaker=row.get("breaker", "closed"),
         priority=int(row.get("priority", 5)),
         max_loaded=int(row.get("max_loaded", 3)),
+        loading={k[8:]: float(v) for k, v in row.items() if k.startswith("loading:")},
     )

@@ -230,6 +230,13 @@ def placement_arriving(ns: str) -> str:
     return f"{ns}:placement:arriving"
 
 
+def placement_nudge(ns: str, instance: str) -> str:
+    # list: pushed by a router whose plan moved a model with urgent jobs onto the instance,
+    # popped (BLPOP) by the instance's worker, which then acts on the plan at once instead of
+    # at its next heartbeat (app.jobs.model_swap)
+    return f"{ns}:placement:nudge:{instance}"
+
+
 # Gateway ----------------------------------------------------------------------------------
 
 

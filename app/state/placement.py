@@ -17,6 +17,10 @@ import redis
 
 from app.state import keys
 
+#: Seconds a nudge nobody took is kept: a worker that was not waiting (restarting) must not
+#: act on an old one much later; its heartbeat follows the plan anyway.
+NUDGE_TTL_S = 5
+
 
 class Published(NamedTuple):
     by: str
@@ -24,6 +28,7 @@ class Published(NamedTuple):
     hold: dict[str, list[str]]
     arriving: dict[str, dict[str, float]]
     wanted: dict[str, float]
+    seen: dict[str, int]
 
 
 class PlacementShown:
@@ -32,6 +37,7 @@ class PlacementShown:
 
     def __init__(self, client: redis.Redis, ns: str) -> None:
         self.redis = client
+        self.ns = ns
         self.key, self.arriving_key = keys.placement(ns), keys.placement_arriving(ns)
 
     def publish(
@@ -42,13 +48,21 @@ class PlacementShown:
         by: str = "",
         at: float = 0.0,
         wanted: dict[str, float] | None = None,
+        seen: dict[str, int] | None = None,
     ) -> None:
         """``by``: the router process that made the plan, ``at``: when (its fleet snapshot's
         wall-clock time); ``wanted``: until when each model keeps its box without a backlog
         (``routing.placement``), so that every router keeps it, not only the one that saw its
-        jobs."""
+        jobs; ``seen``: each model's backlog as the plan read it (the next plan, whoever
+        makes it, rebalances only backlogs that did not grow since)."""
         px = max(1, int(ttl_s * 1000))
-        moves = {"by": by, "at": at, "arriving": arriving or {}, "wanted": wanted or {}}
+        moves = {
+            "by": by,
+            "at": at,
+            "arriving": arriving or {},
+            "wanted": wanted or {},
+            "seen": seen or {},
+        }
         with self.redis.pipeline(transaction=True) as pipe:
             # A hash, so that a slot's hand-off reads its own instance's models, not the
             # whole fleet's plan. A plan holding nothing (no instance up) is no plan.
@@ -74,6 +88,7 @@ class PlacementShown:
             _hold(hold_raw),
             moves["arriving"],
             moves.get("wanted", {}),
+            moves.get("seen", {}),
         )
 
     def read(self) -> dict[str, list[str]] | None:
@@ -91,6 +106,21 @@ class PlacementShown:
         if held is None:
             return None
         return frozenset(held), latest.arriving.get(instance, {})
+
+    def nudge(self, instance: str) -> None:
+        """Tell ``instance``'s worker to act on the plan now (``wait_nudge``): a model with
+        urgent jobs was just moved onto it."""
+        key = keys.placement_nudge(self.ns, instance)
+        with self.redis.pipeline(transaction=False) as pipe:
+            # One nudge is enough however many plans made it before the worker looked.
+            pipe.delete(key)
+            pipe.rpush(key, "1")
+            pipe.expire(key, NUDGE_TTL_S)
+            pipe.execute()
+
+    def wait_nudge(self, instance: str, timeout: float) -> bool:
+        """Block until a router nudges ``instance`` (True) or ``timeout`` passes (False)."""
+        return bool(self.redis.blpop([keys.placement_nudge(self.ns, instance)], timeout=timeout))
 
     def clear(self) -> None:
         """Forget the plan (the bench, between runs that must start with nothing loaded)."""

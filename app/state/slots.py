@@ -5,6 +5,8 @@
 * ``finish`` frees the slot of a finished attempt and, in the same atomic step, hands it to
   the best waiter that may use that instance, so the freed slot goes to the most urgent job,
   not to whichever router thread wakes first;
+* ``offer`` hands a box's idle slots to the waiters of models a new placement plan moved
+  onto it, which no finishing job would hand them;
 * every grant has a lease; the instance worker extends it while the job runs (``hold``), and
   ``reclaim_expired`` frees the slots of grants nobody is using (a crashed router or worker).
 
@@ -248,6 +250,40 @@ class Slots:
     def reclaim_expired(self) -> int:
         """Free slots whose grant nobody used in time; returns how many leases expired."""
         return self._reclaim([])
+
+    def offer(self, gained: dict[str, list[str]]) -> int:
+        """Hand the idle slots of each instance to waiters of the models a new placement plan
+        moved onto it (``gained``: instance -> those models), best waiter first, as a freed
+        slot is handed (see ``lua/offer.lua``). Returns how many slots were handed."""
+        if not gained:
+            return 0
+        ns = self.ns
+        instance_prefix = keys.instance(ns, "")
+        models_suffix = keys.instance_models(ns, "")[len(instance_prefix) :]
+        per_instance: list[str | int] = []
+        for instance, models in gained.items():
+            per_instance += [instance, len(models), *models]
+        handed = script(self.redis, "offer.lua")(
+            keys=[
+                keys.grants(ns),
+                keys.leases(ns),
+                keys.instances(ns),
+                keys.excluded(ns),
+                keys.waiter_class(ns),
+                keys.class_in_flight(ns),
+                keys.job_class(ns),
+            ],
+            args=[
+                time.time(),
+                get_settings().grant_lease,
+                self.rate.burst_seconds,
+                instance_prefix,
+                models_suffix,
+                *self._handoff_prefixes(),
+                *per_instance,
+            ],
+        )
+        return int(handed)
 
     def release(self, jobs: list[str]) -> None:
         """Free the slots these jobs hold, without recording an outcome."""

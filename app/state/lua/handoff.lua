@@ -14,6 +14,10 @@
 -- the fleet (up to a second), and with the plan there it was handed slots on a box the plan
 -- had just moved off its model (a load back, then another load) and none on the box the
 -- plan had just moved to it (idle slots). No plan, or none for this instance: no filter.
+--
+-- ``only`` (optional, a set of model names): look at the waiters of these models alone. The
+-- offer of an idle slot to the models a new plan moved onto the instance (offer.lua) uses
+-- it; a freed slot (finish.lua, reclaim.lua) goes to any model the plan holds there.
 
 local function planned_models(P, inst)
   -- A plan written by an older Corral (a JSON string) during a rolling upgrade: no filter.
@@ -27,7 +31,7 @@ local function planned_models(P, inst)
   return held
 end
 
-local function handoff(K, P, inst, inst_key, models_key, now, lease, burst_seconds)
+local function handoff(K, P, inst, inst_key, models_key, now, lease, burst_seconds, only)
   -- A removed instance (corral fleet remove --force) keeps no counters.
   if redis.call('SISMEMBER', K.instances, inst) == 0 then return false end
   local v = redis.call('HMGET', inst_key, 'enabled', 'down_until', 'in_flight', 'capacity',
@@ -38,7 +42,7 @@ local function handoff(K, P, inst, inst_key, models_key, now, lease, burst_secon
     local planned = planned_models(P, inst)
     for _, m in ipairs(redis.call('SMEMBERS', models_key)) do
       -- Only the models the latest plan holds here (see above).
-      if not planned or planned[m] then
+      if (not planned or planned[m]) and (not only or only[m]) then
         -- The first waiters that may use this instance; those that may not (it failed them,
         -- their class is at its cap) are skipped. Deep enough that a free slot is not left
         -- idle behind a crowd of such waiters until the others look again (within a second).
