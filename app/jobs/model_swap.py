@@ -147,14 +147,7 @@ class ModelSwap:
         todo = moves(held, arriving, loaded, max_loaded, busy, frozenset(self.sent))
         unload = tuple(m for m in todo.unload if m not in self.unloading)
         for model in unload:
-            self.unloading.add(model)  # once, even if it fails: Ollama evicts it anyway
-            try:
-                client.unload(model, timeout=UNLOAD_TIMEOUT_S)
-            except OllamaError as exc:
-                log.warning("instance %s: unloading %s failed: %s", self.instance, model, exc)
-                continue
-            log.info("instance %s: %s unloaded (the plan moved it off)", self.instance, model)
-            metrics.unload_sent(self.instance, model)
+            self._unload(client, model, "the plan moved it off")
         if self._preloading is not None and self._preloading.is_alive():
             return Moves(unload)  # one preload at a time: the next heartbeat looks again
         for model in todo.preload:
@@ -191,7 +184,7 @@ class ModelSwap:
         deadline = time.monotonic() + ROOM_WAIT_S
         while leaving:
             for name in sorted((set(leaving) & now_loaded) - self.unloading):
-                self._unload(client, name, model)
+                self._unload(client, name, f"to make room for {model}")
             occupied = now_loaded | (now_busy - {model})
             if model in now_loaded or len(occupied) < max_loaded:
                 break
@@ -201,14 +194,14 @@ class ModelSwap:
             now_loaded, now_busy = loaded(), busy()
         return leaving
 
-    def _unload(self, client: OllamaClient, name: str, model: str) -> None:
+    def _unload(self, client: OllamaClient, name: str, why: str) -> None:
         self.unloading.add(name)  # once, even if it fails: Ollama evicts it anyway
         try:
             client.unload(name, timeout=UNLOAD_TIMEOUT_S)
         except OllamaError as exc:
             log.warning("instance %s: unloading %s failed: %s", self.instance, name, exc)
             return
-        log.info("instance %s: %s unloaded to make room for %s", self.instance, name, model)
+        log.info("instance %s: %s unloaded (%s)", self.instance, name, why)
         metrics.unload_sent(self.instance, name)
 
     def switch_now(

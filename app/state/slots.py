@@ -220,32 +220,38 @@ class Slots:
         )
         return None if wrong is None else int(wrong)
 
-    def _reclaim(self, jobs: list[str]) -> int:
+    def _handing_off(self, lua: str, extra_keys: list[str], items: list[str | int]) -> int:
+        """Run a script that hands freed or idle slots on (``handoff.lua``): its keys, with
+        ``extra_keys`` after the grants key; its arguments, with ``items`` at the end."""
         ns = self.ns
         instance_prefix = keys.instance(ns, "")
         models_suffix = keys.instance_models(ns, "")[len(instance_prefix) :]
-        looked_at = script(self.redis, "reclaim.lua")(
-            keys=[
-                keys.grants(ns),
-                keys.running(ns),
-                keys.leases(ns),
-                keys.instances(ns),
-                keys.excluded(ns),
-                keys.waiter_class(ns),
-                keys.class_in_flight(ns),
-                keys.job_class(ns),
-            ],
-            args=[
-                time.time(),
-                get_settings().grant_lease,
-                self.rate.burst_seconds,
-                instance_prefix,
-                models_suffix,
-                *self._handoff_prefixes(),
-                *jobs,
-            ],
+        return int(
+            script(self.redis, lua)(
+                keys=[
+                    keys.grants(ns),
+                    *extra_keys,
+                    keys.leases(ns),
+                    keys.instances(ns),
+                    keys.excluded(ns),
+                    keys.waiter_class(ns),
+                    keys.class_in_flight(ns),
+                    keys.job_class(ns),
+                ],
+                args=[
+                    time.time(),
+                    get_settings().grant_lease,
+                    self.rate.burst_seconds,
+                    instance_prefix,
+                    models_suffix,
+                    *self._handoff_prefixes(),
+                    *items,
+                ],
+            )
         )
-        return int(looked_at)
+
+    def _reclaim(self, jobs: list[str]) -> int:
+        return self._handing_off("reclaim.lua", [keys.running(self.ns)], [*jobs])
 
     def reclaim_expired(self) -> int:
         """Free slots whose grant nobody used in time; returns how many leases expired."""
@@ -257,33 +263,10 @@ class Slots:
         slot is handed (see ``lua/offer.lua``). Returns how many slots were handed."""
         if not gained:
             return 0
-        ns = self.ns
-        instance_prefix = keys.instance(ns, "")
-        models_suffix = keys.instance_models(ns, "")[len(instance_prefix) :]
         per_instance: list[str | int] = []
         for instance, models in gained.items():
             per_instance += [instance, len(models), *models]
-        handed = script(self.redis, "offer.lua")(
-            keys=[
-                keys.grants(ns),
-                keys.leases(ns),
-                keys.instances(ns),
-                keys.excluded(ns),
-                keys.waiter_class(ns),
-                keys.class_in_flight(ns),
-                keys.job_class(ns),
-            ],
-            args=[
-                time.time(),
-                get_settings().grant_lease,
-                self.rate.burst_seconds,
-                instance_prefix,
-                models_suffix,
-                *self._handoff_prefixes(),
-                *per_instance,
-            ],
-        )
-        return int(handed)
+        return self._handing_off("offer.lua", [], per_instance)
 
     def release(self, jobs: list[str]) -> None:
         """Free the slots these jobs hold, without recording an outcome."""
