@@ -189,21 +189,25 @@ def plan(
     def loading_until(b: InstanceStats) -> float:
         """When the loads of the switches pending on ``b`` should be over (now if none): each
         switch's time, plus a job's service (its first job waits for a slot there) and the
-        model's load; for a load a job there has begun (``InstanceStats.loading``), its start
-        plus the load. Ollama loads one model at a time, so a model placed on ``b`` waits for
-        them. Not "any switch pending": what a box reports loaded lags a heartbeat (2 s), and
-        right after a batch's first loads every box had one; the cold model then went to a
-        box whose second load had just begun, and its job waited for that load too."""
+        model's load; the loads a job or a preload has begun there (``InstanceStats.loading``)
+        one after the other from their starts, as Ollama runs them (one model at a time; a
+        request sent during a load waits for it, then loads its own). A model placed on ``b``
+        waits for them. Not "any switch pending": what a box reports loaded lags a heartbeat
+        (2 s), and right after a batch's first loads every box had one; the cold model then
+        went to a box whose second load had just begun, and its job waited for that load
+        too. Nor the latest of the loads begun: a box loading one model with a job of another
+        queued behind was taken as free a load early (the urgent job waited three loads)."""
         pending = arriving.get(b.name, {})
+        queued = -math.inf
+        for since, model in sorted((t, a) for a, t in b.loading.items()):
+            queued = max(queued, since) + load.get(model, DEFAULT_LOAD_MS) / 1000
         return max(
-            [now]
+            [now, queued]
             + [
                 t + (service.get(a, UNKNOWN_SERVICE_MS) + load.get(a, DEFAULT_LOAD_MS)) / 1000
                 for a, t in pending.items()
                 if a not in b.loading
             ]
-            # A load a job started there (its worker said so): from then, the load's time.
-            + [t + load.get(a, DEFAULT_LOAD_MS) / 1000 for a, t in b.loading.items()]
         )
 
     def evictable(b: InstanceStats) -> int:
@@ -335,6 +339,9 @@ def plan(
         state[n].discard(d)
         take(by_name[n], last)
 
+    # Only switches to models the box still holds: one the plan just undid (a donor's, a
+    # model room was made from) would have its worker preload a model nobody wants there.
+    arriving = {n: {m: t for m, t in a.items() if m in state[n]} for n, a in arriving.items()}
     return Placement(
         hold={n: frozenset(state[n]) for n in state},
         arriving={n: a for n, a in arriving.items() if a},

@@ -101,7 +101,7 @@ def test_a_switch_is_acted_on_once_settled_and_read_twice_and_sent_once() -> Non
     assert step({B: 100.0}, now=100.0 + SETTLE_S) == Moves((A,), (B,))
     assert client.unloads == [A] and client.preloads == [B]
     client.release.set()
-    swap._preloading.join(5)  # type: ignore[union-attr]
+    wait_until(lambda: not swap.preloading, 5, "the preload answered")
     # Later heartbeats, A still loaded (its jobs running): nothing is sent again.
     assert step({B: 100.0}, now=103.0) == Moves()
     assert client.unloads == [A] and client.preloads == [B]
@@ -154,12 +154,49 @@ def test_an_urgent_switch_makes_room_and_preloads_at_once() -> None:
         return state["loaded"]
 
     # B leaves, C arrives, not settled: sent now, B unloaded before C is preloaded.
-    assert swap.switch_now(fs(A, C), fs(C), 2, lambda: fs(A), client, loaded, 10.0) == C  # type: ignore[arg-type]
+    assert swap.switch_now(C, fs(A, C), fs(C), 2, lambda: fs(A), client, loaded, 10.0) == C  # type: ignore[arg-type]
     assert client.unloads == [B] and client.preloads == [C]
     # The heartbeat that follows sends neither again.
     assert swap.step((fs(A, C), {C: 100.0}), fs(A, C), 2, NONE, client, 10.0, now=110.0) == Moves()  # type: ignore[arg-type]
-    assert swap.switch_now(fs(A, C), fs(C), 2, lambda: NONE, client, loaded, 10.0) is None  # type: ignore[arg-type]
+    assert swap.switch_now(C, fs(A, C), fs(C), 2, lambda: NONE, client, loaded, 10.0) is None  # type: ignore[arg-type]
     assert client.unloads == [B] and client.preloads == [C]
+
+
+def test_a_job_goes_at_once_behind_its_own_preload_and_after_another_model_s() -> None:
+    """Ollama loads one model at a time, its queue in order: a job of C, which a preload is
+    loading, goes at once; a job of B waits until that preload is answered."""
+    swap, client = ModelSwap("x"), FakeClient()
+    swap.preloading.add(C)
+
+    def unread() -> frozenset[str]:
+        raise AssertionError("no need to look at /api/ps")
+
+    assert swap.make_room(C, fs(B, C), 2, client, unread, unread) == ()  # type: ignore[arg-type]
+    threading.Timer(0.3, swap.preloading.discard, (C,)).start()
+
+    def after_the_preload() -> frozenset[str]:
+        assert not swap.preloading
+        return fs(C)
+
+    assert swap.make_room(B, fs(B, C), 2, client, after_the_preload, lambda: NONE) == ()  # type: ignore[arg-type]
+
+
+def test_an_urgent_switch_loads_the_model_nudged_for_and_shows_the_load() -> None:
+    """B and C both arrive on an empty box that holds two; the nudge is for C (its jobs are
+    urgent): C is preloaded, not B first (Ollama loads one model at a time), and the load
+    is shown while it runs."""
+    shown: list[tuple[str, bool]] = []
+    swap = ModelSwap("x", show_loading=lambda m, since: shown.append((m, since is not None)))
+    client = FakeClient()
+    client.release.set()
+    got = swap.switch_now(C, fs(B, C), fs(B, C), 2, lambda: NONE, client, lambda: NONE, 10.0)  # type: ignore[arg-type]
+    assert got == C and client.preloads == [C]
+    assert shown == [(C, True), (C, False)]
+    # A nudge for a model the plan no longer moves here: nothing.
+    assert (
+        swap.switch_now(A, fs(B, C), fs(B, C), 2, lambda: NONE, client, lambda: NONE, 10.0) is None
+    )  # type: ignore[arg-type]
+    assert client.preloads == [C]
 
 
 # With real processes -----------------------------------------------------------------------

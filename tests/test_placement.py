@@ -211,8 +211,8 @@ def test_the_job_being_routed_counts_when_the_reading_missed_it(
 
     monkeypatch.setattr(on_job_path, "_demand", lambda models: (1.0, {A: 100}, {}))
     monkeypatch.setattr(on_job_path, "_planner", on_job_path._Planner())
-    monkeypatch.setattr(on_job_path, "_show", lambda *shown: None)
-    monkeypatch.setattr(on_job_path._Planner, "_previous", lambda self: self._plan)
+    monkeypatch.setattr(on_job_path, "_show", lambda *shown: True)
+    monkeypatch.setattr(on_job_path._Planner, "_previous", lambda self: (None, self._plan))
     served = frozenset({A, B, C})
     s = snap(
         box("x", frozenset({A}), models=served), box("y", frozenset({A}), models=served), backlog={}
@@ -284,6 +284,8 @@ def test_an_urgent_model_takes_the_box_whose_loads_should_be_over() -> None:
     )
     p = plan(snap(*boxes, backlog={A: 40, B: 20, C: 1}, urgent={C: 1}), pending)
     assert holders(p, C) == {"z"}
+    # B's switch there is undone with it: z's worker must not preload B (app.jobs.model_swap).
+    assert p.arriving["z"] == {C: 100.0}
 
 
 def test_a_load_a_job_has_begun_counts_from_its_start() -> None:
@@ -300,6 +302,18 @@ def test_a_load_a_job_has_begun_counts_from_its_start() -> None:
     assert holders(p, C) == {"x"}
 
 
+def test_loads_begun_on_a_box_run_one_after_the_other() -> None:
+    """y is loading B since 0.8 s, and a job of A sent 0.7 s ago waits behind that load for
+    its own: y is busy loading until 101.2, not 100.3. x, whose load of A began 0.55 s ago,
+    is done at 100.45: C goes there."""
+    three = frozenset({A, B, C})
+    x = box("x", models=three, loading={A: 99.45})
+    y = box("y", models=three, loading={B: 99.2, A: 99.3})
+    held = Placement(hold={"x": frozenset({A}), "y": frozenset({A, B})})
+    p = plan(snap(x, y, backlog={A: 40, B: 40, C: 1}, urgent={C: 1}), held)
+    assert holders(p, C) == {"x"}
+
+
 def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fleet idle (no plan published for a while, or cleared): the router's own last plan
     is not built on, since the boxes no longer hold what it says."""
@@ -310,11 +324,53 @@ def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.Monke
             return None
 
     monkeypatch.setattr(on_job_path, "fleet_state", lambda: type("F", (), {"placement": Shown()}))
-    monkeypatch.setattr(on_job_path, "_show", lambda *shown: None)
+    monkeypatch.setattr(on_job_path, "_show", lambda *shown: True)
     planner = on_job_path._Planner()
     s = snap(box("x"), box("y"), box("z"), backlog={A: 60})
     assert holders(planner(s, 1.0), A) == {"x", "y", "z"}
-    assert planner._previous() is None  # not its own plan, A on every box
+    assert planner._previous() == (None, None)  # not its own plan, A on every box
+
+
+def test_a_router_plans_again_on_the_plan_another_published_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Router 2 plans on router 1's plan; router 1 then publishes a new one first (C moved
+    to y for its urgent job): router 2's plan is not published, and it plans again on router
+    1's, which it keeps, though its own reading of the backlog has no job of C."""
+    from app.jobs import placement as on_job_path
+    from app.state.placement import Published
+
+    three = frozenset({A, B, C})
+    before = {"x": [A], "y": [B]}
+    urgent_c = {"x": [A], "y": [C]}
+
+    class Shown:
+        def __init__(self) -> None:
+            self.current = Published("r1", 90.0, before, {}, {}, {})
+            self.tries: list[tuple[str, float] | None] = []
+
+        def latest(self) -> Published:
+            return self.current
+
+        def publish(self, hold: dict[str, list[str]], **kw: object) -> bool:
+            self.tries.append(kw["based_on"])  # type: ignore[arg-type]
+            if len(self.tries) == 1:  # router 1 got there first
+                arriving = {"y": {C: 99.9}}
+                self.current = Published("r1", 99.9, urgent_c, arriving, {C: 103.0}, {})
+                return False
+            self.current = Published("r2", 100.0, hold, {}, {}, {})
+            return True
+
+        def nudge(self, instance: str, models: list[str]) -> None:
+            pass
+
+    shown = Shown()
+    fleet = type("F", (), {"placement": shown, "slots": type("S", (), {"offer": print})()})
+    monkeypatch.setattr(on_job_path, "fleet_state", lambda: fleet)
+    boxes = [box(n, models=three) for n in ("x", "y")]
+    p = on_job_path._Planner()(snap(*boxes, backlog={A: 10, B: 10}), 1.0)
+    assert shown.tries == [("r1", 90.0), ("r1", 99.9)]
+    assert p.hold["y"] == {C} and shown.current.by == "r2"
 
 
 def test_a_router_plans_by_itself_only_while_its_jobs_look_for_a_slot(

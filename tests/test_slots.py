@@ -106,6 +106,18 @@ def test_an_idle_box_the_plan_moves_a_model_onto_is_offered_to_that_models_waite
     assert fleet.slots.offer({"gone": [M]}) == 0
 
 
+def test_a_plan_built_on_one_that_is_no_longer_the_latest_is_not_published(
+    fleet: FleetState,
+) -> None:
+    assert fleet.placement.publish({"a": [M]}, ttl_s=10, by="r1", at=5.0, based_on=None)
+    assert fleet.placement.publish({"a": [M]}, ttl_s=10, by="r2", at=6.0, based_on=("r1", 5.0))
+    # r3 built on r1's plan too: r2's stays.
+    assert not fleet.placement.publish({"b": [M]}, ttl_s=10, by="r3", at=7.0, based_on=("r1", 5.0))
+    assert not fleet.placement.publish({"b": [M]}, ttl_s=10, by="r3", at=7.0, based_on=None)
+    latest = fleet.placement.latest()
+    assert latest is not None and (latest.by, latest.at, latest.hold) == ("r2", 6.0, {"a": [M]})
+
+
 def test_the_published_plan_reads_back_and_an_old_string_plan_filters_nothing(
     fleet: FleetState,
 ) -> None:

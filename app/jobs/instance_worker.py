@@ -89,7 +89,7 @@ class InstanceAgent:
         #: difference with the next one is counted as loads and evictions.
         self.last_loaded: set[str] | None = None
         #: Unloads and preloads that follow the placement plan (``app.jobs.model_swap``).
-        self.swap = ModelSwap(self.config.name)
+        self.swap = ModelSwap(self.config.name, show_loading=self._show_loading)
         self._lock = threading.Lock()
         psutil.cpu_percent(interval=None)  # the first heartbeat measures from here
 
@@ -279,14 +279,15 @@ class InstanceAgent:
         interval = get_settings().heartbeat_interval
         while not self._stop.is_set():
             try:
-                if fleet_state().placement.wait_nudge(self.name, interval):
+                model = fleet_state().placement.wait_nudge(self.name, interval)
+                if model is not None:
                     with suppress_instrumentation():
-                        self.switch_now()
+                        self.switch_now(model)
             except Exception:  # the thread must outlive a Redis or server blip
                 log.exception("instance %s: following a nudge failed", self.name)
                 self._stop.wait(interval)
 
-    def switch_now(self) -> None:
+    def switch_now(self, model: str) -> None:
         s = get_settings()
         if self.removed or not (s.placement and s.placement_swaps):
             return
@@ -295,6 +296,7 @@ class InstanceAgent:
             return
         try:
             self.swap.switch_now(
+                model,
                 plan[0],
                 frozenset(plan[1]),
                 self.config.max_loaded_models,
@@ -324,7 +326,7 @@ class InstanceAgent:
             )
             loading = model not in self._loaded()
             if loading:
-                fleet_state().instances.loading(self.name, model, time.time())
+                self._show_loading(model, time.time())
             return loading
         # The job runs anyway: the call itself says what is wrong with the server, and the
         # plan only loses a hint.
@@ -334,8 +336,13 @@ class InstanceAgent:
 
     def loaded_by(self, model: str) -> None:
         """The job that loaded ``model`` (``make_room`` said it would) ended."""
+        self._show_loading(model, None)
+
+    def _show_loading(self, model: str, since: float | None) -> None:
+        """A load of ``model`` here in progress since ``since`` (None: it ended), for the
+        placement plan (``Instances.loading``); the load goes on whatever Redis says."""
         with contextlib.suppress(RedisError):
-            fleet_state().instances.loading(self.name, model, None)
+            fleet_state().instances.loading(self.name, model, since)
 
     def _loop(self) -> None:
         interval = get_settings().heartbeat_interval

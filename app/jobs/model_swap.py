@@ -37,8 +37,9 @@ Ollama would make for the model it should evict, its running requests.
 
 A switch made for urgent jobs (a model loaded nowhere, its interactive job waiting) cannot
 wait to settle either: the router that made it nudges the worker (``PlacementShown.nudge``),
-which at once makes the room and preloads the model (``switch_now``), so the load runs while
-the urgent job waits for a slot on the box rather than after it got one.
+which at once makes the room and preloads that model (``switch_now``), so the load runs while
+the urgent job waits for a slot on the box rather than after it got one. A preload in progress
+is shown to the routers as a job's load is (``Instances.loading``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,12 @@ class ModelSwap:
     sent: set[str] = field(default_factory=set)
     #: Models keep_alive 0 was sent for, until they leave /api/ps or the plan holds them again.
     unloading: set[str] = field(default_factory=set)
-    _preloading: threading.Thread | None = None
+    #: Shows a preload in progress (``since``) and its end (None) to the routers, as a job's
+    #: load is shown (``Instances.loading``): Ollama loads one model at a time, and the plan
+    #: puts an urgent model on the box whose loads end soonest.
+    show_loading: Callable[[str, float | None], None] = lambda model, since: None
+    #: Models a preload is running for (its call not answered yet).
+    preloading: set[str] = field(default_factory=set)
     #: The switches read at the previous heartbeat, with when they were decided.
     _seen: dict[str, float] = field(default_factory=dict)
 
@@ -148,17 +154,17 @@ class ModelSwap:
         unload = tuple(m for m in todo.unload if m not in self.unloading)
         for model in unload:
             self._unload(client, model, "the plan moved it off")
-        if self._preloading is not None and self._preloading.is_alive():
+        if self.preloading:
             return Moves(unload)  # one preload at a time: the next heartbeat looks again
         for model in todo.preload:
             self.sent.add(model)
-            self._preloading = threading.Thread(
+            self.preloading.add(model)
+            threading.Thread(
                 target=self._preload,
                 args=(client, model, preload_timeout),
                 name=f"corral-preload-{self.instance}",
                 daemon=True,
-            )
-            self._preloading.start()
+            ).start()
         return Moves(unload, todo.preload)
 
     def make_room(
@@ -178,10 +184,20 @@ class ModelSwap:
         A model with a job running here and not loaded yet is being loaded (or waits for its
         load): ``/api/ps`` does not list it, yet it takes its place when its load ends, so it
         counts as held, and, if it is leaving, is unloaded once it shows loaded. Counted as
-        room, a preload sent during such a load made Ollama evict a model the plan kept."""
+        room, a preload sent during such a load made Ollama evict a model the plan kept.
+
+        Ollama loads one model at a time, and a request whose model is not loaded waits in
+        its scheduler's queue, in order, holding up every request behind it. So a job whose
+        model is being preloaded goes at once (the preload made its room), and one whose
+        model is not goes after the preload of another: in Ollama's queue before it, it made
+        that model's jobs wait for its own load too (an urgent job waited two loads)."""
+        if model in self.preloading:
+            return ()
+        deadline = time.monotonic() + ROOM_WAIT_S
+        while self.preloading and time.monotonic() < deadline:
+            time.sleep(ROOM_POLL_S)
         now_loaded, now_busy = loaded(), busy()
         leaving = leaving_for(model, held, now_loaded | (now_busy - {model}), max_loaded)
-        deadline = time.monotonic() + ROOM_WAIT_S
         while leaving:
             for name in sorted((set(leaving) & now_loaded) - self.unloading):
                 self._unload(client, name, f"to make room for {model}")
@@ -206,6 +222,7 @@ class ModelSwap:
 
     def switch_now(
         self,
+        model: str,
         held: frozenset[str],
         arriving: frozenset[str],
         max_loaded: int,
@@ -214,14 +231,16 @@ class ModelSwap:
         loaded: Callable[[], frozenset[str]],
         preload_timeout: float,
     ) -> str | None:
-        """A switch made for urgent jobs (the worker was nudged): unload what the plan gave
-        up, wait for the room, and preload the model arriving, now, in the caller's thread,
-        not once the switch has settled. The load then runs while the urgent job waits for
-        its slot, instead of after. Returns the model preloaded, if any."""
-        coming = sorted(arriving - loaded() - busy() - self.sent)
-        if not coming:
+        """A switch to ``model`` made for urgent jobs (the worker was nudged for it): unload
+        what the plan gave up, wait for the room, and preload ``model``, now, in the caller's
+        thread, not once the switch has settled. The load then runs while the urgent job
+        waits for its slot, instead of after. Returns ``model`` if it was preloaded.
+
+        ``model`` only, not whichever model arrives there first: Ollama loads one model at a
+        time, and the box's other switch, preloaded here first, made the urgent job wait a
+        whole load more (issue 16's cold model waited 2 s instead of 1)."""
+        if model not in arriving or model in loaded() | busy() | self.sent:
             return None
-        model = coming[0]
         self.make_room(model, held, max_loaded, client, loaded, busy)
         now_loaded, now_busy = loaded(), busy()
         if model in now_loaded | now_busy or len(now_loaded | now_busy) >= max_loaded:
@@ -231,11 +250,16 @@ class ModelSwap:
         return model
 
     def _preload(self, client: OllamaClient, model: str, timeout: float) -> None:
+        self.preloading.add(model)
+        self.show_loading(model, time.time())
         try:
             endpoint = client.preload(model, timeout)
         except OllamaError as exc:
             log.warning("instance %s: preloading %s failed: %s", self.instance, model, exc)
             metrics.preload_sent(self.instance, model, loaded=False)
             return
+        finally:
+            self.preloading.discard(model)
+            self.show_loading(model, None)
         log.info("instance %s: %s preloaded (/api/%s)", self.instance, model, endpoint)
         metrics.preload_sent(self.instance, model, loaded=True)

@@ -37,6 +37,7 @@ from redis import RedisError
 from app.queues import queue_counts, route_queue
 from app.settings import TIERS, get_settings
 from app.state.fleet import fleet_state
+from app.state.placement import Version
 from routing import FleetSnapshot, Placement, plan
 
 #: Seconds a reading of every model's backlog is reused.
@@ -47,6 +48,8 @@ REPLAN_SECONDS = 1.0
 SHOWN_FOR_S = 10.0
 #: Seconds between two looks of a router process's own planner at the fleet (``keep_planning``).
 PLAN_EVERY_S = 0.25
+#: Plans made in a row when other routers publish theirs first (``_Planner._make``).
+PLAN_TRIES = 3
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +121,8 @@ class _Planner:
             return self._plan  # type: ignore[return-value]  # None only while blocking
         try:
             if self._plan is None or key != self._key or now - self._at > REPLAN_SECONDS:
-                previous = self._previous()
-                self._plan = plan(snapshot, previous)
+                self._plan = self._make(snapshot)
                 self._key, self._at = key, now
-                _show(self._plan, self.id, now, previous, snapshot.urgent)
             return self._plan
         finally:
             self._lock.release()
@@ -130,35 +131,51 @@ class _Planner:
         """Plan now, whatever changed (a job the reading missed, see ``with_plan``); the plan
         then stands until the next reading."""
         with self._lock:
-            previous = self._previous()
-            self._plan = plan(snapshot, previous)
+            self._plan = self._make(snapshot)
             self._at = snapshot.now
-            _show(self._plan, self.id, snapshot.now, previous, snapshot.urgent)
             return self._plan
 
-    def _previous(self) -> Placement | None:
-        """This process's last plan, or the one another router published since: each router
-        process (one per tier) plans for itself, and building on the latest plan whoever made
-        it keeps them on the same switches (their readings of the backlog differ by a few
-        hundred milliseconds; each planning on its own history, they placed a cold model on
-        two different boxes, each evicting models the other plan kept).
+    def _make(self, snapshot: FleetSnapshot) -> Placement:
+        """Plan on the latest plan published and publish the new one (``_show``); if another
+        router published one meanwhile, plan again on that one (at most ``PLAN_TRIES`` times,
+        then the plan routes this process's jobs unpublished).
 
-        None when no plan is current (none published for ``SHOWN_FOR_S``: the fleet was idle,
-        or the plan was cleared): what the boxes held then is no longer what they hold (keep-
-        alives expire), and a plan built on it sent the first model of the next batch to every
-        box that had held it, to load it there."""
+        Each router process plans for itself, and two of them planning at once, each on the
+        plan before, each undid the other's latest switches: the first plan gave a model
+        loaded nowhere a box for its urgent job and nudged the box's worker, the second (its
+        reading older by a few hundred milliseconds) gave the box back, and the worker found
+        nothing to load; the urgent job waited 0.3 s more for a third plan."""
+        for _ in range(PLAN_TRIES):
+            based_on, previous = self._previous()
+            placement = plan(snapshot, previous)
+            if _show(placement, self.id, snapshot.now, previous, snapshot.urgent, based_on):
+                break
+        return placement
+
+    def _previous(self) -> tuple[Version | None, Placement | None]:
+        """The latest plan published (which router made it, and when: None if none is
+        current), as the plan to build on: each router process (one per tier) plans for
+        itself, and building on the latest plan whoever made it keeps them on the same
+        switches (each planning on its own history, they placed a cold model on two different
+        boxes, each evicting models the other plan kept).
+
+        No plan to build on when none is current (none published for ``SHOWN_FOR_S``: the
+        fleet was idle, or the plan was cleared): what the boxes held then is no longer what
+        they hold (keep-alives expire), and a plan built on it sent the first model of the
+        next batch to every box that had held it, to load it there."""
         try:
             latest = fleet_state().placement.latest()
         except (RedisError, ValueError, KeyError, TypeError):
-            return self._plan
+            return None, self._plan
         if latest is None:
-            return None
-        if latest.by == self.id or latest.at <= self._at:
-            return self._plan
+            return None, None
+        based_on = (latest.by, latest.at)
+        if latest.by == self.id:
+            return based_on, self._plan
         wanted = dict(latest.wanted)
         for m, until in (self._plan.wanted if self._plan is not None else {}).items():
             wanted[m] = max(until, wanted.get(m, 0.0))
-        return Placement(
+        return based_on, Placement(
             hold={name: frozenset(models) for name, models in latest.hold.items()},
             arriving={name: dict(models) for name, models in latest.arriving.items()},
             wanted=wanted,
@@ -178,18 +195,22 @@ def _show(
     at: float,
     previous: Placement | None,
     urgent: Mapping[str, int],
-) -> None:
+    based_on: Version | None,
+) -> bool:
     """Keep the new plan where the dashboard, ``corral fleet list``, the instance workers
     (``app.jobs.model_swap``), the other routers (``_Planner._previous``) and the slot
     hand-off (``lua/handoff.lua``) read it; then offer the idle slots of each box it moved a
     model onto to that model's waiting jobs (``gained``), and nudge the worker of a box it
-    moved a model with ``urgent`` jobs onto."""
+    moved a model with ``urgent`` jobs onto.
+
+    Only if the plan published is still the one it was built on (``based_on``): False if
+    another router published one since (nothing done)."""
     hold = {name: sorted(models) for name, models in placement.hold.items()}
     arriving = {name: dict(models) for name, models in placement.arriving.items()}
     # What people see, and what the instance workers unload and preload: routing goes on
     # with the plan whatever Redis says.
     with contextlib.suppress(RedisError):
-        fleet_state().placement.publish(
+        if not fleet_state().placement.publish(
             hold,
             ttl_s=SHOWN_FOR_S,
             arriving=arriving,
@@ -197,7 +218,9 @@ def _show(
             at=at,
             wanted=placement.wanted,
             seen=placement.seen,
-        )
+            based_on=based_on,
+        ):
+            return False
         # A waiting job is handed a slot when a job frees one, or finds one when it looks at
         # the fleet again (every ``WAIT_POLL_SECONDS``). A box the plan just moved its model
         # onto is often idle (the model it held ran out of work), and without the offer its
@@ -208,8 +231,9 @@ def _show(
         # app.jobs.model_swap): an urgent job would then wait for its slot, then for the load.
         # Nudged, it evicts and preloads now, while the job waits for the slot.
         for instance, models in moved.items():
-            if any(urgent.get(m, 0) > 0 for m in models):
-                fleet_state().placement.nudge(instance)
+            if hurry := [m for m in models if urgent.get(m, 0) > 0]:
+                fleet_state().placement.nudge(instance, hurry)
+    return True
 
 
 def gained(previous: Placement | None, placement: Placement) -> dict[str, list[str]]:

@@ -132,7 +132,8 @@ class Instances:
         self.averages.fold(keys.instance(self.ns, name), {f"load:{model}": ms})
 
     def loading(self, name: str, model: str, since: float | None) -> None:
-        """A job on the instance is loading ``model`` since ``since`` (None: no longer)."""
+        """A job or a preload on the instance is loading ``model`` since ``since`` (None: no
+        longer)."""
         key = keys.instance(self.ns, name)
         if since is None:
             self.redis.hdel(key, f"loading:{model}")

@@ -11,7 +11,7 @@ expires if no router made one for a while, so a stale plan is never shown or act
 from __future__ import annotations
 
 import json
-from typing import NamedTuple, cast
+from typing import Literal, NamedTuple, cast
 
 import redis
 
@@ -20,6 +20,10 @@ from app.state import keys
 #: Seconds a nudge nobody took is kept: a worker that was not waiting (restarting) must not
 #: act on an old one much later; its heartbeat follows the plan anyway.
 NUDGE_TTL_S = 5
+
+
+#: Which router made a plan, and when (``Published.by``, ``Published.at``).
+Version = tuple[str, float]
 
 
 class Published(NamedTuple):
@@ -49,12 +53,17 @@ class PlacementShown:
         at: float = 0.0,
         wanted: dict[str, float] | None = None,
         seen: dict[str, int] | None = None,
-    ) -> None:
+        based_on: Version | Literal[False] | None = False,
+    ) -> bool:
         """``by``: the router process that made the plan, ``at``: when (its fleet snapshot's
         wall-clock time); ``wanted``: until when each model keeps its box without a backlog
         (``routing.placement``), so that every router keeps it, not only the one that saw its
         jobs; ``seen``: each model's backlog as the plan read it (the next plan, whoever
-        makes it, rebalances only backlogs that did not grow since)."""
+        makes it, rebalances only backlogs that did not grow since).
+
+        ``based_on``: the plan this one was built on (None: none was current); if another is
+        published by then, this one is not, and False comes back (Redis's optimistic
+        locking, ``WATCH``). False (the default): published whatever is there."""
         px = max(1, int(ttl_s * 1000))
         moves = {
             "by": by,
@@ -64,14 +73,24 @@ class PlacementShown:
             "seen": seen or {},
         }
         with self.redis.pipeline(transaction=True) as pipe:
-            # A hash, so that a slot's hand-off reads its own instance's models, not the
-            # whole fleet's plan. A plan holding nothing (no instance up) is no plan.
-            pipe.delete(self.key)
-            if hold:
-                pipe.hset(self.key, mapping={i: json.dumps(m) for i, m in hold.items()})
-                pipe.pexpire(self.key, px)
-            pipe.set(self.arriving_key, json.dumps(moves, sort_keys=True), px=px)
-            pipe.execute()
+            try:
+                if based_on is not False:
+                    pipe.watch(self.arriving_key)
+                    current = cast("str | None", pipe.get(self.arriving_key))  # decoded
+                    if _version(current) != based_on:
+                        return False
+                    pipe.multi()
+                # A hash, so that a slot's hand-off reads its own instance's models, not the
+                # whole fleet's plan. A plan holding nothing (no instance up) is no plan.
+                pipe.delete(self.key)
+                if hold:
+                    pipe.hset(self.key, mapping={i: json.dumps(m) for i, m in hold.items()})
+                    pipe.pexpire(self.key, px)
+                pipe.set(self.arriving_key, json.dumps(moves, sort_keys=True), px=px)
+                pipe.execute()
+            except redis.WatchError:
+                return False
+        return True
 
     def latest(self) -> Published | None:
         """The last plan published, None if none is current."""
@@ -107,24 +126,31 @@ class PlacementShown:
             return None
         return frozenset(held), latest.arriving.get(instance, {})
 
-    def nudge(self, instance: str) -> None:
-        """Tell ``instance``'s worker to act on the plan now (``wait_nudge``): a model with
-        urgent jobs was just moved onto it."""
+    def nudge(self, instance: str, models: list[str]) -> None:
+        """Tell ``instance``'s worker to load ``models`` now (``wait_nudge``): the plan just
+        moved them onto it for urgent jobs."""
         key = keys.placement_nudge(self.ns, instance)
         with self.redis.pipeline(transaction=False) as pipe:
-            # One nudge is enough however many plans made it before the worker looked.
-            pipe.delete(key)
-            pipe.rpush(key, "1")
+            pipe.rpush(key, *models)
             pipe.expire(key, NUDGE_TTL_S)
             pipe.execute()
 
-    def wait_nudge(self, instance: str, timeout: float) -> bool:
-        """Block until a router nudges ``instance`` (True) or ``timeout`` passes (False)."""
-        return bool(self.redis.blpop([keys.placement_nudge(self.ns, instance)], timeout=timeout))
+    def wait_nudge(self, instance: str, timeout: float) -> str | None:
+        """Block until a router nudges ``instance``: the model to load (None: ``timeout``
+        passed). A model nudged twice comes twice; loading it is asked once."""
+        got = self.redis.blpop([keys.placement_nudge(self.ns, instance)], timeout=timeout)
+        return cast("tuple[str, str]", got)[1] if got else None
 
     def clear(self) -> None:
         """Forget the plan (the bench, between runs that must start with nothing loaded)."""
         self.redis.delete(self.key, self.arriving_key)
+
+
+def _version(raw: str | None) -> Version | None:
+    if raw is None:
+        return None
+    moves = json.loads(raw)
+    return moves["by"], float(moves["at"])
 
 
 def _hold(raw: dict[str, str]) -> dict[str, list[str]]:
