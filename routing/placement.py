@@ -254,10 +254,12 @@ def plan(
         # Take a box from the model holding the most (one holding a single box gives it up
         # only to urgent jobs), first of all the box whose pending switches should be loaded
         # the soonest (none: now; a load in progress there would go first), and where the
-        # model is loaded already if it is anywhere.
+        # model is loaded already if it is anywhere. A model a job is loading there gives up
+        # its place last: its load and the jobs queued inside Ollama for it run anyway, then
+        # it leaves (an urgent job waited for a load, two jobs of the model, and its own load).
         donors = [
             (
-                -loading_until(b),
+                -loading_until(b) - (service[d] / 1000 if d in b.loading else 0.0),
                 len(holders[d]),
                 m in b.loaded,
                 -b.in_flight,

@@ -94,9 +94,14 @@ def test_a_bad_input_fails_only_its_own_job(healthy_fleet: LocalFleet) -> None:
     bad_text = "word " * 5000
     texts = [f"good input {i}" for i in range(24)]
     texts.insert(10, bad_text)
-    jobs = [
-        infer.delay(model=EMBED, kind="embed", input=t, truncate=False, cache=False) for t in texts
-    ]
+    # Published at once (as in the test above): one by one, the bad input once found a slot
+    # just freed with nobody left waiting to ride with it, and its call failed alone.
+    jobs = infer.submit_many(
+        [
+            {"model": EMBED, "kind": "embed", "input": t, "truncate": False, "cache": False}
+            for t in texts
+        ]
+    )
     deadline = time.monotonic() + 90
     while not all(j.ready() for j in jobs) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -314,6 +314,15 @@ def test_loads_begun_on_a_box_run_one_after_the_other() -> None:
     assert holders(p, C) == {"x"}
 
 
+def test_an_urgent_model_does_not_take_the_place_of_a_model_being_loaded() -> None:
+    """y holds A (loaded) and B (a job is loading it): C, urgent, takes A's place; B's load
+    and its jobs queued inside Ollama run anyway, and C would wait for them too."""
+    three = frozenset({A, B, C})
+    y = box("y", frozenset({A}), models=three, max_loaded=2, loading={B: 99.5})
+    p = plan(snap(y, backlog={A: 10, B: 10, C: 1}, urgent={C: 1}), Placement(hold={"y": BOTH}))
+    assert p.hold["y"] == {B, C}
+
+
 def test_a_router_plans_afresh_once_no_plan_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fleet idle (no plan published for a while, or cleared): the router's own last plan
     is not built on, since the boxes no longer hold what it says."""
