@@ -164,7 +164,8 @@ def test_an_urgent_switch_makes_room_and_preloads_at_once() -> None:
 
 def test_a_job_goes_at_once_behind_its_own_preload_and_after_another_model_s() -> None:
     """Ollama loads one model at a time, its queue in order: a job of C, which a preload is
-    loading, goes at once; a job of B waits until that preload is answered."""
+    loading, goes at once; so does a job of A, loaded (it skips Ollama's queue); a job of B,
+    not loaded, waits until that preload is answered."""
     swap, client = ModelSwap("x"), FakeClient()
     swap.preloading.add(C)
 
@@ -172,13 +173,17 @@ def test_a_job_goes_at_once_behind_its_own_preload_and_after_another_model_s() -
         raise AssertionError("no need to look at /api/ps")
 
     assert swap.make_room(C, fs(B, C), 2, client, unread, unread) == ()  # type: ignore[arg-type]
+    assert swap.make_room(A, fs(A, C), 2, client, lambda: fs(A), lambda: NONE) == ()  # type: ignore[arg-type]
+    assert swap.preloading == {C}  # it did not wait for the preload
+    preloading_at_reads: list[bool] = []
+
+    def loaded() -> frozenset[str]:
+        preloading_at_reads.append(bool(swap.preloading))
+        return NONE
+
     threading.Timer(0.3, swap.preloading.discard, (C,)).start()
-
-    def after_the_preload() -> frozenset[str]:
-        assert not swap.preloading
-        return fs(C)
-
-    assert swap.make_room(B, fs(B, C), 2, client, after_the_preload, lambda: NONE) == ()  # type: ignore[arg-type]
+    assert swap.make_room(B, fs(B, C), 2, client, loaded, lambda: NONE) == ()  # type: ignore[arg-type]
+    assert preloading_at_reads == [True, False]
 
 
 def test_an_urgent_switch_loads_the_model_nudged_for_and_shows_the_load() -> None:

@@ -194,9 +194,12 @@ class ModelSwap:
         if model in self.preloading:
             return ()
         deadline = time.monotonic() + ROOM_WAIT_S
-        while self.preloading and time.monotonic() < deadline:
-            time.sleep(ROOM_POLL_S)
         now_loaded, now_busy = loaded(), busy()
+        if model not in now_loaded and self.preloading:
+            # A request for a loaded model skips Ollama's queue: only this one waits.
+            while self.preloading and time.monotonic() < deadline:
+                time.sleep(ROOM_POLL_S)
+            now_loaded, now_busy = loaded(), busy()
         leaving = leaving_for(model, held, now_loaded | (now_busy - {model}), max_loaded)
         while leaving:
             for name in sorted((set(leaving) & now_loaded) - self.unloading):
