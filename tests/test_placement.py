@@ -374,7 +374,9 @@ def test_a_router_plans_again_on_the_plan_another_published_meanwhile(
             pass
 
     shown = Shown()
-    fleet = type("F", (), {"placement": shown, "slots": type("S", (), {"offer": print})()})
+    fleet = type(
+        "F", (), {"placement": shown, "slots": type("S", (), {"offer": lambda self, moved: 0})()}
+    )
     monkeypatch.setattr(on_job_path, "fleet_state", lambda: fleet)
     boxes = [box(n, models=three) for n in ("x", "y")]
     p = on_job_path._Planner()(snap(*boxes, backlog={A: 10, B: 10}), 1.0)
