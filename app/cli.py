@@ -23,9 +23,16 @@ cli = typer.Typer(
 
 
 def _celery_worker(
-    *, config: dict[str, Any], queues: list[str], node: str, loglevel: str, role: str
+    *,
+    config: dict[str, Any],
+    queues: list[str],
+    node: str,
+    loglevel: str,
+    role: str,
+    steps: tuple[type, ...] = (),
 ) -> None:
-    """``celery worker`` with the role's configuration (``app.celery_app``), on ``queues``."""
+    """``celery worker`` with the role's configuration (``app.celery_app``), on ``queues``,
+    with the consumer's bootsteps ``steps`` added."""
     from app.celery_app import celery_app, use_role_config
     from app.jobs.consumer_watch import ConsumerWatch
     from app.observe import logs, tracing
@@ -33,7 +40,8 @@ def _celery_worker(
     logs.set_role(role)
     tracing.setup(role)
     use_role_config(config)
-    celery_app.steps["consumer"].add(ConsumerWatch)
+    for step in (ConsumerWatch, *steps):
+        celery_app.steps["consumer"].add(step)
     celery_app.worker_main(
         [
             "worker",
@@ -135,6 +143,7 @@ def router(
         node=f"{ns}.router-{tier}.{os.getpid()}@%h",
         loglevel=loglevel,
         role=f"router-{tier}",
+        steps=(router_worker.PrefetchPerModel,),
     )
 
 
