@@ -58,11 +58,10 @@ def main(count: int, down_s: float) -> int:
     teardown()
     workdir = Path(tempfile.mkdtemp(prefix="corral-bed-"))
     os.chmod(workdir, 0o755)  # the RabbitMQ nodes run as the rabbitmq user
-    bed = Bed(workdir)
+    bed = Bed(workdir, namespace=f"mh{os.getpid()}c", queue_type="classic")
     ok = False
     try:
-        bed.start_hosts()
-        bed.start_corral(f"mh{os.getpid()}c", "classic")
+        bed.start()
         env = {k: v for k, v in bed.corral_env().items() if k.startswith("CORRAL_")}
         with settings_from(env):
             wait_until(bed.ready, 120, "workers and routers of the bed", every=0.5)

@@ -6,7 +6,7 @@ process is started inside its host's namespace, binds to that host's address, an
 others over the bridge, never over loopback. Recipe and traps: ``../shared/reference/
 multihost.md`` (measured on this machine kind).
 
-What runs where (``Bed.start_hosts``, then ``Bed.start_corral``):
+What runs where (``Bed.start``):
 
 * ``broker-1..3``: a three-node RabbitMQ cluster (Debian's ``rabbitmq-server``, one node per
   host, long names with the address as host part, the machine's Erlang cookie);
@@ -17,8 +17,7 @@ What runs where (``Bed.start_hosts``, then ``Bed.start_corral``):
 * ``gateway-1``: ``corral gateway`` on its own host, the way clients reach the fleet over HTTP.
 
 Everything started is stopped by PID, and every namespace, link and the bridge removed, by
-``Bed.stop`` (also after a failed start); ``Bed.stop_corral`` stops Corral's processes only,
-for another configuration of Corral to run on the same hosts.
+``Bed.stop`` (also after a failed start).
 """
 
 from __future__ import annotations
@@ -146,13 +145,10 @@ def can_run() -> str | None:
 @dataclass
 class Bed:
     workdir: Path
-    #: Corral's, set by ``start_corral``.
-    namespace: str = ""
+    namespace: str
     queue_type: str = "quorum"
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     sims: list[dict[str, Any]] = field(default_factory=list)
-    #: The processes of the hosts themselves (RabbitMQ, Redis, Sentinels), not Corral's.
-    hosts: set[str] = field(default_factory=set)
 
     # -- the network --------------------------------------------------------------------
 
@@ -444,52 +440,31 @@ class Bed:
 
     # -- whole ----------------------------------------------------------------------------
 
-    def start_hosts(self) -> None:
-        """The network, the RabbitMQ cluster, Redis and the Sentinels."""
+    def start(self) -> None:
         try:
             self._network()
             self._cluster()
             self._redis()
+            self._corral()
         except BaseException:
             self.stop()
             raise
-        self.hosts = set(self.procs)
-
-    def start_corral(self, namespace: str, queue_type: str) -> None:
-        """Corral's simulators, workers, routers and gateway, on the hosts started."""
-        self.namespace, self.queue_type = namespace, queue_type
-        try:
-            self._corral()
-        except BaseException:
-            self.stop_corral()
-            raise
-
-    def stop_corral(self) -> None:
-        """Corral's processes stopped; the hosts' own keep running."""
-        corral = [name for name in self.procs if name not in self.hosts]
-        self._stop(corral)
-        for name in corral:
-            del self.procs[name]
 
     def stop(self) -> None:
-        self._stop(list(self.procs))
-        teardown()
-
-    def _stop(self, names: list[str]) -> None:
-        for name in reversed(names):
+        for name in reversed(list(self.procs)):
             proc = self.procs[name]
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5  # then SIGKILL: nothing of a test bed needs saving
-        for name in names:
-            proc = self.procs[name]
+        for proc in self.procs.values():
             try:
                 proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+        teardown()
 
 
 def teardown() -> None:
