@@ -245,9 +245,9 @@ class Settings(BaseSettings):
     router_prefetch_per_model: int | None = Field(
         None,
         ge=1,
-        description="jobs of one route queue a router holds at once, each holding a thread "
-        "while it waits for a slot; None: the router's threads / the queues it consumes at "
-        "start (app.jobs.router_worker.PrefetchPerModel)",
+        description="jobs of one model's queue a router holds at once, each holding a thread "
+        "while it waits for a slot (keep route queues x this <= router_concurrency); None: "
+        "Celery's prefetch, the thread count, shared by the router's queues",
     )
     heartbeat_interval: float = Field(2.0, gt=0)
     grant_lease: float = Field(60.0, gt=0, description="a granted slot is reclaimed if unused")

@@ -56,7 +56,7 @@ os.environ.update(
         # silence bounds are tested on a fleet of their own (test_silence.py), not here.
         "CORRAL_SILENCE_FLOOR_S": "30",
         "CORRAL_GRANT_LEASE": "20",
-        "CORRAL_ROUTER_CONCURRENCY": "32",  # the default: each queue gets a share (router_worker)
+        "CORRAL_ROUTER_CONCURRENCY": "16",
         # A burst in one test must not leave the fleet degraded for the next one for long.
         "CORRAL_DEGRADATION_HOLD": "2",
         # The fleet registry of this session, not the checkout's .corral/corral.db.

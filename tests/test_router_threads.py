@@ -3,8 +3,7 @@
 A router thread holds its job until a slot is free for it. Two models on boxes of their own:
 ``a``'s backlog waits for its one busy box, ``b``'s box is idle. With every router thread
 taken by ``a``'s waiting jobs, ``b``'s jobs waited behind them, one thread freed per job of
-``a`` that ended. Now each queue hands a router a share of its threads
-(``app.jobs.router_worker.PrefetchPerModel``).
+``a`` that ended (``app.jobs.router_worker.PrefetchPerModel``).
 """
 
 from __future__ import annotations
@@ -50,14 +49,14 @@ def test_a_backlog_of_one_model_does_not_hold_back_another_model_s_idle_box(
         sims,
         CORRAL_NAMESPACE=f"rt{os.getpid()}",
         CORRAL_CACHE_ENABLED="false",
-        # The batch router's 8 threads over its 3 queues (a's, b's, scheduled batches): each
-        # queue hands it 2 jobs at once.
+        # The batch router consumes 3 queues (a's, b's and scheduled batches): 3 x 2 <= 8.
         CORRAL_ROUTER_CONCURRENCY="8",
+        CORRAL_ROUTER_PREFETCH_PER_MODEL="2",
     ) as fleet:
         for model in (A, B):
             infer.delay(model=model, prompt="warm", tier="batch").get(timeout=60)
-        backlog = [infer.delay(model=A, prompt=f"a {i}", tier="batch") for i in range(14)]
-        # a's backlog: 2 jobs running, 12 waiting (they would take all 8 router threads).
+        backlog = [infer.delay(model=A, prompt=f"a {i}", tier="batch") for i in range(20)]
+        # a's jobs fill the router's threads beyond its prefetch (were it uncapped).
         wait_until(lambda: fleet.sim_stats("rt-box-a")["requests_total"] >= 3, 30, "a's jobs")
         submitted = time.time()
         b_jobs = [infer.delay(model=B, prompt=f"b {i}", tier="batch") for i in range(10)]

@@ -44,40 +44,36 @@ def configure(tier: Tier) -> list[str]:
         queues.append(batch_queue())
     _started_with.clear()
     _started_with.update(queues)
+    _crowded(len(queues))
     return queues
 
 
 class PrefetchPerModel(bootsteps.StartStopStep):
-    """Each route queue hands this router a share of its threads, no more.
+    """Each route queue hands this router at most ``router_prefetch_per_model`` jobs at once
+    (when set; off by default, see below).
 
     A router thread holds its job until a slot is free for it. With Celery's prefetch alone
-    (the thread count, shared by the router's queues) one model's backlog took every thread
-    with jobs waiting for its busy instances, and a job of another model, whose instance had
-    free slots, waited behind them: 10 jobs of 0.1 s took 4.1 s behind 80 jobs of another
-    model at 32 threads, their instance idle meanwhile. With a share each (threads / queues
-    consumed, or ``router_prefetch_per_model``), every job a queue hands over has a thread,
-    and the rest of a backlog waits in the broker, in priority order.
+    (the thread count) one model's backlog took every thread with jobs waiting for its busy
+    instances, and a job of another model, whose instance had free slots, waited behind them:
+    10 jobs of 0.1 s took 4.1 s behind 80 jobs of another model at 32 threads, their instance
+    idle meanwhile. Capped per queue, a backlog holds a few threads and the rest of it waits
+    in the broker, in priority order.
 
-    The share is made at start, from the queues consumed then: a queue added later (a model
-    served since) gets the same, and the router warns if the shares then add up to more than
-    its threads (they are made again when the consumer restarts). A share, not a small fixed
-    cap: waiting embedding jobs ride in one another's calls (``embed_batching``), and with 4
-    jobs a queue 48 embeddings took 30 calls instead of under 24.
-
-    Hook: ``start``, after Celery's ``Tasks`` step set its prefetch, before the consumers
+    Hook: ``start``, after Celery's ``Tasks`` step set its prefetch and before the consumers
     start. Where the broker applies Celery's count to the whole channel (RabbitMQ 3 with
     classic queues), a count per consumer is added beside it (RabbitMQ applies both); where
-    it applies it per consumer (RabbitMQ 4, quorum queues), Celery's count becomes the share.
+    it applies it per consumer (RabbitMQ 4, quorum queues), Celery's count becomes the cap.
+
+    Off by default: embedding jobs ride in a waiting job's batched call (``embed_batching``),
+    and with 4 jobs per queue a test's 48 embeddings took 30 calls instead of under 24.
     """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, c: Any) -> None:
-        global _share
-        threads, queues = c.pool.num_processes, len(c.task_consumer.queues)
-        cap = get_settings().router_prefetch_per_model or share(threads, queues)
-        _share = (cap, threads)
-        _crowded(queues)
+        cap = get_settings().router_prefetch_per_model
+        if cap is None:
+            return
         if c.qos_global:
             c.task_consumer.channel.basic_qos(0, cap, False)
         else:
@@ -85,23 +81,16 @@ class PrefetchPerModel(bootsteps.StartStopStep):
             c.qos.set(cap)
 
 
-def share(threads: int, queues: int) -> int:
-    """Jobs each of ``queues`` queues may hand a router of ``threads`` threads at once."""
-    return max(1, threads // max(1, queues))
-
-
-#: (jobs a queue may hand this router, its threads), once the consumer started.
-_share: tuple[int, int] | None = None
-
-
 def _crowded(queues: int) -> None:
     """Warn when the route queues could hold every router thread between them."""
-    if _share is not None and queues * _share[0] > _share[1]:
+    s = get_settings()
+    if s.router_prefetch_per_model and queues * s.router_prefetch_per_model > s.router_concurrency:
         log.warning(
-            "%d queues x %d jobs each > %d router threads: one model's backlog may hold the "
-            "threads another model's free slots need (restart the router to share them again)",
+            "%d queues x router_prefetch_per_model %d > router_concurrency %d: one model's "
+            "backlog may hold the threads another model's free slots need",
             queues,
-            *_share,
+            s.router_prefetch_per_model,
+            s.router_concurrency,
         )
 
 
