@@ -44,7 +44,6 @@ def configure(tier: Tier) -> list[str]:
         queues.append(batch_queue())
     _started_with.clear()
     _started_with.update(queues)
-    _crowded(len(queues))
     return queues
 
 
@@ -71,9 +70,13 @@ class PrefetchPerModel(bootsteps.StartStopStep):
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
     def start(self, c: Any) -> None:
+        global _capped
         cap = get_settings().router_prefetch_per_model
         if cap is None:
             return
+        # The pool's threads, not the setting: ``corral router --concurrency`` overrides it.
+        _capped = (cap, c.pool.num_processes)
+        _crowded(len(c.task_consumer.queues))
         if c.qos_global:
             c.task_consumer.channel.basic_qos(0, cap, False)
         else:
@@ -81,16 +84,18 @@ class PrefetchPerModel(bootsteps.StartStopStep):
             c.qos.set(cap)
 
 
+#: (jobs a queue may hand this router, its threads), once the consumer started with a cap.
+_capped: tuple[int, int] | None = None
+
+
 def _crowded(queues: int) -> None:
     """Warn when the route queues could hold every router thread between them."""
-    s = get_settings()
-    if s.router_prefetch_per_model and queues * s.router_prefetch_per_model > s.router_concurrency:
+    if _capped is not None and queues * _capped[0] > _capped[1]:
         log.warning(
-            "%d queues x router_prefetch_per_model %d > router_concurrency %d: one model's "
+            "%d queues x router_prefetch_per_model %d > %d router threads: one model's "
             "backlog may hold the threads another model's free slots need",
             queues,
-            s.router_prefetch_per_model,
-            s.router_concurrency,
+            *_capped,
         )
 
 
