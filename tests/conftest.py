@@ -7,6 +7,8 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -169,6 +171,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     )
     if report.failed and isinstance(fleet, LocalFleet):
         report.sections.append(("fleet state at failure", _fleet_state_dump()))
+        if stacks := _stacks_of_workers_holding_slots(fleet):
+            report.sections.append(("threads of the workers still holding slots", stacks))
+        gateway = getattr(item, "funcargs", {}).get("gateway")
+        if gateway is not None and (held := _gateway_lines_of_held_jobs(gateway.log_text())):
+            report.sections.append(("the gateway's log lines of jobs holding slots", held))
         for log in sorted(fleet.workdir.glob("*.log")):
             tail = log.read_text(errors="replace").splitlines()[-40:]
             report.sections.append((f"fleet log {log.name} (last 40 lines)", "\n".join(tail)))
@@ -206,6 +213,40 @@ def _fleet_state_dump() -> str:
     for name in state.instances.instance_names():
         lines.append(f"instance {name}: {state.redis.hgetall(keys.instance(state.ns, name))}")
     return "\n".join(lines)
+
+
+def _stacks_of_workers_holding_slots(fleet: LocalFleet) -> str:
+    """Where each thread of a worker that still holds a slot is (``py-spy dump``): a slot
+    held past its job's length is a thread stuck somewhere, and this says where."""
+    dumps = []
+    for name, held in fleet.slots_held().items():
+        child = fleet.procs.get(f"worker-{name}")
+        if child is None or child.proc is None:
+            continue
+        try:
+            dump = subprocess.run(
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "dump",
+                    "--pid",
+                    str(child.proc.pid),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            stacks = dump.stdout + dump.stderr
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            stacks = f"py-spy dump failed: {exc}"
+        dumps.append(f"worker-{name} (pid {child.proc.pid}, {held} slot(s) held):\n{stacks}")
+    return "\n".join(dumps)
+
+
+def _gateway_lines_of_held_jobs(log: str) -> str:
+    from app.state.fleet import fleet_state
+
+    held = fleet_state().slots.grants()
+    return "\n".join(line for line in log.splitlines() if any(job in line for job in held))
 
 
 def _close_breakers(fleet: LocalFleet) -> None:

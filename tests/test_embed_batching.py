@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from app.bench.harness import LocalFleet, results_of
+from app.bench.harness import LocalFleet, results_of, wait_until
 from app.errors import JobRejected
 from tasks import infer
 
@@ -89,37 +89,58 @@ def test_waiting_embed_jobs_ride_in_one_call_each_with_its_own_answer(
 def test_a_bad_input_fails_only_its_own_job(healthy_fleet: LocalFleet) -> None:
     fleet = healthy_fleet
     slow_embeds(fleet)
+    # Every slot is first held by a chat job of ~4 s, so that the embed jobs all wait, and
+    # ride, whatever the machine's speed. (Published at once onto a free fleet, the first
+    # jobs ran alone, and on a slow machine the bad input was once among them: its call
+    # failed alone, and nothing was split.)
+    slots = len(fleet.sim_urls) * 2
+    fillers = infer.submit_many(
+        [
+            {
+                "model": "llama3.2:3b",
+                "kind": "generate",
+                "prompt": f"hold the slot {i}",
+                "options": {"num_predict": 16},  # ~4 s, slowed as the embeds are
+                "cache": False,
+            }
+            for i in range(slots)
+        ]
+    )
+    wait_until(lambda: sum(fleet.slots_held().values()) == slots, 30, "every slot held")
     # truncate=False: an input longer than the context (4096 tokens) is a 400 for the whole
-    # call that holds it. The slots fill with the first jobs; the rest wait, and ride.
+    # call that holds it. Last in line, the bad input rides in the call of a job before it.
     bad_text = "word " * 5000
-    texts = [f"good input {i}" for i in range(24)]
-    texts.insert(10, bad_text)
-    # Published at once (as in the test above): one by one, the bad input once found a slot
-    # just freed with nobody left waiting to ride with it, and its call failed alone.
+    # 12 jobs: each waits in a thread of its tier's router (16 in the test fleet).
+    texts = [f"good input {i}" for i in range(11)] + [bad_text]
     jobs = infer.submit_many(
         [
             {"model": EMBED, "kind": "embed", "input": t, "truncate": False, "cache": False}
             for t in texts
         ]
     )
+    wait_until(
+        lambda: sum(len(w) for w in fleet.waiters().values()) == len(jobs),
+        30,
+        "every embed job waiting for a slot",
+    )
+    assert sum(fleet.slots_held().values()) == slots  # the fillers still hold every slot
+    results_of(fillers, timeout=60)
     deadline = time.monotonic() + 90
     while not all(j.ready() for j in jobs) and time.monotonic() < deadline:
         time.sleep(0.05)
     fleet.clear_faults()
     assert all(j.ready() for j in jobs), {j.id: j.state for j in jobs if not j.ready()}
 
-    bad = jobs[10]
     with pytest.raises(JobRejected):
-        bad.get(timeout=1)
-    good = [j.get(timeout=1) for k, j in enumerate(jobs) if k != 10]
-    good_texts = [t for k, t in enumerate(texts) if k != 10]
-    for result, text in zip(good, good_texts, strict=True):
+        jobs[-1].get(timeout=1)
+    good = [j.get(timeout=1) for j in jobs[:-1]]
+    for result, text in zip(good, texts[:-1], strict=True):
         assert result.embeddings == [direct_vector(fleet, text, truncate=False)]
     calls, failed = embed_calls(fleet)
-    # The bad input's batch failed once, then it failed again alone (a 4xx is not retried):
-    # two failed calls; every neighbour it had in that batch succeeded on its own.
+    # The batch holding the bad input failed once, then the bad input failed again alone (a
+    # 4xx is not retried): two failed calls; every neighbour it had in that batch succeeded on
+    # its own. (A bad input that ran alone from the start would fail once.)
     assert failed == 2, (calls, failed)
-    assert any(r.routing.batch_size > 1 for r in good)
     for name in fleet.sim_urls:
         assert fleet.sim_stats(name)["peak_in_flight"] <= 2
 
