@@ -112,9 +112,13 @@ def test_the_redis_primary_killed_sentinel_promotes_and_jobs_finish(bed: Bed) ->
     jobs = [infer.delay(model=CHAT, prompt=f"redis {i}", cache=False) for i in range(40)]
     wait_until(lambda: sum(j.ready() for j in jobs) >= 4, 30, "the first results")
     old = bed.redis_primary()
+    running = len(jobs) - sum(j.ready() for j in jobs)
     bed.kill("redis-primary")
+    # Submitted while the Sentinels have yet to notice: each waits for the new primary.
+    jobs += [infer.delay(model=CHAT, prompt=f"redis late {i}", cache=False) for i in range(10)]
     bed.expect_each_once(jobs, before, "Redis primary killed", timeout=180)
     assert bed.redis_primary() != old
+    assert running > 20, "the primary was killed after most jobs had ended"
 
 
 def test_the_broker_node_leading_the_queues_stopped_work_goes_on(bed: Bed) -> None:
