@@ -60,7 +60,10 @@ def sim_fleet_toml(instances: list[dict[str, Any]]) -> str:
     lines = []
     for inst in instances:
         lines.append("[[instance]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in inst.items() if k != "models"]
+        # TOML has no null: a None (``memory_bytes``) is written as the key left out.
+        lines += [
+            f"{k} = {_toml_value(v)}" for k, v in inst.items() if k != "models" and v is not None
+        ]
         for model in inst.get("models", []):
             lines.append("[[instance.model]]")
             lines += [f"{k} = {_toml_value(v)}" for k, v in model.items()]

@@ -44,6 +44,9 @@ def build_instances(argv: Sequence[str] | None = None) -> list[SimInstance]:
     parser.add_argument("--preload", action="append", default=[], metavar="NAME")
     parser.add_argument("--num-parallel", type=int, default=2)
     parser.add_argument("--max-loaded-models", type=int, default=3)
+    parser.add_argument(
+        "--memory-bytes", type=int, default=None, help="memory for loaded models (none: no limit)"
+    )
     parser.add_argument("--max-queue", type=int, default=512)
     parser.add_argument("--speed", type=float, default=1.0)
     args = parser.parse_args(argv)
@@ -60,6 +63,7 @@ def build_instances(argv: Sequence[str] | None = None) -> list[SimInstance]:
             port=args.port,
             num_parallel=args.num_parallel,
             max_loaded_models=args.max_loaded_models,
+            memory_bytes=args.memory_bytes,
             max_queue=args.max_queue,
             speed=args.speed,
             models=models,

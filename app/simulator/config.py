@@ -72,6 +72,8 @@ class SimInstance(FaultKnobs):
     ``models`` is also accepted as ``model`` so that a TOML fleet file can use
     ``[[instance.model]]`` tables.  ``preloaded`` models are loaded at start without load
     time and kept loaded until evicted, as if preloaded with ``keep_alive: -1``.
+    ``memory_bytes`` (optional) adds Ollama's memory fit to the model count: the loaded
+    models' ``size_bytes`` never sum to more than it.
     Port 0 picks a free port when served; the fleet writes the real port back.
     """
 
@@ -80,6 +82,16 @@ class SimInstance(FaultKnobs):
     host: str = "127.0.0.1"
     num_parallel: int = Field(2, ge=1)
     max_loaded_models: int = Field(3, ge=1)
+    memory_bytes: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Memory (VRAM) for loaded models, as Ollama's fit check: a model loads only if "
+            "its size_bytes fits beside the loaded ones, else idle models are evicted (busy "
+            "ones waited for) until it does; a model larger than this fails with a 500. "
+            "None: no memory limit, only max_loaded_models counts."
+        ),
+    )
     max_queue: int = Field(512, ge=0)
     keep_alive_seconds: float = 300.0
     parallel_slowdown: float = Field(0.2, ge=0)
@@ -103,6 +115,11 @@ class SimInstance(FaultKnobs):
             raise ValueError(f"instance {self.name!r} preloads unknown models {sorted(unknown)}")
         if len(self.preloaded) > self.max_loaded_models:
             raise ValueError(f"instance {self.name!r} preloads more than max_loaded_models")
+        sizes = {m.name: m.size_bytes for m in self.models}
+        if self.memory_bytes is not None and (
+            sum(sizes[n] for n in self.preloaded) > self.memory_bytes
+        ):
+            raise ValueError(f"instance {self.name!r} preloads more than memory_bytes holds")
         return self
 
     def faults(self) -> dict[str, object]:

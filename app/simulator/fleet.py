@@ -9,6 +9,7 @@ A fleet file (``python -m app.simulator --fleet fleet.toml``) is the pydantic du
     num_parallel = 2
     speed = 1.0
     preloaded = ["llama3.2:3b"]
+    memory_bytes = 8_000_000_000  # optional; loaded models' size_bytes must fit in it
 
     [[instance.model]]
     name = "llama3.2:3b"

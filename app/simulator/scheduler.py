@@ -6,6 +6,9 @@
   served by one consumer that loads one model at a time, evicts an idle model when
   ``max_loaded_models`` is reached (shortest keep-alive, then name), and waits for a busy
   one to drain when none is idle.
+* With ``memory_bytes`` set, a model must also fit: its ``size_bytes`` in the memory the
+  loaded models leave.  The consumer evicts, in the same order and with the same waits,
+  until it does; a model larger than the whole memory fails with Ollama's 500 at once.
 * A runner counts its requests; when the last one ends its keep-alive timer starts.
 * A client that leaves cancels its wait wherever it is, including the load it triggered.
 """
@@ -26,6 +29,17 @@ DEFAULT_NUM_CTX = 4096
 """Ollama's automatic num_ctx on a machine with less than 23 GiB of VRAM."""
 
 BUSY_MESSAGE = "server busy, please try again.  maximum pending requests exceeded"
+
+_GIB = 1024**3
+
+
+def too_big_message(needed: int, available: int) -> str:
+    """Ollama's load failure when a model cannot fit even on an empty server (a 500)."""
+    return (
+        f"model requires more system memory ({needed / _GIB:.1f} GiB) "
+        f"than is available ({available / _GIB:.1f} GiB)"
+    )
+
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +127,15 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._pending)
 
+    @property
+    def memory_used(self) -> int:
+        """Bytes the loaded models hold, draining ones included: their memory is not free yet."""
+        return sum(r.model.size_bytes for r in self.loaded.values())
+
+    def _fits(self, model: SimModel) -> bool:
+        memory = self.cfg.memory_bytes
+        return memory is None or self.memory_used + model.size_bytes <= memory
+
     async def acquire(self, model: SimModel, num_ctx: int, keep_alive: float | None) -> Runner:
         """Return a runner for ``model`` with one reference taken; call ``release`` after."""
         runner = self.loaded.get(model.name)
@@ -186,6 +209,14 @@ class Scheduler:
                     pending.future.set_exception(exc)
 
     async def _place(self, pending: _Pending) -> None:
+        memory = self.cfg.memory_bytes
+        if memory is not None and pending.model.size_bytes > memory:
+            # Evicting everything would not make room: fail now rather than wait forever,
+            # and leave the loaded models alone.
+            if not pending.future.done():
+                message = too_big_message(pending.model.size_bytes, memory)
+                pending.future.set_exception(HTTPError(500, message))
+            return
         while not pending.future.done():  # done here means the client left
             runner = self.loaded.get(pending.model.name)
             if runner is not None:
@@ -194,7 +225,9 @@ class Scheduler:
                     pending.future.set_result(runner)
                     return
                 await self._drain_and_remove(runner)  # reload with the new num_ctx
-            elif len(self.loaded) >= self.cfg.max_loaded_models:
+            elif len(self.loaded) >= self.cfg.max_loaded_models or not self._fits(pending.model):
+                # Something is loaded: an empty server has room for one model of any size
+                # up to the memory (checked above).
                 victim = self._victim()
                 self.stats.evictions_total += 1
                 self.stats.model(victim.model.name).evictions += 1

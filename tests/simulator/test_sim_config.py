@@ -126,3 +126,30 @@ def test_keep_alive_values():
     assert parse_keep_alive(10.9) == 10.0  # Go truncates to whole seconds
     assert parse_keep_alive(-1) == math.inf
     assert parse_keep_alive("-5m") == math.inf
+
+
+def test_memory_bytes_from_a_fleet_file_and_checked_against_preloads(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text(
+        """
+[[instance]]
+name = "sim-a"
+port = 12001
+memory_bytes = 3_000_000_000
+
+[[instance]]
+name = "sim-b"
+port = 12002
+"""
+    )
+    first, second = load_fleet_file(path)
+    assert (first.memory_bytes, second.memory_bytes) == (3_000_000_000, None)
+    with pytest.raises(pydantic.ValidationError, match="memory_bytes"):
+        SimInstance(
+            name="x",
+            port=1,
+            memory_bytes=3,
+            models=[SimModel(name="a", size_bytes=2), SimModel(name="b", size_bytes=2)],
+            preloaded=["a", "b"],
+        )
+    assert build_instances(["--memory-bytes", "5"])[0].memory_bytes == 5

@@ -276,3 +276,118 @@ def test_busy_slots_and_slow_factor_stretch_generation(start_sim, concurrently):
     assert sum(pair) / 2 > 1.5 * alone
     sim.post("/sim/faults", json={"slow_factor": 3})
     assert eval_seconds(10) > 2.5 * alone / 3
+
+
+# -- memory (memory_bytes): Ollama's fit check beside the model count -------------------
+
+GB = 1_000_000_000
+
+
+def test_memory_for_two_evicts_an_idle_one_for_a_third(start_sim):
+    """The count would allow a third model; the memory does not, so the first by name goes."""
+    names = ["s1", "s2", "s3"]
+    sim = start_sim(
+        max_loaded_models=10,
+        memory_bytes=2 * GB + GB // 2,
+        models=[SimModel(name=n, size_bytes=GB, load_seconds=0.01) for n in names],
+    )
+    client = sim.client()
+    for name in names:
+        client.generate(model=name, prompt="hi", options={"num_predict": 1})
+    assert sorted(sim.loaded()) == ["s2:latest", "s3:latest"]
+    stats = sim.stats()
+    assert (stats["loads_total"], stats["evictions_total"]) == (3, 1)
+    assert stats["models"]["s1:latest"]["evictions"] == 1
+
+
+def test_big_model_waits_for_both_small_ones_then_evicts_both(start_sim, concurrently):
+    """The big model needs both small ones out: it loads only after both requests end."""
+    sim = start_sim(
+        max_loaded_models=10,
+        memory_bytes=2 * GB,
+        models=[
+            SimModel(name="s1", size_bytes=GB, load_seconds=0, tokens_per_second=20),
+            SimModel(name="s2", size_bytes=GB, load_seconds=0, tokens_per_second=20),
+            SimModel(name="big", size_bytes=2 * GB, load_seconds=0.2, tokens_per_second=500),
+        ],
+        preloaded=["s1", "s2"],
+    )
+    client = sim.client()
+    ended: dict[str, float] = {}
+
+    def ask(model: str, tokens: int, delay: float = 0.0):
+        time.sleep(delay)
+        reply = client.generate(model=model, prompt="x", options={"num_predict": tokens})
+        ended[model] = time.monotonic()
+        return reply
+
+    def watch(at: float):
+        time.sleep(at)
+        return sorted(sim.loaded()), sim.stats()["loads_total"]
+
+    # s1 runs ~0.3 s, s2 ~0.8 s; big arrives at 0.05 s.
+    s1, s2, big, early, middle = concurrently(
+        [
+            lambda: ask("s1", 6),
+            lambda: ask("s2", 16),
+            lambda: ask("big", 1, delay=0.05),
+            lambda: watch(0.2),  # both small ones busy: nothing unloaded, big not loaded
+            lambda: watch(0.5),  # s1 drained and went, s2 still runs
+        ]
+    )
+    assert s1.done and s2.done and big.done
+    assert early == (["s1:latest", "s2:latest"], 0)
+    assert middle == (["s2:latest"], 0)
+    assert ended["big"] - max(ended["s1"], ended["s2"]) >= 0.19  # a full load after both
+    assert big.load_duration >= 190_000_000
+    assert sim.loaded() == ["big:latest"]
+    stats = sim.stats()
+    assert (stats["loads_total"], stats["evictions_total"]) == (1, 2)
+    models = stats["models"]
+    assert models["s1:latest"]["evictions"] == models["s2:latest"]["evictions"] == 1
+
+
+def test_without_memory_limit_only_the_count_evicts(start_sim):
+    """memory_bytes None (the default): sizes do not matter, the count evicts as before."""
+    names = ["m1", "m2", "m3", "m4"]
+    sim = start_sim(
+        max_loaded_models=3,
+        models=[SimModel(name=n, size_bytes=10**15, load_seconds=0.01) for n in names],
+    )
+    assert sim.instance.memory_bytes is None
+    client = sim.client()
+    for name in names[:3]:
+        client.generate(model=name, prompt="hi", options={"num_predict": 1})
+    assert sorted(sim.loaded()) == ["m1:latest", "m2:latest", "m3:latest"]
+    client.generate(model="m4", prompt="hi", options={"num_predict": 1})
+    assert sorted(sim.loaded()) == ["m2:latest", "m3:latest", "m4:latest"]
+    stats = sim.stats()
+    assert (stats["loads_total"], stats["evictions_total"]) == (4, 1)
+
+
+def test_model_bigger_than_memory_fails_at_once(start_sim):
+    """Ollama's 500 for a model that cannot fit; nothing is evicted and the queue moves on."""
+    sim = start_sim(
+        memory_bytes=2 * GB,
+        models=[
+            SimModel(name="small", size_bytes=GB, load_seconds=0),
+            SimModel(name="other", size_bytes=GB, load_seconds=0.01),
+            SimModel(name="huge", size_bytes=3 * GB, load_seconds=0.01),
+        ],
+        preloaded=["small"],
+    )
+    client = sim.client(timeout=3.0)  # a hang would show as a ReadTimeout, not a pass
+    started = time.monotonic()
+    with pytest.raises(ollama.ResponseError) as failure:
+        client.generate(model="huge", prompt="hi", options={"num_predict": 1})
+    assert time.monotonic() - started < 1.0
+    assert failure.value.status_code == 500
+    assert failure.value.error == (
+        "model requires more system memory (2.8 GiB) than is available (1.9 GiB)"
+    )
+    assert sim.loaded() == ["small:latest"]
+    # The scheduler is not stuck: a model that fits loads next to the small one.
+    client.generate(model="other", prompt="hi", options={"num_predict": 1})
+    assert sorted(sim.loaded()) == ["other:latest", "small:latest"]
+    stats = sim.stats()
+    assert (stats["loads_total"], stats["evictions_total"], stats["errors_total"]) == (1, 0, 1)
