@@ -61,7 +61,9 @@ def test_a_backlog_of_one_model_does_not_hold_back_another_model_s_idle_box(
         submitted = time.time()
         b_jobs = [infer.delay(model=B, prompt=f"b {i}", tier="batch") for i in range(10)]
         b_done = max(j.get(timeout=60).routing.finished_at for j in b_jobs)
-        a_ends = [j.get(timeout=120).routing.finished_at for j in backlog]
+        # a's jobs not ended by now end after b's: the rest of the backlog is not waited for
+        # (purged with the fleet).
+        a_ends = [j.get(timeout=5).routing.finished_at for j in backlog if j.ready()]
         # b's 10 jobs take 0.5 s on their box; a's box ends 2 jobs a second. Behind a's
         # waiting jobs, b got a thread only as a's ended: 12 of a's jobs (measured).
         a_meanwhile = sum(submitted < t < b_done for t in a_ends)
