@@ -40,10 +40,18 @@ older plan), and a plan rebuilt from it undid its own switches and made new ones
 each. Models it reports loaded beyond the plan's are counted while they fit (a cheap place
 for their model), as models nobody needs there.
 
+A box holds what fits there (``routing.capacity.fits``): ``max_loaded`` models and, when its
+``memory`` is set, no more bytes than that. A model's size is the largest any box reported for
+it (a model not loaded on a box has no size there yet), and a model bigger than a box's memory
+is never placed there. Where memory limits, the models without a box get one biggest first
+(two small ones placed first, one a box, would leave a big one no box at all until one of
+their backlogs ended: a model holding one box gives it up only to urgent jobs).
+
 No I/O: the backlog per model (``FleetSnapshot.backlog`` and ``urgent``), each instance's loaded
-models and ``max_loaded`` come in the snapshot, and the plan of the previous call comes in as
-``previous`` (what each box holds, and the switches it decided: a switch is kept as decided
-for ``settle_s`` seconds, or until the instance reports the model loaded).
+models, ``max_loaded``, ``memory`` and ``sizes`` come in the snapshot, and the plan of the
+previous call comes in as ``previous`` (what each box holds, and the switches it decided: a
+switch is kept as decided for ``settle_s`` seconds, or until the instance reports the model
+loaded).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import heapq
 import math
 from dataclasses import dataclass, field, replace
 
+from routing.capacity import fits
 from routing.snapshot import FleetSnapshot, InstanceStats
 
 #: Load and service times assumed where nothing was learned (as ``routing.ranking``).
@@ -120,22 +129,31 @@ def plan(
     demand.update((m, 1) for m in lingering)
     urgent = snapshot.urgent
     by_name = {b.name: b for b in boxes}
+    size: dict[str, float] = {}
+    for i in snapshot.instances:
+        for m, reported in i.sizes.items():
+            size[m] = max(size.get(m, 0.0), reported)
+
+    def fit(b: InstanceStats, held: set[str]) -> bool:
+        return fits(held, b.max_loaded, b.memory, size)
 
     # What each box holds now: the previous plan's models (and the switches it decided, until
-    # they settle), then the models it reports loaded beside them while they fit.
+    # they settle), loaded ones first, then the models it reports loaded beside them, each
+    # while it fits (a size learned since the last plan, a budget lowered, can leave less room).
     state: dict[str, set[str]] = {}
     arriving: dict[str, dict[str, float]] = {}
     for b in boxes:
         held = previous.hold.get(b.name) if previous is not None else None
-        state[b.name] = set(held) if held is not None else set()
-        for m in sorted(b.loaded - state[b.name]):
-            if len(state[b.name]) < b.max_loaded:
+        state[b.name] = set()
+        kept = sorted(held or (), key=lambda m: (m not in b.loaded, m))
+        for m in kept + sorted(b.loaded - set(held or ())):
+            if fit(b, state[b.name] | {m}):
                 state[b.name].add(m)
         if previous is not None and held is not None:
             pending = {
                 m: t
                 for m, t in previous.arriving.get(b.name, {}).items()
-                if m in held and m not in b.loaded and now - t < settle_s
+                if m in state[b.name] and m not in b.loaded and now - t < settle_s
             }
             if pending:
                 arriving[b.name] = pending
@@ -210,15 +228,16 @@ def plan(
             ]
         )
 
-    def evictable(b: InstanceStats) -> int:
-        """Models it can take: room, plus loaded models nobody needs there."""
-        return b.max_loaded - len(hard[b.name])
+    def can_take(b: InstanceStats, m: str, leaving: str = "") -> bool:
+        """Whether ``m`` fits on ``b`` beside the models needed there (but ``leaving``): its
+        room, plus the loaded models nobody needs there (``take`` drops them)."""
+        return fit(b, (hard[b.name] - {leaving}) | {m})
 
     def take(b: InstanceStats, m: str) -> None:
         held = state[b.name]
         if m not in held:
             soft = sorted(held - hard[b.name])
-            while len(held) >= b.max_loaded and soft:
+            while not fit(b, held | {m}) and soft:
                 held.discard(soft.pop())
             held.add(m)
         if m not in b.loaded and m not in arriving.get(b.name, {}):
@@ -228,12 +247,22 @@ def plan(
         hard[b.name].add(m)
         holders[m].append(b.name)
 
-    # 2. Every model with work gets a box: urgent ones first, then the biggest backlogs.
-    for m in sorted(models, key=lambda m: (-(urgent.get(m, 0) > 0), -demand[m], m)):
+    # 2. Every model with work gets a box: urgent ones first, then, where memory limits, the
+    # biggest models (see the module's docstring), then the biggest backlogs.
+    packing = any(b.memory is not None for b in boxes)
+    for m in sorted(
+        models,
+        key=lambda m: (
+            -(urgent.get(m, 0) > 0),
+            -size.get(m, 0.0) if packing else 0.0,
+            -demand[m],
+            m,
+        ),
+    ):
         if holders[m] or m in lingering:
             continue
         serving = [b for b in boxes if m in b.models]
-        free = [b for b in serving if evictable(b) > 0]
+        free = [b for b in serving if can_take(b, m)]
         if free:
             # No eviction of needed work: the box with the most room and the least work, and
             # not one still loading a model the plan switched it to (Ollama loads one model
@@ -243,7 +272,7 @@ def plan(
                 key=lambda b: (
                     m not in state[b.name],
                     loading_until(b),
-                    len(state[b.name]) >= b.max_loaded,
+                    not fit(b, state[b.name] | {m}),
                     len(hard[b.name]),
                     b.in_flight,
                     b.name,
@@ -257,6 +286,7 @@ def plan(
         # model is loaded already if it is anywhere. A model a job is loading there gives up
         # its place last: its load and the jobs queued inside Ollama for it run anyway, then
         # it leaves (an urgent job waited for a load, two jobs of the model, and its own load).
+        # Only a donor whose leaving makes room for the model.
         donors = [
             (
                 -loading_until(b) - (service[d] / 1000 if d in b.loading else 0.0),
@@ -268,7 +298,8 @@ def plan(
             )
             for b in serving
             for d in hard[b.name]
-            if len(holders[d]) >= 2 or (urgent.get(m, 0) > 0 and not urgent.get(d, 0))
+            if (len(holders[d]) >= 2 or (urgent.get(m, 0) > 0 and not urgent.get(d, 0)))
+            and can_take(b, m, leaving=d)
         ]
         if not donors:
             continue
@@ -287,9 +318,7 @@ def plan(
         if -neg != remaining_ms(m):  # another model joined one of its boxes: look again
             heapq.heappush(heap, (-remaining_ms(m), m))
             continue
-        spare = [
-            b for b in boxes if m in b.models and b.name not in holders[m] and evictable(b) > 0
-        ]
+        spare = [b for b in boxes if m in b.models and b.name not in holders[m] and can_take(b, m)]
         if not spare or len(holders[m]) >= math.ceil(demand[m] / spare[0].capacity):
             continue
         best = min(
@@ -323,6 +352,8 @@ def plan(
             for n in holders[d]:
                 b = by_name[n]
                 if last not in b.models or d in arriving.get(n, {}) or last in hard[n]:
+                    continue
+                if not can_take(b, last, leaving=d):
                     continue
                 share = b.capacity / len(hard[n])
                 cost = 0.0 if last in state[n] else load[last]

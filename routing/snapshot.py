@@ -42,6 +42,12 @@ class InstanceStats:
     priority: int = 5
     #: How many models the server holds at once (Ollama's OLLAMA_MAX_LOADED_MODELS).
     max_loaded: int = 3
+    #: Bytes the server gives models (``memory_gb``): loaded models' sizes fit in it; None:
+    #: the count alone limits (``routing.capacity.fits``).
+    memory: float | None = None
+    #: Bytes each model takes there, as the server reported: ``/api/ps`` ``size`` once loaded
+    #: (weights, KV cache, buffers), else ``/api/tags`` ``size`` (the weights on disk).
+    sizes: dict[str, float] = field(default_factory=dict)
     #: Models a job running there is loading, with since when (wall clock): ``loaded`` is as
     #: of the last heartbeat, this as of the job's start.
     loading: dict[str, float] = field(default_factory=dict)

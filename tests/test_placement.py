@@ -416,3 +416,63 @@ def test_a_router_plans_by_itself_only_while_its_jobs_look_for_a_slot(
     finally:
         stop.set()
         planning.join(1)
+
+
+# Memory: what fits on a box, not only how many ------------------------------------------------
+
+GIB = 1024**3
+BIG, S1, S2 = "big:latest", "s1:latest", "s2:latest"
+SIZES = {BIG: 7.0 * GIB, S1: 4.0 * GIB, S2: 4.0 * GIB}
+
+
+def mem_box(name: str, memory: float | None = 10 * GIB, **kw: object) -> InstanceStats:
+    """A box of 10 GiB: the big model alone, or the two small ones (max_loaded alone: all
+    three); it reports every model's size (/api/tags)."""
+    three = frozenset(SIZES)
+    base: dict[str, object] = {
+        "models": three,
+        "max_loaded": 3,
+        "memory": memory,
+        "sizes": dict(SIZES),
+        "model_ewma_ms": dict.fromkeys(three, 250.0),
+        "load_ms": dict.fromkeys(three, 1000.0),
+    }
+    return box(name, **{**base, **kw})
+
+
+@pytest.mark.parametrize("backlog", [{BIG: 12, S1: 12, S2: 12}, {BIG: 12, S1: 30, S2: 30}])
+def test_a_big_model_gets_a_box_of_its_own_and_the_small_ones_share_the_other(
+    backlog: dict[str, int],
+) -> None:
+    # Small backlogs placed first (30 jobs each) would take one box each, and leave the big
+    # model none: the biggest model is placed first.
+    p = plan(snap(mem_box("x"), mem_box("y"), backlog=backlog))
+    assert sorted(map(sorted, p.hold.values())) == [[BIG], [S1, S2]], p.hold
+    # And the next plan keeps it so.
+    again = plan(snap(mem_box("x"), mem_box("y"), backlog=backlog), p)
+    assert again.hold == p.hold
+
+
+def test_a_model_bigger_than_a_box_s_memory_is_never_placed_there() -> None:
+    small = mem_box("x", memory=6 * GIB)  # idle, empty: the count alone would choose it
+    large = mem_box("y", loaded=frozenset({S1}), memory=20 * GIB)
+    for urgent in ({}, {BIG: 1}):
+        p = plan(snap(small, large, backlog={BIG: 10, S1: 50}, urgent=urgent))
+        assert BIG not in p.hold["x"] and p.hold["y"] == {BIG, S1}, p.hold
+    # With no box it fits on, it gets none, even urgent; x still runs what fits there.
+    p = plan(snap(small, backlog={BIG: 10, S1: 5}, urgent={BIG: 1}))
+    assert p.hold == {"x": {S1}}
+    # Not even reported loaded there (a size learned since) keeps it in the plan.
+    p = plan(snap(mem_box("x", loaded=frozenset({BIG}), memory=6 * GIB), backlog={BIG: 10}))
+    assert p.hold == {"x": frozenset()}
+
+
+def test_without_a_memory_budget_the_sizes_change_nothing() -> None:
+    boxes = [mem_box(n, memory=None) for n in ("x", "y")]
+    unsized = [replace(b, sizes={}) for b in boxes]
+    backlog = {BIG: 12, S1: 30, S2: 30}
+    assert plan(snap(*boxes, backlog=backlog)) == plan(snap(*unsized, backlog=backlog))
+    # And the count alone puts all three beside each other (what Ollama would thrash on).
+    assert any(
+        len(held) >= 2 and BIG in held for held in plan(snap(*boxes, backlog=backlog)).hold.values()
+    )
