@@ -23,6 +23,7 @@ from pydantic_settings import (
 )
 
 from app.schedules import Schedules
+from routing.capacity import GIB
 
 Tier = Literal["interactive", "normal", "batch"]
 TIERS: tuple[Tier, ...] = ("interactive", "normal", "batch")
@@ -50,6 +51,12 @@ class InstanceConfig(BaseModel):
     max_loaded_models: int = Field(
         3, ge=1, le=64, description="OLLAMA_MAX_LOADED_MODELS of that server (default 3 per GPU)"
     )
+    memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="GiB the server gives models (VRAM; RAM on a CPU box): the loaded models'"
+        " sizes fit in it; None = max_loaded_models alone",
+    )
     weight: float = Field(1.0, gt=0)
     models: list[str] | None = Field(None, description="Served models; None = discover /api/tags")
     role: Role = Field("both", description="jobs it is meant for: chat, embedding or both")
@@ -61,6 +68,10 @@ class InstanceConfig(BaseModel):
     rate_limit_per_minute: int | None = Field(None, ge=1, description="None = no limit")
     enabled: bool = Field(True, description="False = draining: no new jobs, running ones finish")
     tags: list[str] = Field(default_factory=list)
+
+    @property
+    def memory_bytes(self) -> float | None:
+        return None if self.memory_gb is None else self.memory_gb * GIB
 
     @field_validator("url")
     @classmethod

@@ -123,6 +123,31 @@ def test_a_job_loading_its_model_on_a_full_server_evicts_what_the_plan_gave_up()
     assert leaving_for(A, fs(C), fs(A, B), 2) == ()  # loaded already
 
 
+GIB = 1024**3
+#: A 10 GiB server: A and C fit together (9 GiB), A, B and C do not (13 GiB), though it may
+#: hold three models.
+SIZES = {A: 2.0 * GIB, B: 4.0 * GIB, C: 7.0 * GIB}
+MEMORY = 10.0 * GIB
+
+
+def test_a_model_arriving_that_does_not_fit_in_memory_unloads_the_one_leaving() -> None:
+    # B leaving, A kept, C arriving: the count alone leaves room for C, and Ollama would evict.
+    assert moves(fs(A, C), fs(C), fs(A, B), 3) == Moves((), (C,))
+    fit = {"memory": MEMORY, "sizes": SIZES}
+    # A idle: Ollama would evict it rather than the busy B, so no preload yet.
+    assert moves(fs(A, C), fs(C), fs(A, B), 3, busy=fs(B), **fit) == Moves((B,), ())  # type: ignore[arg-type]
+    assert moves(fs(A, C), fs(C), fs(A, B), 3, busy=fs(A, B), **fit) == Moves((B,), (C,))  # type: ignore[arg-type]
+    assert moves(fs(A, C), fs(C), fs(A), 3, **fit) == Moves((), (C,))  # type: ignore[arg-type]
+    # A size nobody reported counts 0: the count alone decides.
+    assert moves(fs(A, C), fs(C), fs(A, B), 3, memory=MEMORY) == Moves((), (C,))
+
+
+def test_a_job_loading_a_model_that_does_not_fit_in_memory_evicts_what_the_plan_gave_up() -> None:
+    assert leaving_for(C, fs(A, C), fs(A, B), 3) == ()  # the count alone: room
+    assert leaving_for(C, fs(A, C), fs(A, B), 3, MEMORY, SIZES) == (B,)
+    assert leaving_for(C, fs(A, C), fs(A), 3, MEMORY, SIZES) == ()  # fits beside A
+
+
 def test_make_room_unloads_the_model_leaving_and_waits_until_it_left() -> None:
     swap, client = ModelSwap("x"), FakeClient()
     reads = iter([fs(A, B), fs(A, B), fs(A)])  # B's last request ends at the third look

@@ -24,6 +24,7 @@ from redis import RedisError
 
 from app.bench.stack import Child
 from app.settings import TIERS, get_settings, normalize_model
+from routing.capacity import GIB
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,7 +72,8 @@ def sim_fleet_toml(instances: list[dict[str, Any]]) -> str:
 
 
 def instances_env(sims: list[dict[str, Any]]) -> str:
-    """``CORRAL_INSTANCES`` for a simulated fleet."""
+    """``CORRAL_INSTANCES`` for a simulated fleet: a simulator's ``memory_bytes`` is the
+    instance's ``memory_gb``, as one would configure a real server's."""
     return json.dumps(
         [
             {
@@ -80,6 +82,7 @@ def instances_env(sims: list[dict[str, Any]]) -> str:
                 "parallelism": s.get("num_parallel", 2),
                 "max_loaded_models": s.get("max_loaded_models", 3),
             }
+            | ({"memory_gb": s["memory_bytes"] / GIB} if s.get("memory_bytes") else {})
             for s in sims
         ]
     )

@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from app.settings import get_settings
+from routing.capacity import GIB
 
 if TYPE_CHECKING:
     from app.fleet.admin import Applied, FleetAdmin, InstanceView
+    from routing import InstanceStats
 
 #: FleetAdmin or PolicyAdmin: what ``corral fleet`` and ``corral policy`` change things with.
 Admin = TypeVar("Admin")
@@ -31,6 +33,14 @@ Parallelism = Annotated[
 MaxLoaded = Annotated[
     int | None,
     typer.Option(help="OLLAMA_MAX_LOADED_MODELS: models the server holds at once (default 3)"),
+]
+MemoryGb = Annotated[
+    float | None,
+    typer.Option(
+        min=0,
+        help="GiB the server gives models (VRAM; RAM on a CPU box): loaded models' sizes fit"
+        " in it (default: none, max-loaded-models alone; 0 clears it)",
+    ),
 ]
 Weight = Annotated[float | None, typer.Option(help="share of the work (default 1.0)")]
 Role = Annotated[str | None, typer.Option(help="chat, embedding or both (default)")]
@@ -88,8 +98,10 @@ def _refused() -> Iterator[None]:
 
 
 def _fields(tags: str | None, models: list[str] | None, **options: Any) -> dict[str, Any]:
-    """The options given on the command line, as registry fields."""
+    """The options given on the command line, as registry fields; ``--memory-gb 0`` is none."""
     fields = {k: v for k, v in options.items() if v is not None}
+    if fields.get("memory_gb") == 0:
+        fields["memory_gb"] = None
     if tags is not None:
         fields["tags"] = [t.strip() for t in tags.split(",") if t.strip()]
     if models:
@@ -116,8 +128,20 @@ def _line(v: InstanceView) -> str:
     return (
         f"{v.name:12} {v.state:9} {i.in_flight}/{i.capacity} in flight  {host}  "
         f"ewma {i.ewma_ms:7.1f} ms  breaker {i.breaker}  "
-        f"loaded {sorted(i.loaded)} (holds {i.max_loaded})  "
+        f"loaded {sorted(i.loaded)} ({_holds(i)})  "
         f"serves {sorted(i.models)}" + ("" if c else "  (not in the registry)")
+    )
+
+
+def _holds(i: InstanceStats) -> str:
+    """What the server holds at once; with a memory budget, the GiB the loaded models take
+    of it, and each one's."""
+    if i.memory is None:
+        return f"holds {i.max_loaded}"
+    sizes = {m: i.sizes.get(m, 0.0) / GIB for m in sorted(i.loaded)}
+    each = ", ".join(f"{m} {gib:.1f}" for m, gib in sizes.items())
+    return f"holds {i.max_loaded}, {sum(sizes.values()):.1f} of {i.memory / GIB:.1f} GiB" + (
+        f": {each}" if each else ""
     )
 
 
@@ -157,6 +181,7 @@ def fleet_add(
     url: Annotated[str, typer.Option(help="base URL, e.g. http://gpu-1:11434")],
     parallelism: Parallelism = None,
     max_loaded_models: MaxLoaded = None,
+    memory_gb: MemoryGb = None,
     weight: Weight = None,
     role: Role = None,
     priority: Priority = None,
@@ -176,6 +201,7 @@ def fleet_add(
         url=url,
         parallelism=parallelism,
         max_loaded_models=max_loaded_models,
+        memory_gb=memory_gb,
         weight=weight,
         role=role,
         priority=priority,
@@ -196,6 +222,7 @@ def fleet_update(
     url: Url = None,
     parallelism: Parallelism = None,
     max_loaded_models: MaxLoaded = None,
+    memory_gb: MemoryGb = None,
     weight: Weight = None,
     role: Role = None,
     priority: Priority = None,
@@ -215,6 +242,7 @@ def fleet_update(
         url=url,
         parallelism=parallelism,
         max_loaded_models=max_loaded_models,
+        memory_gb=memory_gb,
         weight=weight,
         role=role,
         priority=priority,

@@ -65,6 +65,7 @@ class Instance(Base):
     url: Mapped[str] = mapped_column(String(512))
     parallelism: Mapped[int]
     max_loaded_models: Mapped[int] = mapped_column(server_default="3")
+    memory_gb: Mapped[float | None] = mapped_column(doc="None: max_loaded_models alone")
     weight: Mapped[float]
     models: Mapped[list[str] | None] = mapped_column(
         JSON(none_as_null=True), doc="None: discovered from /api/tags"

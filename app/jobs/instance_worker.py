@@ -3,7 +3,8 @@
 An instance worker is ``celery worker -Q <ns>.instance.<name> -P threads -c <parallelism>
 --prefetch-multiplier 1``. Besides running jobs, its agent thread every few seconds asks the
 server what is loaded (``/api/ps``, timed), whether it is up, and (when the registry does not
-list the models) what it serves (``/api/tags``); it reports its host's CPU and memory use,
+list the models) what it serves (``/api/tags``), keeping each model's size from both (for the
+placement plan's memory fit, ``routing.capacity``); it reports its host's CPU and memory use,
 extends the leases of the jobs it is running, frees slots whose lease ran out anywhere in the
 fleet, and (one worker per heartbeat) re-pushes the rate-limit policy from the database.
 With the placement plan, it also unloads the model the plan moved off its server and preloads
@@ -88,6 +89,12 @@ class InstanceAgent:
         #: What /api/ps listed at the last healthy heartbeat (None before the first): the
         #: difference with the next one is counted as loads and evictions.
         self.last_loaded: set[str] | None = None
+        #: Bytes each model takes on the server: as /api/ps last listed it loaded (what it
+        #: really takes, KV cache included), and, for a model not seen loaded yet, its weights
+        #: on disk as /api/tags lists them. Each dict is replaced whole, never changed in place:
+        #: job threads read them (``make_room``).
+        self._ps_sizes: dict[str, float] = {}
+        self._disk_sizes: dict[str, float] = {}
         #: Unloads and preloads that follow the placement plan (``app.jobs.model_swap``).
         self.swap = ModelSwap(self.config.name, show_loading=self._show_loading)
         self._lock = threading.Lock()
@@ -105,6 +112,19 @@ class InstanceAgent:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def sizes(self) -> dict[str, float]:
+        """Bytes each model takes on the server, as far as it told (see ``_ps_sizes``)."""
+        return {**self._disk_sizes, **self._ps_sizes}
+
+    def _learn_sizes(self, reported: dict[str, int], *, loaded: bool) -> None:
+        """Sizes from /api/ps (``loaded``) or /api/tags; a size of 0 (not given) is no size."""
+        sizes = {normalize_model(m): float(n) for m, n in reported.items() if n}
+        if loaded:
+            self._ps_sizes = {**self._ps_sizes, **sizes}
+        else:
+            self._disk_sizes = sizes
 
     def start(self) -> None:
         with suppress_instrumentation():  # registration and health checks are not jobs
@@ -133,7 +153,9 @@ class InstanceAgent:
         models = self.config.models
         if models is None:
             try:
-                models = [normalize_model(m) for m in self.client.tags()]
+                tags = self.client.tag_sizes()
+                models = [normalize_model(m) for m in tags]
+                self._learn_sizes(tags, loaded=False)
             except OllamaError as exc:  # keep the models Redis has
                 log.warning("cannot list models of %s yet: %s", self.name, exc)
         capacity = fleet_state().instances.register(
@@ -197,12 +219,14 @@ class InstanceAgent:
             return
         started = time.perf_counter()
         try:
-            loaded = [normalize_model(m) for m in self.client.loaded()]
+            ps = self.client.loaded_sizes()
             probe_ms = (time.perf_counter() - started) * 1000
+            loaded = [normalize_model(m) for m in ps]
+            self._learn_sizes(ps, loaded=True)
             if discover:
-                fleet.instances.set_models(
-                    self.name, [normalize_model(m) for m in self.client.tags()]
-                )
+                tags = self.client.tag_sizes()
+                fleet.instances.set_models(self.name, [normalize_model(m) for m in tags])
+                self._learn_sizes(tags, loaded=False)
                 fleet.instances.set_version(self.name, self.client.version())
             healthy = True
         except OllamaError as exc:
@@ -220,6 +244,7 @@ class InstanceAgent:
             host_cpu=cpu,
             host_mem=mem,
             probe_ms=probe_ms,
+            sizes=self.sizes,
         )
         with self._lock:
             running = list(self.running)
@@ -262,6 +287,8 @@ class InstanceAgent:
             busy,
             self.client,
             preload_timeout=self.config.request_timeout or s.request_timeout,
+            memory=self.config.memory_bytes,
+            sizes=self.sizes,
         )
 
     def _loaded(self) -> frozenset[str]:
@@ -304,6 +331,8 @@ class InstanceAgent:
                 self.client,
                 self._loaded,
                 preload_timeout=self.config.request_timeout or s.request_timeout,
+                memory=self.config.memory_bytes,
+                sizes=self.sizes,
             )
         except OllamaError as exc:
             log.warning("instance %s: an urgent switch failed: %s", self.name, exc)
@@ -322,7 +351,14 @@ class InstanceAgent:
             if plan is None:
                 return False
             self.swap.make_room(
-                model, plan[0], self.config.max_loaded_models, self.client, self._loaded, self._busy
+                model,
+                plan[0],
+                self.config.max_loaded_models,
+                self.client,
+                self._loaded,
+                self._busy,
+                memory=self.config.memory_bytes,
+                sizes=self.sizes,
             )
             loading = model not in self._loaded()
             if loading:

@@ -35,6 +35,11 @@ there (issue 16's timelines: a box loaded five models in five seconds). So befor
 the worker unloads the models the plan gave up and waits for the room: the wait is the one
 Ollama would make for the model it should evict, its running requests.
 
+What fits is what the plan uses (``routing.capacity.fits``): the server's ``max_loaded_models``
+and, with ``memory_gb``, the sizes the worker learned of the models (``/api/ps``, ``/api/tags``):
+a big model arriving beside two small ones kept makes the worker unload the one the plan
+gave up, though the count alone would have left room.
+
 A switch made for urgent jobs (a model loaded nowhere, its interactive job waiting) cannot
 wait to settle either: the router that made it nudges the worker (``PlacementShown.nudge``),
 which at once makes the room and preloads that model (``switch_now``), so the load runs while
@@ -47,12 +52,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from app.errors import OllamaError
 from app.jobs.ollama_client import OllamaClient
 from app.observe import metrics
+from routing.capacity import fits
 
 log = logging.getLogger(__name__)
 
@@ -82,30 +88,40 @@ def moves(
     max_loaded: int,
     busy: frozenset[str] = frozenset(),
     sent: frozenset[str] = frozenset(),
+    memory: float | None = None,
+    sizes: Mapping[str, float] | None = None,
 ) -> Moves:
     """What to send now, given the plan for this server (``held``, ``arriving``), what its
     ``/api/ps`` lists, the models of the jobs running on it (``busy``) and the preloads
-    already sent for models still arriving (``sent``). At most one preload."""
+    already sent for models still arriving (``sent``); ``memory`` and ``sizes`` (bytes) as
+    ``routing.capacity.fits`` takes them. At most one preload."""
     coming = arriving - loaded
     if not coming:
         return Moves()
+    size_of = sizes or {}
     leaving = loaded - held
-    unload = tuple(sorted(leaving)) if len(loaded) + len(coming) > max_loaded else ()
+    unload = () if fits(loaded | coming, max_loaded, memory, size_of) else tuple(sorted(leaving))
     kept = loaded & held
-    # A leaving model makes room for a preload only if Ollama cannot pick a kept one instead.
-    room = max_loaded - len(loaded) + (0 if kept - busy else len(leaving))
-    room -= len(sent & coming)
+    # A leaving model makes room for a preload only if Ollama cannot pick a kept one instead;
+    # a preload sent and not answered yet takes its place.
+    after = (loaded if kept - busy else kept) | (sent & coming)
     candidates = sorted(coming - busy - sent)
-    return Moves(unload, tuple(candidates[:1]) if room > 0 else ())
+    preload = next((m for m in candidates if fits(after | {m}, max_loaded, memory, size_of)), None)
+    return Moves(unload, () if preload is None else (preload,))
 
 
 def leaving_for(
-    model: str, held: frozenset[str], loaded: frozenset[str], max_loaded: int
+    model: str,
+    held: frozenset[str],
+    loaded: frozenset[str],
+    max_loaded: int,
+    memory: float | None = None,
+    sizes: Mapping[str, float] | None = None,
 ) -> tuple[str, ...]:
     """The loaded models to unload before a job of ``model`` (not loaded) runs: those the plan
-    no longer holds here, when the server is full. Empty when it has room, or when the plan
-    holds every loaded model (then Ollama's choice is as good as any)."""
-    if model in loaded or len(loaded) < max_loaded:
+    no longer holds here, when ``model`` does not fit beside them all. Empty when it fits, or
+    when the plan holds every loaded model (then Ollama's choice is as good as any)."""
+    if model in loaded or fits(loaded | {model}, max_loaded, memory, sizes or {}):
         return ()
     return tuple(sorted(loaded - held - {model}))
 
@@ -137,6 +153,8 @@ class ModelSwap:
         client: OllamaClient,
         preload_timeout: float,
         now: float | None = None,
+        memory: float | None = None,
+        sizes: Mapping[str, float] | None = None,
     ) -> Moves:
         """Act on the plan for this server (``None``: no plan, nothing to do); ``now`` is
         wall-clock time, as the plan's times are. Returns what it sent."""
@@ -150,7 +168,7 @@ class ModelSwap:
         self.unloading &= loaded - held
         if plan is None:
             return Moves()
-        todo = moves(held, arriving, loaded, max_loaded, busy, frozenset(self.sent))
+        todo = moves(held, arriving, loaded, max_loaded, busy, frozenset(self.sent), memory, sizes)
         unload = tuple(m for m in todo.unload if m not in self.unloading)
         for model in unload:
             self._unload(client, model, "the plan moved it off")
@@ -175,6 +193,8 @@ class ModelSwap:
         client: OllamaClient,
         loaded: Callable[[], frozenset[str]],
         busy: Callable[[], frozenset[str]],
+        memory: float | None = None,
+        sizes: Mapping[str, float] | None = None,
     ) -> tuple[str, ...]:
         """Before a job (or a preload) of ``model`` runs here: if the server is full and
         ``model`` is not loaded, unload the models the plan (``held``) gave up, and wait until
@@ -200,12 +220,14 @@ class ModelSwap:
             while self.preloading and time.monotonic() < deadline:
                 time.sleep(ROOM_POLL_S)
             now_loaded, now_busy = loaded(), busy()
-        leaving = leaving_for(model, held, now_loaded | (now_busy - {model}), max_loaded)
+        leaving = leaving_for(
+            model, held, now_loaded | (now_busy - {model}), max_loaded, memory, sizes
+        )
         while leaving:
             for name in sorted((set(leaving) & now_loaded) - self.unloading):
                 self._unload(client, name, f"to make room for {model}")
             occupied = now_loaded | (now_busy - {model})
-            if model in now_loaded or len(occupied) < max_loaded:
+            if model in now_loaded or fits(occupied | {model}, max_loaded, memory, sizes or {}):
                 break
             if time.monotonic() > deadline:
                 break
@@ -233,6 +255,8 @@ class ModelSwap:
         client: OllamaClient,
         loaded: Callable[[], frozenset[str]],
         preload_timeout: float,
+        memory: float | None = None,
+        sizes: Mapping[str, float] | None = None,
     ) -> str | None:
         """A switch to ``model`` made for urgent jobs (the worker was nudged for it): unload
         what the plan gave up, wait for the room, and preload ``model``, now, in the caller's
@@ -244,10 +268,12 @@ class ModelSwap:
         whole load more (issue 16's cold model waited 2 s instead of 1)."""
         if model not in arriving or model in loaded() | busy() | self.sent:
             return None
-        self.make_room(model, held, max_loaded, client, loaded, busy)
+        self.make_room(model, held, max_loaded, client, loaded, busy, memory, sizes)
         now_loaded, now_busy = loaded(), busy()
-        if model in now_loaded | now_busy or len(now_loaded | now_busy) >= max_loaded:
-            return None  # a job of it loads it meanwhile, or the room never came
+        if model in now_loaded | now_busy:
+            return None  # a job of it loads it meanwhile
+        if not fits(now_loaded | now_busy | {model}, max_loaded, memory, sizes or {}):
+            return None  # the room never came
         self.sent.add(model)
         self._preload(client, model, preload_timeout)
         return model

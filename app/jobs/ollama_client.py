@@ -168,10 +168,20 @@ class OllamaClient:
         return version
 
     def tags(self) -> list[str]:
-        return [m["name"] for m in self._get("/api/tags").get("models", [])]
+        return list(self.tag_sizes())
 
     def loaded(self) -> list[str]:
-        return [m["name"] for m in self._get("/api/ps").get("models", [])]
+        return list(self.loaded_sizes())
+
+    def tag_sizes(self) -> dict[str, int]:
+        """``/api/tags``: each model the server has, with its size on disk (bytes)."""
+        return _sizes(self._get("/api/tags"))
+
+    def loaded_sizes(self) -> dict[str, int]:
+        """``/api/ps``: each loaded model, with the memory it takes (bytes: weights, the KV
+        cache for ``num_ctx`` x parallel requests, buffers; ``size``, not ``size_vram``, which
+        is only its part on the GPU)."""
+        return _sizes(self._get("/api/ps"))
 
     # What the server holds (the placement plan's moves, app.jobs.model_swap) ---------
 
@@ -248,6 +258,11 @@ class OllamaClient:
         if status >= 500:
             return InstanceFailed(text, self.instance, status)
         return RequestRejected(text, self.instance, status)
+
+
+def _sizes(data: dict[str, Any]) -> dict[str, int]:
+    """The models of a /api/tags or /api/ps answer, with their ``size`` (0 when absent)."""
+    return {m["name"]: int(m.get("size") or 0) for m in data.get("models", [])}
 
 
 def _timings(data: dict[str, Any]) -> Timings:

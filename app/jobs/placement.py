@@ -110,7 +110,15 @@ class _Planner:
         key = (
             reading_at,
             tuple(
-                (i.name, i.loaded, i.max_loaded, i.capacity, i.enabled and i.up(now))
+                (
+                    i.name,
+                    i.loaded,
+                    i.max_loaded,
+                    i.memory,
+                    tuple(sorted(i.sizes.items())),
+                    i.capacity,
+                    i.enabled and i.up(now),
+                )
                 for i in snapshot.instances
             ),
         )

@@ -55,6 +55,7 @@ class Instances:
             "url": config.url,
             "capacity": capacity,
             "max_loaded": config.max_loaded_models,
+            "memory": config.memory_bytes or 0,  # 0: none (a hash holds no None)
             "weight": config.weight,
             "role": config.role,
             "priority": config.priority,
@@ -111,21 +112,23 @@ class Instances:
         host_cpu: float = 0.0,
         host_mem: float = 0.0,
         probe_ms: float = 0.0,
+        sizes: dict[str, float] | None = None,
         now: float | None = None,
     ) -> None:
-        """A heartbeat: the server's health, and the load of the host its worker runs on."""
-        self.redis.hset(
-            keys.instance(self.ns, name),
-            mapping={
-                "healthy": int(healthy),
-                "loaded": json.dumps(sorted(loaded)),
-                "host_pressure": host_pressure,
-                "host_cpu": host_cpu,
-                "host_mem": host_mem,
-                "probe_ms": probe_ms,
-                "last_seen": now or time.time(),
-            },
-        )
+        """A heartbeat: the server's health, the models' sizes it reported (bytes; None: left
+        as they are), and the load of the host its worker runs on."""
+        fields: dict[FieldT, EncodableT] = {
+            "healthy": int(healthy),
+            "loaded": json.dumps(sorted(loaded)),
+            "host_pressure": host_pressure,
+            "host_cpu": host_cpu,
+            "host_mem": host_mem,
+            "probe_ms": probe_ms,
+            "last_seen": now or time.time(),
+        }
+        if sizes is not None:
+            fields["sizes"] = json.dumps(sizes, sort_keys=True)
+        self.redis.hset(keys.instance(self.ns, name), mapping=fields)
 
     def record_load(self, name: str, model: str, ms: float) -> None:
         """How long ``model`` took to load on the instance, learned from a cold start."""
@@ -281,5 +284,7 @@ def _stats(name: str, row: dict[str, str], stale_after: float) -> InstanceStats:
         breaker=row.get("breaker", "closed"),
         priority=int(row.get("priority", 5)),
         max_loaded=int(row.get("max_loaded", 3)),
+        memory=float(row.get("memory") or 0) or None,
+        sizes=json.loads(row.get("sizes", "{}")),
         loading={k[8:]: float(v) for k, v in row.items() if k.startswith("loading:")},
     )
