@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from app.bench.harness import free_port, instances_env, own_fleet, results_of
+from app.state.fleet import fleet_state
 from tasks import infer
 
 pytestmark = pytest.mark.fleet
@@ -75,6 +76,10 @@ def _run(tmp_path: Path, tag: str, budget: bool) -> list[dict[str, Any]]:
         ]
         results = results_of(jobs, timeout=40)
         assert [r.model for r in results] == models
+        # What the plan read: the budget as configured, every size as the servers reported.
+        for box in fleet_state().instances.snapshot().instances:
+            assert box.memory == (10 * GIB if budget else None), box
+            assert box.sizes == SIZES, box
         return [fleet.sim_stats(name) for name in fleet.sim_urls]
 
 
