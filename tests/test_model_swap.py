@@ -148,6 +148,31 @@ def test_a_job_loading_a_model_that_does_not_fit_in_memory_evicts_what_the_plan_
     assert leaving_for(C, fs(A, C), fs(A), 3, MEMORY, SIZES) == ()  # fits beside A
 
 
+def test_make_room_and_an_urgent_switch_make_room_in_memory_where_the_count_has_it() -> None:
+    """A kept, B leaving, C arriving on a server that may hold three: the count leaves room
+    for C, the memory does not (B must go first)."""
+    fit = {"memory": MEMORY, "sizes": SIZES}
+    swap, client = ModelSwap("x"), FakeClient()
+    assert swap.make_room(C, fs(A, C), 3, client, lambda: fs(A, B), lambda: fs(C)) == ()  # type: ignore[arg-type]
+    assert client.unloads == []  # the count alone: nothing to unload
+    reads = iter([fs(A, B), fs(A, B), fs(A)])  # B's last request ends at the third look
+    got = swap.make_room(C, fs(A, C), 3, client, lambda: next(reads), lambda: fs(C), **fit)  # type: ignore[arg-type]
+    assert got == (B,) and client.unloads == [B] and next(reads, None) is None
+
+    swap, client = ModelSwap("x"), FakeClient()
+    client.release.set()
+    state = {"loaded": fs(A, B)}
+
+    def loaded() -> frozenset[str]:
+        if client.unloads:  # B's last request ended
+            state["loaded"] = fs(A) | fs(*client.preloads)
+        return state["loaded"]
+
+    # Urgent: B unloaded for memory before C is preloaded.
+    got_switch = swap.switch_now(C, fs(A, C), fs(C), 3, lambda: NONE, client, loaded, 10.0, **fit)  # type: ignore[arg-type]
+    assert got_switch == C and client.unloads == [B] and client.preloads == [C]
+
+
 def test_make_room_unloads_the_model_leaving_and_waits_until_it_left() -> None:
     swap, client = ModelSwap("x"), FakeClient()
     reads = iter([fs(A, B), fs(A, B), fs(A)])  # B's last request ends at the third look
