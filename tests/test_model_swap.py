@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -148,6 +148,16 @@ def test_a_job_loading_a_model_that_does_not_fit_in_memory_evicts_what_the_plan_
     assert leaving_for(C, fs(A, C), fs(A), 3, MEMORY, SIZES) == ()  # fits beside A
 
 
+def _a_and_b_until_b_is_unloaded(client: FakeClient) -> Callable[[], frozenset[str]]:
+    """What /api/ps lists: A and B, then (B's last request ended once it was sent keep_alive
+    0) A and whatever was preloaded."""
+
+    def loaded() -> frozenset[str]:
+        return fs(A) | fs(*client.preloads) if client.unloads else fs(A, B)
+
+    return loaded
+
+
 def test_make_room_and_an_urgent_switch_make_room_in_memory_where_the_count_has_it() -> None:
     """A kept, B leaving, C arriving on a server that may hold three: the count leaves room
     for C, the memory does not (B must go first)."""
@@ -161,12 +171,7 @@ def test_make_room_and_an_urgent_switch_make_room_in_memory_where_the_count_has_
 
     swap, client = ModelSwap("x"), FakeClient()
     client.release.set()
-    state = {"loaded": fs(A, B)}
-
-    def loaded() -> frozenset[str]:
-        if client.unloads:  # B's last request ended
-            state["loaded"] = fs(A) | fs(*client.preloads)
-        return state["loaded"]
+    loaded = _a_and_b_until_b_is_unloaded(client)
 
     # Urgent: B unloaded for memory before C is preloaded.
     got_switch = swap.switch_now(C, fs(A, C), fs(C), 3, lambda: NONE, client, loaded, 10.0, **fit)  # type: ignore[arg-type]
@@ -196,12 +201,7 @@ def test_make_room_counts_a_model_still_loading_as_held() -> None:
 def test_an_urgent_switch_makes_room_and_preloads_at_once() -> None:
     swap, client = ModelSwap("x"), FakeClient()
     client.release.set()
-    state = {"loaded": fs(A, B)}
-
-    def loaded() -> frozenset[str]:
-        if client.unloads:  # B's last request ended
-            state["loaded"] = fs(A) | fs(*client.preloads)
-        return state["loaded"]
+    loaded = _a_and_b_until_b_is_unloaded(client)
 
     # B leaves, C arrives, not settled: sent now, B unloaded before C is preloaded.
     assert swap.switch_now(C, fs(A, C), fs(C), 2, lambda: fs(A), client, loaded, 10.0) == C  # type: ignore[arg-type]
